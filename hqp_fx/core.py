@@ -1,0 +1,219 @@
+"""Pass infrastructure: GraphPass, Pipeline, instruments, errors and the graph printout.
+
+A GraphPass is a ``torch.fx.passes.infra.pass_base.PassBase``, so torch's own
+``PassManager`` runs it unchanged; ``Pipeline`` adds what PassManager lacks: a check at
+construction that every pass's required metadata is provided by an earlier pass, and
+instruments that print, dump or time the graph after each pass (after TVM's
+``PassInstrument``).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from . import meta
+
+__all__ = [
+    "HQPError",
+    "PassError",
+    "GraphPass",
+    "PassResult",
+    "Pipeline",
+    "Instrument",
+    "PrintInstrument",
+    "DumpInstrument",
+    "TimingInstrument",
+    "format_graph",
+]
+
+
+class HQPError(Exception):
+    """Base class of every error hqp_fx raises on purpose."""
+
+
+class PassError(HQPError):
+    """A pass cannot run on this graph; the message names the pass, the node and the fix."""
+
+
+class GraphPass(PassBase):
+    """Base class of hqp_fx passes.
+
+    Subclasses set ``required_meta`` (gm.meta keys that must exist before the pass runs) and
+    ``provided_meta`` (keys it writes), and implement ``call(gm) -> PassResult``. ``modified``
+    is honest: a second run of the same pass on its own output reports ``False``.
+    """
+
+    required_meta: tuple[str, ...] = ()
+    provided_meta: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def requires(self, graph_module: fx.GraphModule) -> None:
+        if not isinstance(graph_module, fx.GraphModule):
+            raise PassError(
+                f"{self.name} needs a torch.fx.GraphModule, got {type(graph_module).__name__}; "
+                "build one with hqp_fx.trace(model, example_inputs)"
+            )
+        missing = [k for k in self.required_meta if k not in graph_module.meta]
+        if missing:
+            raise PassError(
+                f"{self.name} needs gm.meta keys {missing}; run a pass that provides them first "
+                f"(see hqp_fx.core.Pipeline for a checked order)"
+            )
+
+    def __repr__(self) -> str:
+        return f"{self.name}()"
+
+
+class Instrument:
+    """Hook called around every pass of a Pipeline (no-ops by default)."""
+
+    def before_pass(self, pass_: GraphPass, gm: fx.GraphModule) -> None:  # noqa: B027
+        pass
+
+    def after_pass(self, pass_: GraphPass, result: PassResult) -> None:  # noqa: B027
+        pass
+
+
+class PrintInstrument(Instrument):
+    """Print ``format_graph`` after each pass (to a stream, default stdout)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream
+
+    def after_pass(self, pass_, result):
+        print(f"=== after {pass_.name} (modified={result.modified}) ===", file=self.stream)
+        print(format_graph(result.graph_module), file=self.stream)
+
+
+class DumpInstrument(Instrument):
+    """Write ``NN_PassName.txt`` with ``format_graph`` after each pass into a folder."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self._count = 0
+
+    def after_pass(self, pass_, result):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._count += 1
+        path = self.folder / f"{self._count:02d}_{pass_.name}.txt"
+        atomic_write_text(path, format_graph(result.graph_module) + "\n")
+
+
+class TimingInstrument(Instrument):
+    """Collect wall time per pass in ``self.timings`` as (pass name, seconds)."""
+
+    def __init__(self):
+        self.timings: list[tuple[str, float]] = []
+        self._start = 0.0
+
+    def before_pass(self, pass_, gm):
+        self._start = time.perf_counter()
+
+    def after_pass(self, pass_, result):
+        self.timings.append((pass_.name, time.perf_counter() - self._start))
+
+
+class Pipeline:
+    """An ordered list of GraphPasses whose metadata contract is checked at construction.
+
+    ``available`` names gm.meta keys the input module already carries (``hqp_fx.trace``
+    provides ``hqp.example_inputs`` and ``hqp.source_names``).
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[GraphPass],
+        *,
+        instruments: Iterable[Instrument] = (),
+        available: Iterable[str] = (meta.EXAMPLE_INPUTS, meta.SOURCE_NAMES),
+    ):
+        have = set(available)
+        for i, p in enumerate(passes):
+            if not isinstance(p, GraphPass):
+                raise PassError(f"pipeline entry {i} is {p!r}, not a hqp_fx GraphPass")
+            missing = [k for k in p.required_meta if k not in have]
+            if missing:
+                raise PassError(
+                    f"pipeline entry {i} ({p.name}) requires {missing}, which no earlier pass provides; "
+                    f"put a pass that provides them (e.g. ChannelDependencyPass for {meta.CHANNEL_GROUPS!r}) before it"
+                )
+            have.update(p.provided_meta)
+        self.passes = list(passes)
+        self.instruments = list(instruments)
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        for p in self.passes:
+            for ins in self.instruments:
+                ins.before_pass(p, gm)
+            result = p(gm)
+            for ins in self.instruments:
+                ins.after_pass(p, result)
+            gm = result.graph_module
+            modified |= result.modified
+        return PassResult(gm, modified)
+
+
+def _shape_str(node: fx.Node) -> str:
+    tm = node.meta.get("tensor_meta")
+    if tm is None:
+        return "-"
+    if hasattr(tm, "shape"):
+        return "x".join(str(s) for s in tm.shape) or "scalar"
+    if isinstance(tm, (tuple, list)):
+        return "(" + ", ".join(_shape_str_meta(t) for t in tm) + ")"
+    return "-"
+
+
+def _shape_str_meta(tm) -> str:
+    return "x".join(str(s) for s in tm.shape) if hasattr(tm, "shape") else "-"
+
+
+def _target_str(node: fx.Node) -> str:
+    if node.op == "call_function":
+        t = node.target
+        mod = getattr(t, "__module__", None) or ""
+        name = getattr(t, "__name__", str(t))
+        return f"{mod}.{name}" if mod and mod not in ("builtins",) else name
+    return str(node.target)
+
+
+def format_graph(gm: fx.GraphModule) -> str:
+    """One deterministic line per node: name, op, target, output shape and channel groups."""
+    rows = []
+    for node in gm.graph.nodes:
+        target = _target_str(node)
+        if node.op == "call_module":
+            target += f" [{type(gm.get_submodule(node.target)).__name__}]"
+        groups = node.meta.get(meta.NODE_CHANNEL_GROUP)
+        rows.append((node.name, node.op, target, _shape_str(node), ",".join(groups) if groups else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)] if rows else [0] * 4
+    lines = []
+    for r in rows:
+        line = "  ".join(r[i].ljust(widths[i]) for i in range(4))
+        lines.append((line + ("  groups=" + r[4] if r[4] else "")).rstrip())
+    return "\n".join(lines)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file so that readers see either the old or the complete new content."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,42 @@
+"""MACs and parameter counts, from torch.utils.flop_counter (one multiply-add = 2 FLOPs)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import meta
+
+__all__ = ["count_macs", "count_params", "macs_by_module"]
+
+
+def _inputs(model: nn.Module, example_inputs: Any) -> tuple:
+    if example_inputs is None:
+        example_inputs = getattr(model, "meta", {}).get(meta.EXAMPLE_INPUTS)
+        if example_inputs is None:
+            raise ValueError("count_macs needs example_inputs unless the model comes from hqp_fx.trace")
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+def macs_by_module(model: nn.Module, example_inputs: Any = None) -> dict[str, int]:
+    """MACs of one forward pass per module qualified name ("" = whole model)."""
+    inputs = _inputs(model, example_inputs)
+    mode = FlopCounterMode(display=False)
+    with torch.no_grad(), mode:
+        model(*inputs)
+    return {name: sum(int(v) for v in ops.values()) // 2 for name, ops in mode.get_flop_counts().items()}
+
+
+def count_macs(model: nn.Module, example_inputs: Any = None) -> int:
+    """Total multiply-accumulates of one forward pass on ``example_inputs`` (batch included)."""
+    inputs = _inputs(model, example_inputs)
+    mode = FlopCounterMode(display=False)
+    with torch.no_grad(), mode:
+        model(*inputs)
+    return mode.get_total_flops() // 2
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,137 @@
+"""The coupled-channel data model: ChannelGroup, ParamSlice and the analysis behind them.
+
+Vocabulary: every channel that some op creates is an *element* (an integer id). The
+dependency pass unions elements that must be removed together (a residual add ties
+position i of both operands, a depthwise conv ties its input channel to its output
+channel, ...). Each union is a *class*: one prunable channel. Classes that share a
+producing layer form a *group*; ``group.size`` is its number of classes and channel ``k``
+of a group is its ``k``-th class in topological order of the first layer producing it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Sequence
+
+import torch
+
+__all__ = ["ParamSlice", "ChannelGroup", "ChannelAnalysis", "SliceRecord"]
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """Entries ``index`` along ``dim`` of parameter/buffer ``param`` (qualified name in the original model)."""
+
+    param: str
+    dim: int
+    index: torch.Tensor
+    role: Literal["out", "in"]
+
+    def __repr__(self) -> str:
+        idx = self.index.tolist()
+        shown = idx if len(idx) <= 8 else idx[:8] + ["..."]
+        return f"ParamSlice({self.param}, dim={self.dim}, role={self.role}, index={shown})"
+
+
+@dataclass(frozen=True)
+class SliceRecord:
+    """One parameter dimension whose entries carry channel elements (``labels[i]`` = element of entry i, 0 = none)."""
+
+    param: str
+    dim: int
+    labels: torch.Tensor
+    role: Literal["out", "in"]
+    node: str
+
+
+@dataclass
+class ChannelAnalysis:
+    """Element-level result of ChannelDependencyPass, shared by its groups and read by PruneChannelsPass."""
+
+    class_of: torch.Tensor  # [E+1] class id (the smallest element id of the class) per element; 0 -> 0
+    group_of: torch.Tensor  # [E+1] index into ``groups`` per element, -1 where no group
+    records: list[SliceRecord]
+    node_labels: dict[str, object]  # node name -> compact label tensor (or tuple of them)
+    node_shapes: dict[str, object]  # node name -> full output shape (or tuple of shapes)
+    pads: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]  # pad node -> (tensor dim, left elems, right elems)
+    grouped: dict[str, tuple[int, int]]  # grouped conv / GroupNorm node -> (groups, input channels per group)
+    gathers: dict[str, str]  # end node of a multi-dim channel permutation -> its single-dim source node
+    spread: set[str]  # nodes inside such permutations (channels over several dims); replaced when pruned
+    groups: list["ChannelGroup"] = field(default_factory=list)
+
+    def labels(self, node: str):
+        """Full-shape label tensor(s) of a node's output."""
+        lab, shape = self.node_labels[node], self.node_shapes[node]
+        if isinstance(lab, torch.Tensor):
+            return lab.expand(shape)
+        return tuple(None if l is None else l.expand(s) for l, s in zip(lab, shape))
+
+    def removed_elements(self, plan: dict[str, Sequence[int]]) -> torch.Tensor:
+        """Boolean mask over elements removed by ``plan`` (already validated)."""
+        removed_classes = torch.zeros_like(self.class_of, dtype=torch.bool)
+        by_id = {g.id: g for g in self.groups}
+        for gid, idx in plan.items():
+            if len(idx):
+                removed_classes[by_id[gid].classes[torch.as_tensor(list(idx), dtype=torch.long)]] = True
+        mask = removed_classes[self.class_of]
+        mask[0] = False
+        return mask
+
+
+@dataclass(eq=False)
+class ChannelGroup:
+    """A set of channels that must be removed together, across every layer they couple.
+
+    ``slices(indices)`` lists every parameter/buffer entry touched when channels ``indices``
+    (0 <= i < size) of this group are removed: ``role="out"`` for entries that produce the
+    channels, ``"in"`` for entries that consume them.
+    """
+
+    id: str
+    size: int
+    prunable: bool
+    reason: str
+    cross_channel: bool
+    classes: torch.Tensor  # [size] class id per group channel
+    layers: tuple[str, ...]  # node names that produce the group's channels, topological order
+    record_ids: tuple[int, ...]
+    analysis: ChannelAnalysis = field(repr=False)
+
+    def check_indices(self, indices: Iterable[int]) -> torch.Tensor:
+        """Validate channel indices for this group; ValueError names the group and the problem."""
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        if idx.ndim != 1:
+            raise ValueError(f"group {self.id!r}: indices must be a flat list of ints")
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.size):
+            bad = idx[(idx < 0) | (idx >= self.size)].tolist()
+            raise ValueError(f"group {self.id!r}: channel indices {bad} are out of range 0..{self.size - 1}")
+        if len(torch.unique(idx)) != len(idx):
+            dup = sorted({int(i) for i in idx.tolist() if (idx == i).sum() > 1})
+            raise ValueError(f"group {self.id!r}: duplicate channel indices {dup}")
+        return idx
+
+    def slices(self, indices: Iterable[int]) -> list[ParamSlice]:
+        idx = self.check_indices(indices)
+        chosen = torch.zeros_like(self.analysis.class_of, dtype=torch.bool)
+        chosen[self.classes[idx]] = True
+        elem_mask = chosen[self.analysis.class_of]
+        elem_mask[0] = False
+        out = []
+        for rid in self.record_ids:
+            rec = self.analysis.records[rid]
+            hit = elem_mask[rec.labels].nonzero().flatten()
+            if len(hit):
+                out.append(ParamSlice(rec.param, rec.dim, hit, rec.role))
+        return out
+
+    def __str__(self) -> str:
+        state = "prunable" if self.prunable else f"unprunable ({self.reason})"
+        cc = ", cross-channel" if self.cross_channel else ""
+        return f"{self.id}: {self.size} ch, {len(self.layers)} layer(s), {state}{cc}"
+
+    def details(self) -> str:
+        lines = [str(self)]
+        lines.append("  producers: " + ", ".join(self.layers))
+        for rid in self.record_ids:
+            rec = self.analysis.records[rid]
+            lines.append(f"  {rec.role:>3} {rec.param} dim {rec.dim} ({len(rec.labels)} entries)")
+        return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""Every ``hqp.*`` metadata key hqp_fx reads or writes, defined once.
+
+Torch's own keys (``tensor_meta``, ``val``, ``stack_trace``, ``nn_module_stack``) are read,
+never written, except ``tensor_meta`` which torch's own ``ShapeProp`` refreshes.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch.fx as fx
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .groups import ChannelAnalysis, ChannelGroup
+
+# gm.meta keys
+CHANNEL_GROUPS = "hqp.channel_groups"  # tuple[ChannelGroup, ...], written by ChannelDependencyPass
+CHANNEL_ANALYSIS = "hqp.channel_analysis"  # ChannelAnalysis behind the groups (element-level maps)
+ALIGN = "hqp.align"  # dict: multiple + per-group rounding record, written by AlignChannelsPass
+PRUNE_PLAN = "hqp.prune_plan"  # dict[group id, list[int]] actually applied by PruneChannelsPass
+EXAMPLE_INPUTS = "hqp.example_inputs"  # tuple of tensors used for tracing / shape propagation
+SOURCE_NAMES = "hqp.source_names"  # qualified module names of the user's original model
+
+# node.meta keys
+NODE_CHANNEL_GROUP = "hqp.channel_group"  # tuple[str, ...]: ids of the groups this node's output carries
+
+#: every gm.meta key a pass may list in ``requires`` / ``provides``
+GM_KEYS = frozenset({CHANNEL_GROUPS, CHANNEL_ANALYSIS, ALIGN, PRUNE_PLAN, EXAMPLE_INPUTS, SOURCE_NAMES})
+
+
+def channel_groups(gm: fx.GraphModule) -> tuple[ChannelGroup, ...]:
+    """The groups ChannelDependencyPass stored, or a clear error if it has not run."""
+    try:
+        return gm.meta[CHANNEL_GROUPS]
+    except KeyError:
+        raise KeyError(
+            f"gm.meta[{CHANNEL_GROUPS!r}] is missing: run hqp_fx.passes.ChannelDependencyPass first"
+        ) from None
+
+
+def channel_analysis(gm: fx.GraphModule) -> ChannelAnalysis:
+    try:
+        return gm.meta[CHANNEL_ANALYSIS]
+    except KeyError:
+        raise KeyError(
+            f"gm.meta[{CHANNEL_ANALYSIS!r}] is missing: run hqp_fx.passes.ChannelDependencyPass first"
+        ) from None
+
+
+def example_inputs(gm: fx.GraphModule) -> tuple[Any, ...]:
+    try:
+        return gm.meta[EXAMPLE_INPUTS]
+    except KeyError:
+        raise KeyError(
+            f"gm.meta[{EXAMPLE_INPUTS!r}] is missing: build the GraphModule with hqp_fx.trace(model, example_inputs)"
+        ) from None

@@ -1,0 +1,933 @@
+"""ChannelDependencyPass: which channels must be removed together (analysis only).
+
+How it works, and why it is correct by construction: every channel a layer creates gets an
+integer *element* id. The pass walks the graph once and carries, for every tensor, a label
+tensor of the same shape whose entries are the element living at that position (0 for
+constants). Pure data movement (view, permute, cat, split, getitem, flatten, channel
+shuffle, ...) is computed by running the very same op on the labels, so index maps through
+concat offsets, flatten strides or shuffles are never modelled by hand and cannot drift
+from what the op does. Ops that compute (add, mul, BN, conv, ...) follow small rules:
+elementwise ops union the elements that meet at the same position, producers mint new
+elements, parameterised layers record which parameter entries carry which element.
+Anything unknown pins its channels, with the node named in the reason: never silently wrong.
+"""
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from .. import meta
+from ..core import GraphPass, PassError, PassResult
+from ..groups import ChannelAnalysis, ChannelGroup, SliceRecord
+
+__all__ = ["ChannelDependencyPass", "analyze_channels"]
+
+_BIG = torch.iinfo(torch.long).max
+
+# ---------------------------------------------------------------------------------------
+# Op tables. Each op is classified once; the classification drives both this analysis and
+# (through the stored labels) the shape rewrite in PruneChannelsPass.
+# ---------------------------------------------------------------------------------------
+
+_MOVE_METHODS = {
+    "view", "reshape", "permute", "transpose", "flatten", "unflatten", "squeeze", "unsqueeze",
+    "expand", "expand_as", "view_as", "reshape_as", "repeat", "narrow", "select", "split", "chunk",
+    "tensor_split", "unbind", "flip", "roll", "t", "movedim", "swapaxes", "contiguous",
+}
+_MOVE_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.cat, torch.concat, torch.stack,
+    torch.split, torch.chunk, torch.tensor_split, torch.unbind, torch.squeeze, torch.unsqueeze,
+    torch.narrow, torch.movedim, torch.flip, torch.roll, torch.pixel_shuffle, torch.pixel_unshuffle,
+    torch.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle, operator.getitem,
+}
+_MOVE_MODULES = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle)
+
+_ELEMENTWISE_METHODS = {
+    "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "relu", "relu_", "sigmoid", "sigmoid_",
+    "tanh", "exp", "abs", "neg", "sqrt", "rsqrt", "clamp", "clamp_", "clamp_min", "clamp_max", "pow",
+    "to", "float", "half", "double", "type", "type_as", "detach", "clone", "masked_fill", "maximum", "minimum",
+}
+_ELEMENTWISE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.iadd,
+    operator.isub, operator.imul, operator.itruediv, operator.neg, operator.pow,
+    torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.true_divide,
+    torch.maximum, torch.minimum, torch.where, torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
+    torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt, torch.clamp, torch.clamp_min, torch.clamp_max,
+    torch.pow, torch.erf, torch.square, torch.zeros_like, torch.ones_like, torch.full_like,
+    F.relu, F.relu_, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.elu, F.selu,
+    F.celu, F.leaky_relu, F.mish, F.softplus, F.sigmoid, F.tanh, F.dropout, F.dropout1d, F.dropout2d,
+    F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+}
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+)
+_SPATIAL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.upsample, F.lp_pool2d,
+    torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d,
+}
+_SPATIAL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
+    nn.UpsamplingBilinear2d, nn.LPPool2d,
+)
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod"}
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min, torch.std,
+                     torch.var, torch.norm, torch.logsumexp, torch.prod}
+_SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.normalize}
+_PAD_FUNCTIONS = {F.pad} | ({torch._C._nn.pad} if hasattr(torch._C._nn, "pad") else set())
+_CONV_FUNCTIONS = {F.conv1d: False, F.conv2d: False, F.conv3d: False,
+                   F.conv_transpose1d: True, F.conv_transpose2d: True, F.conv_transpose3d: True}
+_NORM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+try:  # torchvision's stochastic depth is fx-wrapped: elementwise on its input
+    from torchvision.ops import stochastic_depth as _stochastic_depth
+
+    _ELEMENTWISE_FUNCTIONS.add(_stochastic_depth)
+except ImportError:  # pragma: no cover - torchvision is a dependency, but the pass does not need it
+    pass
+
+#: ops whose output is a reshuffled copy of their input; used by PruneChannelsPass too
+MOVE_TARGETS = (_MOVE_METHODS, _MOVE_FUNCTIONS, _MOVE_MODULES)
+
+
+def is_data_movement(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_method":
+        return node.target in _MOVE_METHODS
+    if node.op == "call_function":
+        return node.target in _MOVE_FUNCTIONS
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _MOVE_MODULES)
+    return False
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _is_tensor_meta(tm) -> bool:
+    return isinstance(tm, TensorMetadata)
+
+
+def _varies(lab: torch.Tensor, dim: int) -> bool:
+    """True when the non-zero labels differ along ``dim`` (zeros are constants: padding, scalars)."""
+    if lab.shape[dim] <= 1:
+        return False
+    mx = lab.amax(dim)
+    mn = torch.where(lab > 0, lab, _BIG).amin(dim)
+    return bool(((mx > 0) & (mn != mx)).any())
+
+
+def _compact(lab: torch.Tensor) -> torch.Tensor:
+    """Shrink every dim along which the labels are exactly constant to size 1 (memory)."""
+    for d in range(lab.ndim):
+        if lab.shape[d] > 1 and bool((lab == lab.narrow(d, 0, 1)).all()):
+            lab = lab.narrow(d, 0, 1)
+    return lab.contiguous()
+
+
+class _Propagator:
+    """One walk over the graph that computes labels, unions, records and pins."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.next_id = 1
+        self.owner_chunks: list[tuple[int, int]] = []  # (count, owner index) in element order
+        self.owners: list[tuple[str, str, str]] = []  # (node name, display name, kind)
+        self.owner_index: dict[tuple[str, str], int] = {}
+        self.edges: list[torch.Tensor] = []  # [2, k] element pairs to union
+        self.pins: list[tuple[torch.Tensor, str]] = []
+        self.cross: list[torch.Tensor] = []
+        self.records: list[SliceRecord] = []
+        self.param_blocks: list[tuple[str, torch.Tensor, str]] = []
+        self.pads: dict[str, list] = {}
+        self.grouped: dict[str, tuple[int, int]] = {}
+        self.env: dict[fx.Node, Any] = {}
+        self.shapes: dict[str, Any] = {}
+
+    # ----- element bookkeeping -------------------------------------------------------
+    def new_elements(self, count: int, node: fx.Node, kind: str, display: str | None = None) -> torch.Tensor:
+        key = (node.name, kind)
+        if key not in self.owner_index:
+            self.owner_index[key] = len(self.owners)
+            self.owners.append((node.name, display or node.name, kind))
+        ids = torch.arange(self.next_id, self.next_id + count, dtype=torch.long)
+        self.next_id += count
+        self.owner_chunks.append((count, self.owner_index[key]))
+        return ids
+
+    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = a.reshape(-1), b.reshape(-1)
+        keep = (a > 0) & (b > 0) & (a != b)
+        if keep.any():
+            self.edges.append(torch.unique(torch.stack([a[keep], b[keep]]), dim=1))
+
+    def pin(self, labels: torch.Tensor, reason: str) -> None:
+        labels = torch.unique(labels.reshape(-1))
+        labels = labels[labels > 0]
+        if len(labels):
+            self.pins.append((labels, reason))
+
+    def mark_cross(self, labels: torch.Tensor) -> None:
+        labels = torch.unique(labels.reshape(-1))
+        self.cross.append(labels[labels > 0])
+
+    def record(self, param: str, dim: int, labels: torch.Tensor, role: str, node: fx.Node) -> None:
+        self.records.append(SliceRecord(param, dim, labels.reshape(-1).clone(), role, node.name))
+
+    # ----- label access --------------------------------------------------------------
+    def value(self, n: Any) -> Any:
+        """Label tensor (compact) of a node, or its plain value when it is not a tensor."""
+        if not isinstance(n, fx.Node):
+            return n
+        if n not in self.env and n.op == "get_attr":
+            self.env[n] = self._param_labels(n)
+        return self.env[n]
+
+    def _param_labels(self, n: fx.Node) -> Any:
+        attr = self.gm
+        for part in n.target.split("."):
+            attr = getattr(attr, part)
+        if not isinstance(attr, torch.Tensor):
+            return attr
+        lab = self.new_elements(attr.numel(), n, "param").reshape(attr.shape)
+        self.param_blocks.append((n.target, lab, n.name))
+        return lab
+
+    def full(self, n: fx.Node) -> torch.Tensor:
+        return self.value(n).expand(self.shape_of(n)).contiguous()
+
+    def shape_of(self, n: fx.Node) -> tuple[int, ...]:
+        tm = n.meta.get("tensor_meta")
+        if _is_tensor_meta(tm):
+            return tuple(tm.shape)
+        val = self.value(n)
+        return tuple(val.shape)
+
+    def read_dim(self, lab: torch.Tensor, dim: int, size: int, node: fx.Node) -> torch.Tensor:
+        """Element per position along ``dim`` (0 = constant); positions mixing elements are pinned."""
+        dim = dim % lab.ndim
+        rows = lab.movedim(dim, 0).reshape(lab.shape[dim], -1)
+        mx = rows.amax(1)
+        mn = torch.where(rows > 0, rows, _BIG).amin(1)
+        mixed = (mx > 0) & (mn != mx)
+        if mixed.any():
+            self.pin(rows[mixed], f"channel dim of {node.name} ({_describe(node, self.modules)}) mixes several channels")
+        return mx.expand(size) if mx.numel() == 1 and size != 1 else mx
+
+    # ----- the walk ------------------------------------------------------------------
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                out = self._placeholder(node)
+            elif node.op == "get_attr":
+                continue  # materialised lazily by value(): functional weights never need labels
+            elif node.op == "output":
+                for lab in _tensors_in(fx.node.map_arg(node.args, self.value)):
+                    self.pin(lab, "feeds the network output")
+                continue
+            else:
+                out = self._compute(node)
+            self.env[node] = out
+            tm = node.meta.get("tensor_meta")
+            if _is_tensor_meta(tm):
+                self.shapes[node.name] = tuple(tm.shape)
+            elif isinstance(tm, (tuple, list)) and isinstance(out, tuple):
+                self.shapes[node.name] = tuple(tuple(t.shape) if _is_tensor_meta(t) else None for t in tm)
+
+    def _placeholder(self, node: fx.Node) -> Any:
+        tm = node.meta.get("tensor_meta")
+        if not _is_tensor_meta(tm):
+            return None
+        shape = tuple(tm.shape)
+        if not shape:
+            return torch.zeros((), dtype=torch.long)
+        cdim = 1 if len(shape) >= 2 else 0
+        ids = self.new_elements(shape[cdim], node, "input")
+        self.pin(ids, f"network input {node.name}")
+        return _along(ids, cdim, len(shape))
+
+    def _compute(self, node: fx.Node) -> Any:
+        tm = node.meta.get("tensor_meta")
+        if tm is None:  # not a tensor (sizes, ints): evaluate on the labels' shapes
+            return self._execute(node)
+        if node.op == "call_module":
+            mod = self.modules[node.target]
+            handler = _module_handler(mod)
+        elif node.op == "call_function":
+            handler = _FUNCTION_HANDLERS.get(node.target)
+        else:
+            handler = _METHOD_HANDLERS.get(node.target)
+        if handler is None and is_data_movement(node, self.modules):
+            handler = _Propagator._move
+        if handler is None:
+            return self._unknown(node, f"unsupported op {_describe(node, self.modules)}")
+        return handler(self, node)
+
+    def _execute(self, node: fx.Node) -> Any:
+        def shaped(n):  # sizes must be the real ones, not the compact label shape
+            v = self.value(n)
+            return v.expand(self.shape_of(n)) if isinstance(v, torch.Tensor) else v
+
+        args = fx.node.map_arg(node.args, shaped)
+        kwargs = fx.node.map_arg(node.kwargs, shaped)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            self_obj, *rest = args
+            return getattr(self_obj, node.target)(*rest, **kwargs)
+        return self.modules[node.target](*args, **kwargs)
+
+    # ----- rules -----------------------------------------------------------------------
+    def _move(self, node: fx.Node) -> Any:
+        def materialise(n):
+            v = self.value(n)
+            return self.full(n) if isinstance(v, torch.Tensor) else v
+
+        if node.target is operator.getitem and isinstance(self.value(node.args[0]), (tuple, list)):
+            return self.value(node.args[0])[node.args[1]]
+        idx = node.args[1] if node.target is operator.getitem and len(node.args) > 1 else None
+        if idx is not None and any(isinstance(v, torch.Tensor) for v in _tensors_in(fx.node.map_arg(idx, self.value))):
+            return self._unknown(node, f"tensor-indexed getitem {node.name}")
+        args = fx.node.map_arg(node.args, materialise)
+        kwargs = fx.node.map_arg(node.kwargs, materialise)
+        if node.op == "call_function":
+            out = node.target(*args, **kwargs)
+        elif node.op == "call_method":
+            out = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            out = self.modules[node.target](*args, **kwargs)
+        return _map_tensors(out, _compact)
+
+    def _elementwise(self, node: fx.Node) -> Any:
+        tm = node.meta["tensor_meta"]
+        out_shape = tuple(tm.shape)
+        nd = len(out_shape)
+        operands = []
+        for n in _nodes_in((node.args, node.kwargs)):
+            lab = self.value(n)
+            if not isinstance(lab, torch.Tensor):
+                continue
+            true_shape = self.shape_of(n)
+            pad = nd - lab.ndim
+            operands.append((lab.reshape((1,) * pad + tuple(lab.shape)), (1,) * (nd - len(true_shape)) + true_shape))
+        if not operands:
+            return torch.zeros((1,) * nd, dtype=torch.long)
+        kept = []
+        for i, (lab, ts) in enumerate(operands):
+            broadcast_over_channels = any(
+                ts[d] == 1 and out_shape[d] > 1 and any(_varies(o, d) for j, (o, _) in enumerate(operands) if j != i)
+                for d in range(nd)
+            )
+            if not broadcast_over_channels:
+                kept.append(lab)
+        if not kept:  # every operand is broadcast over another's channels: nothing to couple
+            return torch.zeros((1,) * nd, dtype=torch.long)
+        shape = torch.broadcast_shapes(*[k.shape for k in kept])
+        out = kept[0].expand(shape).clone()
+        for other in kept[1:]:
+            other = other.expand(shape)
+            self.union(out, other)
+            out = torch.where(out > 0, out, other)
+        return _compact(out)
+
+    def _producer(self, node: fx.Node, x: fx.Node, weight: str, bias: str | None, *,
+                  kind: str, groups: int, out_channels: int, display: str) -> torch.Tensor:
+        """Conv / ConvTranspose / Linear: consume input channels, mint output channels."""
+        lab = self.value(x)
+        in_shape = self.shape_of(x)
+        cdim = -1 if kind == "linear" else 1
+        in_vec = self.read_dim(lab, cdim, in_shape[cdim], node)
+        out_ids = self.new_elements(out_channels, node, "producer", display)
+        transposed = kind == "convT"
+        if groups == 1:
+            self.record(weight, 0 if transposed else 1, in_vec, "in", node)
+            self.record(weight, 1 if transposed else 0, out_ids, "out", node)
+        else:
+            # Grouped/depthwise: a conv group is removed whole, so its input channels and its
+            # output channels form one class each (group structure is preserved).
+            in_per, out_per = in_shape[cdim] // groups, out_channels // groups
+            anchors = out_ids.reshape(groups, out_per)[:, 0]
+            self.union(out_ids, anchors.repeat_interleave(out_per))
+            self.union(in_vec, anchors.repeat_interleave(in_per))
+            self.grouped[node.name] = (groups, in_per)
+            self.record(weight, 0, in_vec if transposed else out_ids, "in" if transposed else "out", node)
+        if bias is not None:
+            self.record(bias, 0, out_ids, "out", node)
+        return _along(out_ids, cdim, len(self.shape_of(node)))
+
+    def _channelwise(self, node: fx.Node, x: fx.Node, params: list[str | None], *,
+                     norm_dims: int = 0, groups: int = 0, display: str = "") -> torch.Tensor:
+        """BN / InstanceNorm / LayerNorm / GroupNorm / PReLU: channels pass through, params follow.
+
+        ``norm_dims`` > 0: LayerNorm over the last ``norm_dims`` dims (params span them).
+        ``groups`` > 0: GroupNorm with that many groups over dim 1.
+        """
+        lab = self.value(x)
+        shape = self.shape_of(x)
+        nd = len(shape)
+        if norm_dims:
+            varying = [d for d in range(nd - norm_dims, nd) if _varies(lab, d)]
+            if varying:
+                self.mark_cross(lab)
+            if len(varying) > 1:
+                self.pin(lab, f"{node.name} normalises over several channel dims")
+                return lab
+            pdim = varying[0] if varying else nd - 1
+            vec = self.read_dim(lab, pdim, shape[pdim], node)
+            param_dim = pdim - (nd - norm_dims)
+        else:
+            vec = self.read_dim(lab, 1, shape[1], node)
+            param_dim = 0
+            if groups == 1 and shape[1] > 1:
+                self.mark_cross(vec)
+            elif groups > 1:
+                per = shape[1] // groups
+                if per > 1:  # removing whole GroupNorm groups keeps every other group's statistics exact
+                    anchors = vec.reshape(groups, per)[:, 0]
+                    self.union(vec, anchors.repeat_interleave(per))
+                    self.grouped[node.name] = (groups, per)
+        for p in params:
+            if p is not None:
+                self.record(p, param_dim, vec, "out", node)
+        return lab
+
+    def _spatial(self, node: fx.Node, x: fx.Node) -> torch.Tensor:
+        lab = self.value(x)
+        nd = lab.ndim
+        if any(_varies(lab, d) for d in range(2, nd)):
+            self.pin(lab, f"{node.name} ({_describe(node, self.modules)}) works over dims that carry channels")
+        return lab.amax(dim=tuple(range(2, nd)), keepdim=True) if nd > 2 else lab
+
+    def _reduce(self, node: fx.Node) -> Any:
+        x = node.args[0]
+        lab = self.value(x)
+        dim = _arg(node, 1, "dim", None)
+        if dim is None:
+            dim = node.kwargs.get("axis")
+        keepdim = bool(_arg(node, 2, "keepdim", False))
+        if isinstance(dim, int):
+            dims = (dim % lab.ndim,)
+        elif isinstance(dim, (tuple, list)) and all(isinstance(d, int) for d in dim):
+            dims = tuple(d % lab.ndim for d in dim)
+        elif dim is None and len(node.args) <= 1:
+            dims = tuple(range(lab.ndim))
+        else:
+            return self._unknown(node, f"reduction {node.name} with non-constant dims")
+        over_channels = any(_varies(lab, d) for d in dims)
+        if over_channels:
+            self.mark_cross(lab)
+        out = lab.amax(dim=dims, keepdim=keepdim) if dims else lab
+        if over_channels:
+            out = torch.zeros_like(out)
+        tm = node.meta["tensor_meta"]
+        if not _is_tensor_meta(tm):  # max/min with dim: (values, indices)
+            return (out, torch.zeros_like(out))
+        return out
+
+    def _softmax(self, node: fx.Node, x: fx.Node, dim: int | None) -> torch.Tensor:
+        lab = self.value(x)
+        if dim is None or not isinstance(dim, int) or _varies(lab, dim % lab.ndim):
+            self.mark_cross(lab)
+        return lab
+
+    def _pad(self, node: fx.Node, x: fx.Node, pad: tuple[int, ...], mode: str) -> torch.Tensor:
+        lab = self.value(x)
+        full = self.full(x)
+        nd = full.ndim
+        if mode == "constant":
+            out = F.pad(full, list(pad), mode="constant", value=0)
+        else:  # non-constant padding only ever repeats labels of the same channel
+            out = F.pad(full.double(), list(pad), mode="replicate").long()
+        entries = []
+        for k in range(len(pad) // 2):
+            d = nd - 1 - k
+            left, right = int(pad[2 * k]), int(pad[2 * k + 1])
+            if (left == 0 and right == 0) or not _varies(lab, d):
+                continue
+            if mode != "constant" or left < 0 or right < 0:
+                self.pin(lab, f"{node.name} pads the channel dim with mode {mode!r} or a negative amount")
+                continue
+            lids = self.new_elements(left, node, "pad")
+            rids = self.new_elements(right, node, "pad")
+            out.narrow(d, 0, left).copy_(_along(lids, d, nd).expand_as(out.narrow(d, 0, left)))
+            out.narrow(d, left + full.shape[d], right).copy_(_along(rids, d, nd).expand_as(out.narrow(d, left + full.shape[d], right)))
+            entries.append((d, lids, rids))
+        if entries:
+            self.pads[node.name] = entries
+        return _compact(out)
+
+    def _unknown(self, node: fx.Node, why: str) -> Any:
+        for n in _nodes_in((node.args, node.kwargs)):
+            lab = self.value(n)
+            for t in _tensors_in(lab):
+                self.pin(t, f"{why}: channels through it are kept")
+        tm = node.meta.get("tensor_meta")
+
+        def fresh(t):
+            shape = tuple(t.shape)
+            if not shape:
+                return torch.zeros((), dtype=torch.long)
+            cdim = 1 if len(shape) >= 2 else 0
+            ids = self.new_elements(shape[cdim], node, "unknown")
+            self.pin(ids, f"{why}: channels through it are kept")
+            return _along(ids, cdim, len(shape))
+
+        if _is_tensor_meta(tm):
+            return fresh(tm)
+        return tuple(fresh(t) if _is_tensor_meta(t) else None for t in tm)
+
+
+# ---------------------------------------------------------------------------------------
+# Handler tables
+# ---------------------------------------------------------------------------------------
+
+def _weight_name(gm_node: fx.Node | None) -> str | None:
+    if gm_node is None:
+        return None
+    if isinstance(gm_node, fx.Node) and gm_node.op == "get_attr":
+        return gm_node.target
+    return ""  # a computed weight: the caller treats the op as unknown
+
+
+def _module_handler(mod: nn.Module) -> Callable | None:
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        return _conv_module
+    if isinstance(mod, nn.Linear):
+        return _linear_module
+    if isinstance(mod, _NORM_MODULES + (nn.LayerNorm, nn.GroupNorm, nn.PReLU)):
+        return _norm_module
+    if isinstance(mod, _ELEMENTWISE_MODULES):
+        return _Propagator._elementwise
+    if isinstance(mod, _SPATIAL_MODULES):
+        return lambda p, node: p._spatial(node, node.args[0])
+    if isinstance(mod, (nn.Softmax, nn.LogSoftmax, nn.Softmax2d)):
+        return lambda p, node: p._softmax(node, node.args[0], getattr(mod, "dim", 1) if not isinstance(mod, nn.Softmax2d) else -3)
+    if isinstance(mod, nn.LocalResponseNorm):
+        return lambda p, node: p._softmax(node, node.args[0], None)
+    if isinstance(mod, (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)):
+        return lambda p, node: p._pad(node, node.args[0], tuple(mod.padding), "constant")
+    return None
+
+
+def _conv_module(p: _Propagator, node: fx.Node) -> torch.Tensor:
+    mod = p.modules[node.target]
+    kind = "convT" if isinstance(mod, nn.modules.conv._ConvTransposeNd) else "conv"
+    return p._producer(node, node.args[0], f"{node.target}.weight", f"{node.target}.bias" if mod.bias is not None else None,
+                       kind=kind, groups=mod.groups, out_channels=mod.out_channels, display=node.target)
+
+
+def _linear_module(p: _Propagator, node: fx.Node) -> torch.Tensor:
+    mod = p.modules[node.target]
+    return p._producer(node, node.args[0], f"{node.target}.weight", f"{node.target}.bias" if mod.bias is not None else None,
+                       kind="linear", groups=1, out_channels=mod.out_features, display=node.target)
+
+
+def _norm_module(p: _Propagator, node: fx.Node) -> torch.Tensor:
+    mod = p.modules[node.target]
+    names = [f"{node.target}.{n}" for n, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
+             if t is not None and t.ndim >= 1]
+    if isinstance(mod, nn.PReLU) and mod.num_parameters == 1:
+        return p._elementwise(node)
+    if isinstance(mod, nn.LayerNorm):
+        return p._channelwise(node, node.args[0], names, norm_dims=len(mod.normalized_shape))
+    if isinstance(mod, nn.GroupNorm):
+        return p._channelwise(node, node.args[0], names, groups=mod.num_groups)
+    return p._channelwise(node, node.args[0], names)
+
+
+def _conv_function(p: _Propagator, node: fx.Node) -> torch.Tensor:
+    transposed = _CONV_FUNCTIONS[node.target]
+    w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    wname, bname = _weight_name(w), _weight_name(b)
+    if not wname or bname == "":
+        return p._unknown(node, f"{node.name} convolves with a computed weight")
+    groups = _arg(node, 7 if transposed else 6, "groups", 1)
+    wshape = p.shape_of(w)
+    out_channels = wshape[1] * groups if transposed else wshape[0]
+    return p._producer(node, node.args[0], wname, bname, kind="convT" if transposed else "conv",
+                       groups=groups, out_channels=out_channels, display=node.name)
+
+
+def _linear_function(p: _Propagator, node: fx.Node) -> torch.Tensor:
+    w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    wname, bname = _weight_name(w), _weight_name(b)
+    if not wname or bname == "":
+        return p._unknown(node, f"{node.name} multiplies by a computed weight")
+    return p._producer(node, node.args[0], wname, bname, kind="linear", groups=1,
+                       out_channels=p.shape_of(w)[0], display=node.name)
+
+
+def _named_params(node: fx.Node, specs: list[tuple[int, str]]) -> list[str | None] | None:
+    names = []
+    for idx, key in specs:
+        n = _arg(node, idx, key)
+        name = _weight_name(n)
+        if name == "":
+            return None
+        names.append(name)
+    return names
+
+
+def _batch_norm_function(p: _Propagator, node: fx.Node) -> torch.Tensor:
+    names = _named_params(node, [(1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")])
+    if names is None:
+        return p._unknown(node, f"{node.name} normalises with computed statistics")
+    return p._channelwise(node, node.args[0], names)
+
+
+def _instance_norm_function(p: _Propagator, node: fx.Node) -> torch.Tensor:
+    names = _named_params(node, [(1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")])
+    if names is None:
+        return p._unknown(node, f"{node.name} normalises with computed statistics")
+    return p._channelwise(node, node.args[0], names)
+
+
+def _layer_norm_function(p: _Propagator, node: fx.Node) -> torch.Tensor:
+    names = _named_params(node, [(2, "weight"), (3, "bias")])
+    shape = _arg(node, 1, "normalized_shape")
+    if names is None or not isinstance(shape, (tuple, list)):
+        return p._unknown(node, f"{node.name} normalises with computed parameters")
+    return p._channelwise(node, node.args[0], names, norm_dims=len(shape))
+
+
+def _group_norm_function(p: _Propagator, node: fx.Node) -> torch.Tensor:
+    names = _named_params(node, [(2, "weight"), (3, "bias")])
+    groups = _arg(node, 1, "num_groups")
+    if names is None or not isinstance(groups, int):
+        return p._unknown(node, f"{node.name} normalises with computed parameters")
+    return p._channelwise(node, node.args[0], names, groups=groups)
+
+
+def _prelu_function(p: _Propagator, node: fx.Node) -> torch.Tensor:
+    w = _arg(node, 1, "weight")
+    if p.shape_of(w) in ((), (1,)):
+        return p._elementwise(node)
+    names = _named_params(node, [(1, "weight")])
+    if names is None:
+        return p._unknown(node, f"{node.name} uses a computed slope")
+    return p._channelwise(node, node.args[0], names)
+
+
+def _softmax_call(p: _Propagator, node: fx.Node) -> torch.Tensor:
+    return p._softmax(node, node.args[0], _arg(node, 1, "dim", None))
+
+
+def _pad_function(p: _Propagator, node: fx.Node) -> torch.Tensor:
+    pad = p.value(_arg(node, 1, "pad"))
+    mode = _arg(node, 2, "mode", "constant")
+    value = _arg(node, 3, "value", None)
+    if not isinstance(pad, (tuple, list)) or not all(isinstance(v, int) for v in pad):
+        return p._unknown(node, f"{node.name} pads by computed amounts")
+    if mode == "constant" and value not in (None, 0, 0.0):
+        return p._unknown(node, f"{node.name} pads with the non-zero value {value}")
+    return p._pad(node, node.args[0], tuple(pad), mode)
+
+
+_FUNCTION_HANDLERS: dict[Any, Callable] = {}
+_FUNCTION_HANDLERS.update({f: _Propagator._elementwise for f in _ELEMENTWISE_FUNCTIONS})
+_FUNCTION_HANDLERS.update({f: (lambda p, node: p._spatial(node, node.args[0])) for f in _SPATIAL_FUNCTIONS})
+_FUNCTION_HANDLERS.update({f: _Propagator._reduce for f in _REDUCE_FUNCTIONS})
+_FUNCTION_HANDLERS.update({f: _softmax_call for f in _SOFTMAX})
+_FUNCTION_HANDLERS.update({f: _pad_function for f in _PAD_FUNCTIONS})
+_FUNCTION_HANDLERS.update({f: _conv_function for f in _CONV_FUNCTIONS})
+_FUNCTION_HANDLERS.update({
+    F.linear: _linear_function, F.batch_norm: _batch_norm_function, F.instance_norm: _instance_norm_function,
+    F.layer_norm: _layer_norm_function, F.group_norm: _group_norm_function, F.prelu: _prelu_function,
+    F.local_response_norm: lambda p, node: p._softmax(node, node.args[0], None),
+})
+_METHOD_HANDLERS: dict[str, Callable] = {m: _Propagator._elementwise for m in _ELEMENTWISE_METHODS}
+_METHOD_HANDLERS.update({m: _Propagator._reduce for m in _REDUCE_METHODS})
+_METHOD_HANDLERS.update({"softmax": _softmax_call, "log_softmax": _softmax_call})
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+def _along(ids: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[dim % ndim] = len(ids)
+    return ids.reshape(shape)
+
+
+def _nodes_in(obj) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(obj, lambda n: found.append(n) or n)
+    return found
+
+
+def _tensors_in(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors_in(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors_in(o)]
+    return []
+
+
+def _map_tensors(obj, fn):
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(o, fn) for o in obj) if not hasattr(obj, "_fields") else tuple(_map_tensors(o, fn) for o in obj)
+    return obj
+
+
+def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return f"{type(modules[node.target]).__name__} module {node.target}"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    t = node.target
+    return f"{getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', t)}".lstrip(".")
+
+
+def _components(num: int, edges: list[torch.Tensor]) -> torch.Tensor:
+    """Connected components of ``edges`` over ids 0..num-1: each id maps to the smallest id of its component."""
+    label = torch.arange(num, dtype=torch.long)
+    if not edges:
+        return label
+    e = torch.cat(edges, dim=1)
+    a, b = e[0], e[1]
+    while True:
+        m = torch.minimum(label[a], label[b])
+        new = label.clone()
+        new.scatter_reduce_(0, a, m, reduce="amin")
+        new.scatter_reduce_(0, b, m, reduce="amin")
+        while True:  # pointer jumping: every id points straight at its current root
+            jumped = new[new]
+            if torch.equal(jumped, new):
+                break
+            new = jumped
+        if torch.equal(new, label):
+            return label
+        label = new
+
+
+def _multi_dim(lab: torch.Tensor) -> bool:
+    return sum(_varies(lab, d) for d in range(lab.ndim)) > 1
+
+
+def _find_gathers(p: _Propagator) -> tuple[dict[str, str], set[str]]:
+    """Tensors whose channels spread over several dims (e.g. inside a channel shuffle).
+
+    Pruning cannot shrink such a layout along one dim, so PruneChannelsPass replaces the
+    whole run by one ``index_select`` from its single-dim source. That is only possible when
+    the run is pure data movement ending in a permutation of the source's channels; any
+    other use pins the channels.
+    """
+    gathers: dict[str, str] = {}
+    spread: set[str] = set()
+    nodes = {n.name: n for n in p.gm.graph.nodes}
+    for node in p.gm.graph.nodes:
+        lab = p.env.get(node)
+        if not isinstance(lab, torch.Tensor) or not _multi_dim(lab):
+            continue
+        if node.op != "placeholder" and not (is_data_movement(node, p.modules) and _single_input_move(node, p)):
+            p.pin(lab, f"{node.name} lays channels over several dims and is not pure data movement")
+            continue
+        spread.add(node.name)
+        for user in node.users:
+            ulab = p.env.get(user)
+            if not isinstance(ulab, torch.Tensor):
+                p.pin(lab, f"{node.name} lays channels over several dims and feeds {user.name}")
+                continue
+            if _multi_dim(ulab):
+                continue
+            source = _chain_source(user, p)
+            ok = False
+            if source is not None and is_data_movement(user, p.modules) and _single_input_move(user, p):
+                s_shape, e_shape = p.shape_of(source), p.shape_of(user)
+                s_lab, e_lab = p.value(source), ulab
+                cdims = [d for d in range(len(s_shape)) if _varies(s_lab, d)]
+                if s_shape == e_shape and len(cdims) == 1 and _varies(e_lab, cdims[0]):
+                    d = cdims[0]
+                    s_vec = p.read_dim(s_lab, d, s_shape[d], nodes[source.name])
+                    e_vec = p.read_dim(e_lab, d, e_shape[d], user)
+                    ok = bool((s_vec > 0).all()) and len(torch.unique(s_vec)) == len(s_vec) and bool(
+                        torch.isin(e_vec, s_vec).all()) and len(torch.unique(e_vec)) == len(e_vec)
+            if ok:
+                gathers[user.name] = source.name
+            else:
+                p.pin(lab, f"channel layout from {node.name} to {user.name} is not a permutation hqp_fx can rewrite")
+    return gathers, spread
+
+
+def _single_input_move(node: fx.Node, p: _Propagator) -> bool:
+    return sum(isinstance(p.env.get(n), torch.Tensor) for n in _nodes_in((node.args, node.kwargs))) == 1
+
+
+def _chain_source(end: fx.Node, p: _Propagator) -> fx.Node | None:
+    node = end
+    while True:
+        ins = [n for n in _nodes_in((node.args, node.kwargs)) if isinstance(p.env.get(n), torch.Tensor)]
+        if len(ins) != 1:
+            return None
+        prev = ins[0]
+        if not _multi_dim(p.env[prev]):
+            return prev if node is not end else None
+        node = prev
+
+
+# ---------------------------------------------------------------------------------------
+# Assembling groups
+# ---------------------------------------------------------------------------------------
+
+def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
+    """Run the label propagation and build the groups (see the module docstring)."""
+    if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
+        raise PassError(
+            "ChannelDependencyPass needs shape metadata on the graph; build the GraphModule with "
+            "hqp_fx.trace(model, example_inputs) (or run torch.fx.passes.shape_prop.ShapeProp first)"
+        )
+    p = _Propagator(gm)
+    p.run()
+    gathers, spread = _find_gathers(p)
+
+    # Shared parameters (a module called twice) must stay consistent: tie their entries.
+    by_param: dict[tuple[str, int], list[SliceRecord]] = defaultdict(list)
+    for rec in p.records:
+        by_param[(rec.param, rec.dim)].append(rec)
+    for recs in by_param.values():
+        for other in recs[1:]:
+            p.union(recs[0].labels, other.labels)
+
+    num = p.next_id
+    class_of = _components(num, p.edges)
+
+    # Parameters used directly in forward (layer scale, ...): slice along the one dim their classes follow.
+    for name, lab, node_name in p.param_blocks:
+        cls = class_of[lab]
+        dims = [d for d in range(lab.ndim) if lab.shape[d] > 1]
+        chosen = None
+        for d in dims:
+            if all(not _varies(cls, o) for o in range(lab.ndim) if o != d):
+                chosen = d
+                break
+        if chosen is None and lab.numel() > 1:
+            p.pin(lab, f"parameter {name} couples channels along several dims")
+            continue
+        if chosen is not None:
+            vec = lab.movedim(chosen, 0).reshape(lab.shape[chosen], -1)[:, 0]
+            p.records.append(SliceRecord(name, chosen, vec.clone(), "out", node_name))
+
+    # owner of every element, then groups = classes linked through a shared owner
+    counts = torch.tensor([c for c, _ in p.owner_chunks], dtype=torch.long)
+    owner_ids = torch.tensor([o for _, o in p.owner_chunks], dtype=torch.long)
+    elem_owner = torch.cat([torch.tensor([-1]), owner_ids.repeat_interleave(counts)])
+    starts = 1 + torch.cumsum(counts, 0) - counts
+    first_elem = torch.full((len(p.owners),), _BIG, dtype=torch.long).scatter_reduce(0, owner_ids, starts, reduce="amin")
+    elems = torch.arange(1, num)
+    class_edges = torch.stack([class_of[elems], class_of[first_elem[elem_owner[elems]]]])
+    group_root = _components(num, [class_edges])  # indexed by class id
+
+    classes = torch.unique(class_of[1:])
+    roots = group_root[classes]
+    pinned = torch.zeros(num, dtype=torch.bool)
+    pin_reason: dict[int, str] = {}
+    for labels, reason in p.pins:
+        for g in torch.unique(group_root[class_of[labels]]).tolist():
+            pin_reason.setdefault(g, reason)
+        pinned[class_of[labels]] = True
+    cross = torch.zeros(num, dtype=torch.bool)
+    for labels in p.cross:
+        cross[class_of[labels]] = True
+
+    analysis = ChannelAnalysis(
+        class_of=class_of, group_of=torch.full((num,), -1, dtype=torch.long), records=p.records,
+        node_labels={n.name: p.env[n] for n in gm.graph.nodes if n in p.env and n.name in p.shapes},
+        node_shapes=p.shapes, pads=p.pads, grouped=p.grouped, gathers=gathers, spread=spread,
+    )
+    # one group per root, ordered by the first element (= topological order of its first owner)
+    order = torch.argsort(roots * num + classes)  # roots are class ids, so this sorts by root then class
+    roots_sorted, classes_sorted = roots[order], classes[order]
+    uniq_roots, counts_per = torch.unique_consecutive(roots_sorted, return_counts=True)
+    used_ids: set[str] = set()
+    group_index_of_root: dict[int, int] = {}
+    offset = 0
+    for root, count in zip(uniq_roots.tolist(), counts_per.tolist()):
+        cls = classes_sorted[offset:offset + count]
+        owners = sorted(set(elem_owner[torch.isin(class_of, cls)].tolist()) - {-1})
+        offset += count
+        kinds = {p.owners[o][2] for o in owners}
+        if kinds <= {"param", "pad"}:
+            continue  # constants that no layer produces: nothing to prune
+        producers = [p.owners[o] for o in owners if p.owners[o][2] in ("producer", "input", "unknown")]
+        gid = producers[0][1] if producers else p.owners[owners[0]][1]
+        base, k = gid, 1
+        while gid in used_ids:
+            k += 1
+            gid = f"{base}#{k}"
+        used_ids.add(gid)
+        if root in pin_reason:
+            prunable, reason = False, pin_reason[root]
+        elif count < 2:
+            prunable, reason = False, "a single channel: removing it would remove the whole tensor"
+        else:
+            prunable, reason = True, ""
+        group_index_of_root[root] = len(analysis.groups)
+        analysis.groups.append(ChannelGroup(
+            id=gid, size=count, prunable=prunable, reason=reason, cross_channel=bool(cross[cls].any()),
+            classes=cls, layers=tuple(o[1] for o in producers if o[2] == "producer"), record_ids=(), analysis=analysis,
+        ))
+    root_to_group = torch.full((num,), -1, dtype=torch.long)
+    for root, gi in group_index_of_root.items():
+        root_to_group[root] = gi
+    group_of = root_to_group[group_root[class_of]]
+    group_of[0] = -1
+    analysis.group_of = group_of
+
+    # which records touch which group
+    rec_groups: dict[int, list[int]] = defaultdict(list)
+    for rid, rec in enumerate(p.records):
+        touched = torch.unique(group_of[rec.labels[rec.labels > 0]])
+        for g in touched[touched >= 0].tolist():
+            rec_groups[g].append(rid)
+    for gi, g in enumerate(analysis.groups):
+        g.record_ids = tuple(rec_groups.get(gi, ()))
+    return analysis
+
+
+class ChannelDependencyPass(GraphPass):
+    """Group every set of channels that must be removed together (analysis only).
+
+    Writes ``gm.meta["hqp.channel_groups"]`` (tuple of ChannelGroup),
+    ``gm.meta["hqp.channel_analysis"]`` and ``node.meta["hqp.channel_group"]``; the graph is
+    not changed, so ``modified`` is always False.
+    """
+
+    provided_meta = (meta.CHANNEL_GROUPS, meta.CHANNEL_ANALYSIS)
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        analysis = analyze_channels(graph_module)
+        graph_module.meta[meta.CHANNEL_ANALYSIS] = analysis
+        graph_module.meta[meta.CHANNEL_GROUPS] = tuple(analysis.groups)
+        ids = [g.id for g in analysis.groups]
+        for node in graph_module.graph.nodes:
+            lab = analysis.node_labels.get(node.name)
+            labs = [lab] if isinstance(lab, torch.Tensor) else [t for t in (lab or ()) if isinstance(t, torch.Tensor)]
+            found: set[int] = set()
+            for t in labs:
+                g = torch.unique(analysis.group_of[t.reshape(-1)])
+                found.update(g[g >= 0].tolist())
+            if found:
+                node.meta[meta.NODE_CHANNEL_GROUP] = tuple(ids[i] for i in sorted(found))
+            else:
+                node.meta.pop(meta.NODE_CHANNEL_GROUP, None)
+        return PassResult(graph_module, False)

@@ -1,0 +1,131 @@
+"""Symbolic tracing plus shape propagation, with errors a user can act on."""
+from __future__ import annotations
+
+import copy
+import linecache
+import os
+import traceback
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from . import meta
+from .core import HQPError
+
+__all__ = ["trace", "TraceError", "propagate_shapes"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+class TraceError(HQPError):
+    """The model cannot be symbolically traced; the message names the module, the code and the fix."""
+
+
+class _Tracer(fx.Tracer):
+    """fx.Tracer that honours user leaf modules and remembers which module it is inside."""
+
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]):
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.leaf_names = leaf_names
+        self.hqp_module_stack: list[tuple[str, str]] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.hqp_module_stack.append((self.path_of_module(m), type(m).__name__))
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        finally:
+            self.hqp_module_stack.pop()
+        return out
+
+
+def _user_frame(exc: BaseException) -> tuple[str, int, str] | None:
+    """Innermost traceback frame that is not torch's own code: where the user's model broke."""
+    found = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename.startswith(_TORCH_DIR) or frame.filename == __file__:
+            continue
+        found = (frame.filename, frame.lineno or 0, (frame.line or linecache.getline(frame.filename, frame.lineno or 0)).strip())
+    return found
+
+
+def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise TypeError(
+        "example_inputs must be a tensor or a non-empty tuple of tensors, e.g. torch.randn(1, 3, 224, 224); "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+_INPUT_HINT = "Check that example_inputs have the shape and dtype the model expects (e.g. torch.randn(1, 3, 224, 224))."
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], hint: str = _INPUT_HINT) -> None:
+    """Run torch's ShapeProp so every node carries ``tensor_meta``; errors name the node."""
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    except Exception as exc:  # torch raises RuntimeError wrapping the node; keep only the cause
+        cause = exc.__cause__ or exc
+        node_hint = str(exc).split("\n", 1)[0]
+        raise TraceError(
+            f"shape propagation failed ({node_hint}): {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}. "
+            + hint
+        ) from None
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+) -> fx.GraphModule:
+    """Trace ``model`` into a GraphModule whose every node carries shape metadata.
+
+    The model is deep-copied and traced in eval mode (the deployment graph: training-only
+    branches such as auxiliary heads are dropped); the user's model is never touched. Module
+    qualified names are kept. ``leaf_modules`` (types or qualified names) are kept opaque.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = _as_tuple(example_inputs)
+    leaf_modules = tuple(leaf_modules)
+    leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
+    leaf_names = frozenset(t for t in leaf_modules if isinstance(t, str))
+    unknown = sorted(n for n in leaf_names if n not in dict(model.named_modules()))
+    if unknown:
+        raise ValueError(f"leaf_modules names {unknown} are not modules of the model; use names from model.named_modules()")
+
+    root = copy.deepcopy(model).eval()
+    tracer = _Tracer(leaf_types, leaf_names)
+    try:
+        graph = tracer.trace(root)
+    except Exception as exc:
+        where = tracer.hqp_module_stack[-1] if tracer.hqp_module_stack else ("", type(model).__name__)
+        frame = _user_frame(exc)
+        code = f" at {frame[0]}:{frame[1]}: `{frame[2]}`" if frame else ""
+        name = where[0] or "<root>"
+        fix = (
+            f"pass leaf_modules=[{where[1]}] (or the name {where[0]!r}) to hqp_fx.trace to keep it opaque"
+            if where[0]
+            else "rewrite the data-dependent part of forward() or move it into a submodule passed as a leaf module"
+        )
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TraceError(f"cannot trace module {name!r} ({where[1]}){code}: {msg}. Fix: {fix}.") from None
+
+    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    propagate_shapes(gm, inputs)
+    gm.meta[meta.EXAMPLE_INPUTS] = tuple(t.detach().clone() for t in inputs)
+    gm.meta[meta.SOURCE_NAMES] = tuple(name for name, _ in model.named_modules() if name)
+    return gm

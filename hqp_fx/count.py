@@ -26,7 +26,13 @@ def macs_by_module(model: nn.Module, example_inputs: Any = None) -> dict[str, in
     mode = FlopCounterMode(display=False)
     with torch.no_grad(), mode:
         model(*inputs)
-    return {name: sum(int(v) for v in ops.values()) // 2 for name, ops in mode.get_flop_counts().items()}
+    out = {}
+    for name, ops in mode.get_flop_counts().items():
+        if name == "Global":
+            continue
+        _, _, qual = name.partition(".")  # keys are prefixed with the root module's class name
+        out[qual] = sum(int(v) for v in ops.values()) // 2
+    return out
 
 
 def count_macs(model: nn.Module, example_inputs: Any = None) -> int:

@@ -1,0 +1,110 @@
+"""Shared test helpers: realistic random weights, random plans, the masked reference model."""
+from __future__ import annotations
+
+import copy
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from hqp_fx import meta
+from hqp_fx.count import macs_by_module
+
+
+def realistic_random(model: nn.Module, example: torch.Tensor, seed: int = 0) -> nn.Module:
+    """Random weights with BN statistics calibrated on random data, then random BN affine.
+
+    Calibrated statistics keep activations O(1) through deep nets (so a float tolerance
+    means something); the random affine makes every channel matter.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.eval()  # only BN in train mode: training-only branches (aux heads) stay off
+    for m in norms:
+        m.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(example.shape, generator=gen).repeat(4, *([1] * (example.ndim - 1))))
+    model.eval()
+    with torch.no_grad():
+        for m in norms:
+            if m.affine:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=gen) * 0.4 - 0.2)
+    return model
+
+
+def random_plan(groups, fraction: float, seed: int = 0, *, include=lambda g: True) -> dict[str, list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    plan = {}
+    for g in groups:
+        if g.prunable and include(g):
+            n = int(fraction * g.size)
+            if 0 < n < g.size:
+                plan[g.id] = torch.randperm(g.size, generator=gen)[:n].tolist()
+    return plan
+
+
+def masked_copy(gm: fx.GraphModule, plan: dict[str, list[int]]) -> fx.GraphModule:
+    """The original model with the removed channels' "out" slices set to zero."""
+    groups = {g.id: g for g in meta.channel_groups(gm)}
+    masked = copy.deepcopy(gm)
+    tensors = dict(masked.named_parameters())
+    tensors.update(dict(masked.named_buffers()))
+    with torch.no_grad():
+        for gid, idx in plan.items():
+            for s in groups[gid].slices(idx):
+                if s.role == "out":
+                    tensors[s.param].index_fill_(s.dim, s.index, 0.0)
+    return masked
+
+
+def expected_counts(gm: fx.GraphModule, plan: dict[str, list[int]], example) -> tuple[int, int]:
+    """Params and MACs that the plan's slices imply for the pruned model."""
+    groups = {g.id: g for g in meta.channel_groups(gm)}
+    removed: dict[str, dict[int, set[int]]] = {}
+    for gid, idx in plan.items():
+        for s in groups[gid].slices(idx):
+            removed.setdefault(s.param, {}).setdefault(s.dim, set()).update(s.index.tolist())
+    params = dict(gm.named_parameters())
+    new_numel = {}
+    for name, p in params.items():
+        shape = list(p.shape)
+        for d, idx in removed.get(name, {}).items():
+            shape[d] -= len(idx)
+        new_numel[name] = int(np.prod(shape)) if shape else 1
+    exp_params = sum(new_numel.values())
+    exp_macs = 0
+    for name, macs in macs_by_module(gm, example).items():
+        mod = gm.get_submodule(name) if name else gm
+        if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
+            w = f"{name}.weight"
+            exp_macs += macs * new_numel[w] // params[w].numel()
+    return exp_params, exp_macs
+
+
+def layer_macs(model: nn.Module, example) -> int:
+    """MACs of conv/linear modules only (what pruning scales)."""
+    return sum(m for name, m in macs_by_module(model, example).items()
+               if isinstance(model.get_submodule(name), (nn.modules.conv._ConvNd, nn.Linear)))
+
+
+def onnx_roundtrip(model: nn.Module, example: torch.Tensor, tmp_path) -> np.ndarray:
+    """Export with torch.onnx (dynamo) and run in ONNX Runtime on the CPU."""
+    import onnxruntime as ort
+
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (example,), str(path), dynamo=True, verbose=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: example.numpy()})[0]
+
+
+def assert_close(actual, expected, rtol=1e-4, what=""):
+    """Relative to the output's scale: |a - e| <= rtol * max|e| (+ tiny absolute floor)."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    scale = float(expected.abs().max())
+    err = float((actual - expected).abs().max())
+    assert err <= rtol * scale + 1e-6, f"{what}: max error {err:.3g} exceeds {rtol} x output scale {scale:.3g}"

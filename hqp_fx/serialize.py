@@ -37,7 +37,8 @@ _SKIP_INIT = {"self", "device", "dtype", "args", "kwargs"}
 
 def _qualname(obj: Any) -> str:
     mod = getattr(obj, "__module__", None) or ""
-    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", "")
+    # classes may be nested (__qualname__); torch's builtins report a private class there, so use __name__
+    name = obj.__qualname__ if isinstance(obj, type) else getattr(obj, "__name__", "")
     return f"{mod}.{name}"
 
 

@@ -32,6 +32,7 @@ class _Tracer(fx.Tracer):
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.hqp_module_stack: list[tuple[str, str]] = []
+        self.failed_in: tuple[str, str] | None = None  # innermost module when tracing raised
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -42,6 +43,10 @@ class _Tracer(fx.Tracer):
         self.hqp_module_stack.append((self.path_of_module(m), type(m).__name__))
         try:
             out = super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.hqp_module_stack[-1]
+            raise
         finally:
             self.hqp_module_stack.pop()
         return out
@@ -112,7 +117,7 @@ def trace(
     try:
         graph = tracer.trace(root)
     except Exception as exc:
-        where = tracer.hqp_module_stack[-1] if tracer.hqp_module_stack else ("", type(model).__name__)
+        where = tracer.failed_in or ("", type(model).__name__)
         frame = _user_frame(exc)
         code = f" at {frame[0]}:{frame[1]}: `{frame[2]}`" if frame else ""
         name = where[0] or "<root>"

@@ -21,9 +21,62 @@ from .. import meta
 from ..core import GraphPass, PassError, PassResult
 from ..groups import ChannelAnalysis
 from ..trace import propagate_shapes
-from .dependency import _PAD_FUNCTIONS, _arg
+from .dependency import _PAD_FUNCTIONS, _arg, is_data_movement
 
 __all__ = ["PruneChannelsPass", "validate_plan"]
+
+
+def getattr_path(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _restricted_value(kept: "_Kept", name: str):
+    lab = kept.a.node_labels[name]
+    if isinstance(lab, torch.Tensor):
+        return kept.restricted(name)
+    return tuple(None if l is None else kept.restricted(name, i) for i, l in enumerate(lab))
+
+
+def _same(actual, expected) -> bool:
+    if isinstance(expected, torch.Tensor):
+        return isinstance(actual, torch.Tensor) and actual.shape == expected.shape and torch.equal(actual, expected)
+    if isinstance(expected, tuple):
+        return isinstance(actual, (tuple, list)) and len(actual) == len(expected) and all(
+            e is None or _same(a, e) for a, e in zip(actual, expected))
+    return False
+
+
+def _flat(*objs):
+    for o in objs:
+        if isinstance(o, (tuple, list)):
+            yield from _flat(*o)
+        elif isinstance(o, dict):
+            yield from _flat(*o.values())
+        else:
+            yield o
+
+
+def _single_tensor_input(node: fx.Node, analysis, kept) -> fx.Node | None:
+    """The one labelled input of a data-movement node when a gather from it can replace the node."""
+    ins = [n for n in node.all_input_nodes if kept._name(n.name) in analysis.node_labels
+           and isinstance(analysis.node_labels[kept._name(n.name)], torch.Tensor)]
+    if len(ins) != 1 or not isinstance(analysis.node_labels.get(kept._name(node.name)), torch.Tensor):
+        return None
+    src, end = kept._name(ins[0].name), kept._name(node.name)
+    if kept.shape(src) != kept.shape(end):
+        return None
+    s_lab, e_lab = analysis.node_labels[src], analysis.node_labels[end]
+    dims = [d for d in range(s_lab.ndim) if s_lab.shape[d] > 1 or e_lab.shape[d] > 1]
+    if len(dims) != 1:
+        return None
+    s_vec = kept.vector(src, dims[0])
+    e_vec = kept.vector(end, dims[0])
+    if (s_vec <= 0).any() or len(torch.unique(s_vec)) != len(s_vec) or not torch.isin(e_vec, s_vec).all():
+        return None
+    return ins[0]
 
 _SPLITS = {"split", "chunk", "tensor_split", torch.split, torch.chunk, torch.tensor_split}
 _RESHAPES = {"view", "reshape", "expand", torch.reshape}
@@ -116,6 +169,17 @@ class _Kept:
         d, keep = info
         return tuple(int(keep.sum()) if i == d else s for i, s in enumerate(shape))
 
+    def restricted(self, name: str, item: int = -1) -> torch.Tensor:
+        """Full labels of a node output with the removed positions dropped: what the pruned op must yield."""
+        name = self._name(name)
+        full = self.a.labels(name)
+        if item >= 0:
+            full = full[item]
+        info = self.of(name, item)
+        if info is None:
+            return full
+        return full.index_select(info[0], info[1].nonzero().flatten())
+
     def vector(self, name: str, dim: int) -> torch.Tensor:
         """Element per position along ``dim`` of a node's output (labels are uniform there)."""
         lab = self.a.labels(name)
@@ -154,6 +218,7 @@ class PruneChannelsPass(GraphPass):
                                     "this is a bug in hqp_fx's dependency analysis, please report it with the model")
         self._slice_parameters(new, analysis, removed)
         self._rewrite_nodes(new, modules, analysis, kept)
+        self._verify_data_movement(new, modules, analysis, kept)
         new.graph.eliminate_dead_code()
         new.delete_all_unused_submodules()
         new.recompile()
@@ -218,6 +283,58 @@ class PruneChannelsPass(GraphPass):
             elif node.name in analysis.grouped and t in (torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
                                                           torch.nn.functional.conv_transpose3d):
                 self._set_arg(node, 7, "groups", kept.new_shape(node.args[0].name)[1] // analysis.grouped[node.name][1])
+
+    def _verify_data_movement(self, new: fx.GraphModule, modules, analysis: ChannelAnalysis, kept: _Kept) -> None:
+        """Re-run every rewritten data-movement op on the surviving labels and compare.
+
+        This is what makes the rewrite safe for ops without a rule of their own (a channel
+        shuffle module, a roll over channels, ...): an op whose pruned result is not the
+        original mapping restricted to the surviving channels becomes an explicit
+        ``index_select``; when even that cannot express it, pruning stops with the node named.
+        """
+        env: dict[fx.Node, object] = {}
+        for node in list(new.graph.nodes):
+            name = kept._name(node.name)
+            if node.op == "output":
+                continue
+            if node.op == "get_attr":
+                env[node] = getattr_path(new, node.target)
+                continue
+            if name in analysis.spread:
+                env[node] = None  # inside a replaced permutation run: checked at its end node
+                continue
+            labelled = name in analysis.node_labels
+            if node.op == "placeholder" or node.name in kept.alias or (labelled and not is_data_movement(node, modules)):
+                env[node] = _restricted_value(kept, name) if labelled else None
+                continue
+            args = fx.node.map_arg(node.args, lambda n: env.get(n))
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: env.get(n))
+            if any(a is None for a in _flat(args, kwargs)) and node.all_input_nodes:
+                env[node] = None
+                continue
+            try:
+                if node.op == "call_function":
+                    actual = node.target(*args, **kwargs)
+                elif node.op == "call_method":
+                    actual = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:
+                    actual = modules[node.target](*args, **kwargs)
+            except Exception as exc:
+                if not labelled:
+                    raise PassError(f"PruneChannelsPass: {node.format_node()} fails on the pruned shapes: {exc}") from None
+                actual = None
+            if not labelled:
+                env[node] = actual
+                continue
+            expected = _restricted_value(kept, name)
+            env[node] = expected
+            if _same(actual, expected):
+                continue
+            source = _single_tensor_input(node, analysis, kept)
+            if source is None:
+                raise PassError(f"PruneChannelsPass: {node.format_node()} cannot be rewritten for the pruned channels "
+                                "(its channel mapping is not a plain selection); keep it opaque with leaf_modules or report it")
+            self._gather(new, node, source, kept)
 
     @staticmethod
     def _set_arg(node: fx.Node, index: int, name: str, value) -> None:

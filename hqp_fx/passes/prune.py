@@ -122,6 +122,7 @@ class _Kept:
         self.rm = removed
         self._cache: dict[tuple[str, int], tuple[int, torch.Tensor] | None] = {}
         self.alias: dict[str, str] = {}  # node inserted by the rewrite -> analysed node it stands for
+        self.replaced: dict[fx.Node, fx.Node] = {}  # node taken out by the rewrite -> the node now in its place
 
     def _name(self, name: str) -> str:
         return self.alias.get(name, name)
@@ -462,8 +463,9 @@ class PruneChannelsPass(GraphPass):
         new.register_buffer(buf, perm)
         with new.graph.inserting_before(end):
             getter = new.graph.get_attr(buf)
-            gathered = new.graph.call_function(torch.index_select, (source, d, getter))
+            gathered = new.graph.call_function(torch.index_select, (kept.replaced.get(source, source), d, getter))
         end.replace_all_uses_with(gathered)
+        kept.replaced[end] = gathered
         gathered.meta = dict(end.meta)
         kept.alias[gathered.name] = end.name
 

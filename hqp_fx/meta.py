@@ -23,9 +23,6 @@ SOURCE_NAMES = "hqp.source_names"  # qualified module names of the user's origin
 # node.meta keys
 NODE_CHANNEL_GROUP = "hqp.channel_group"  # tuple[str, ...]: ids of the groups this node's output carries
 
-#: every gm.meta key a pass may list in ``requires`` / ``provides``
-GM_KEYS = frozenset({CHANNEL_GROUPS, CHANNEL_ANALYSIS, ALIGN, PRUNE_PLAN, EXAMPLE_INPUTS, SOURCE_NAMES})
-
 
 def channel_groups(gm: fx.GraphModule) -> tuple[ChannelGroup, ...]:
     """The groups ChannelDependencyPass stored, or a clear error if it has not run."""

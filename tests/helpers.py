@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import numpy as np
 import torch
 import torch.fx as fx
@@ -108,3 +109,31 @@ def assert_close(actual, expected, rtol=1e-4, what=""):
     scale = float(expected.abs().max())
     err = float((actual - expected).abs().max())
     assert err <= rtol * scale + 1e-6, f"{what}: max error {err:.3g} exceeds {rtol} x output scale {scale:.3g}"
+
+
+def cifar_test_subset(shared, per_class: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``per_class`` test images of each class (sorted file names), normalised as in training.
+
+    Read straight from the shared tarball so tests never unpack into the tree.
+    """
+    import tarfile
+
+    from PIL import Image
+
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    wanted: dict[str, list[tuple[str, bytes]]] = {c: [] for c in classes}
+    with tarfile.open(shared / "data/cifar10-jpeg/test.tar.gz") as tf:
+        for member in tf:
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) >= 3 and parts[-2] in wanted:
+                wanted[parts[-2]].append((parts[-1], tf.extractfile(member).read()))
+    images, labels = [], []
+    for label, c in enumerate(classes):
+        for _, data in sorted(wanted[c])[:per_class]:
+            img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255.0
+            images.append(torch.from_numpy(img).permute(2, 0, 1))
+            labels.append(label)
+    x = torch.stack(images)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return (x - mean) / std, torch.tensor(labels)

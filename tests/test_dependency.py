@@ -380,3 +380,63 @@ def test_analysis_is_deterministic_and_reports_unmodified():
     again = ChannelDependencyPass()(gm)
     assert again.modified is False
     assert [str(g) for g in meta.channel_groups(gm)] == [str(g) for g in groups.values()]
+
+
+class OtherLayers(nn.Module):
+    """ConvTranspose2d, InstanceNorm, per-channel PReLU, Conv1d over a reshaped map, Conv3d."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(6, 5, 2, stride=2)
+        self.inorm = nn.InstanceNorm2d(5, affine=True)
+        self.act = nn.PReLU(5)
+        self.c1 = nn.Conv1d(5, 4, 3, padding=1)
+        self.c3 = nn.Conv3d(4, 3, 1)
+
+    def forward(self, x):
+        y = self.act(self.inorm(self.up(torch.relu(self.down(x)))))
+        n, c, h, w = y.shape
+        z = torch.relu(self.c1(y.reshape(n, c, h * w)))
+        return self.c3(z.reshape(n, 4, 1, h, w))
+
+
+def test_transposed_conv_instance_norm_prelu_conv1d_conv3d():
+    gm, groups, x = analyse(OtherLayers())
+    assert slices_of(groups["down"], [2]) == {("down.weight", 0, "out"): [2], ("down.bias", 0, "out"): [2],
+                                              ("up.weight", 0, "in"): [2]}
+    s = slices_of(groups["up"], [1])
+    assert s[("up.weight", 1, "out")] == [1] and s[("inorm.weight", 0, "out")] == [1]
+    assert s[("act.weight", 0, "out")] == [1] and s[("c1.weight", 1, "in")] == [1]
+    assert slices_of(groups["c1"], [3]) == {("c1.weight", 0, "out"): [3], ("c1.bias", 0, "out"): [3],
+                                            ("c3.weight", 1, "in"): [3]}
+    pruned = check_exact(gm, x, {"down": [0, 5], "up": [1, 4], "c1": [3]})
+    assert (pruned.up.in_channels, pruned.up.out_channels, pruned.inorm.num_features) == (4, 3, 3)
+    assert (pruned.act.num_parameters, pruned.c1.in_channels, pruned.c3.in_channels) == (3, 3, 3)
+
+
+class ChannelReductions(nn.Module):
+    """CBAM-style spatial attention (mean/max over channels) and a softmax over channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 1)
+        self.att = nn.Conv2d(2, 1, 3, padding=1)
+        self.b = nn.Conv2d(6, 4, 1)
+        self.c = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        s = torch.sigmoid(self.att(torch.cat([y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1)))
+        z = self.b(y * s)
+        return self.c(torch.softmax(z, dim=1))
+
+
+def test_channel_reductions_flag_cross_channel_without_coupling():
+    gm, groups, x = analyse(ChannelReductions())
+    a, b = groups["a"], groups["b"]
+    assert a.size == 6 and a.cross_channel and a.layers == ("a",)  # the 1-channel gate is not merged in
+    assert b.cross_channel and b.size == 4
+    assert not groups["att"].prunable  # a single channel, broadcast over a's channels
+    pruned = PruneChannelsPass({"a": [1, 2], "b": [0]})(gm).graph_module
+    assert pruned(x).shape == gm(x).shape and pruned.att.in_channels == 2

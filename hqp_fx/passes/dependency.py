@@ -98,11 +98,8 @@ try:  # torchvision's stochastic depth is fx-wrapped: elementwise on its input
 except ImportError:  # pragma: no cover - torchvision is a dependency, but the pass does not need it
     pass
 
-#: ops whose output is a reshuffled copy of their input; used by PruneChannelsPass too
-MOVE_TARGETS = (_MOVE_METHODS, _MOVE_FUNCTIONS, _MOVE_MODULES)
-
-
 def is_data_movement(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Ops whose output is a rearranged copy of their input (used by PruneChannelsPass too)."""
     if node.op == "call_method":
         return node.target in _MOVE_METHODS
     if node.op == "call_function":

@@ -105,8 +105,13 @@ def validate_plan(groups, plan: Mapping[str, Sequence[int]]) -> dict[str, list[i
 
 
 def _copy_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """Deep copy of a GraphModule that skips the (large, now stale) analysis metadata."""
+    """Deep copy of a GraphModule's structure that skips the (large, now stale) analysis metadata.
+
+    Parameters and buffers are *shared* with ``gm`` here: ``_own_tensors`` then replaces every
+    one of them with a sliced or cloned tensor, so each is copied once, not twice.
+    """
     memo = {id(v): None for k, v in gm.meta.items() if k not in (meta.EXAMPLE_INPUTS, meta.SOURCE_NAMES)}
+    memo.update({id(t): t for t in list(gm.parameters()) + list(gm.buffers())})
     new = copy.deepcopy(gm, memo)
     new.meta = {k: v for k, v in new.meta.items() if k in (meta.EXAMPLE_INPUTS, meta.SOURCE_NAMES)}
     for node in new.graph.nodes:
@@ -171,15 +176,21 @@ class _Kept:
         return tuple(int(keep.sum()) if i == d else s for i, s in enumerate(shape))
 
     def restricted(self, name: str, item: int = -1) -> torch.Tensor:
-        """Full labels of a node output with the removed positions dropped: what the pruned op must yield."""
+        """Labels of a node output with the removed positions dropped: what the pruned op must yield.
+
+        An expanded view of the compact labels (no copy of constant dims)."""
         name = self._name(name)
-        full = self.a.labels(name)
+        lab, shape = self.a.node_labels[name], self.a.node_shapes[name]
         if item >= 0:
-            full = full[item]
+            lab, shape = lab[item], shape[item]
         info = self.of(name, item)
         if info is None:
-            return full
-        return full.index_select(info[0], info[1].nonzero().flatten())
+            return lab.expand(shape)
+        d, keep = info
+        idx = keep.nonzero().flatten()
+        new_shape = list(shape)
+        new_shape[d] = len(idx)
+        return lab.index_select(d, idx).expand(new_shape)
 
     def vector(self, name: str, dim: int) -> torch.Tensor:
         """Element per position along ``dim`` of a node's output (labels are uniform there)."""
@@ -217,7 +228,7 @@ class PruneChannelsPass(GraphPass):
                 if info is not None and info[0] < 0:
                     raise PassError(f"PruneChannelsPass: cannot express the pruned layout of node {node.format_node()}; "
                                     "this is a bug in hqp_fx's dependency analysis, please report it with the model")
-        self._slice_parameters(new, analysis, removed)
+        self._own_tensors(new, analysis, removed)
         self._rewrite_nodes(new, modules, analysis, kept)
         self._verify_data_movement(new, modules, analysis, kept)
         new.graph.eliminate_dead_code()
@@ -231,25 +242,30 @@ class PruneChannelsPass(GraphPass):
 
     # ----- parameters ----------------------------------------------------------------
     @staticmethod
-    def _slice_parameters(new: fx.GraphModule, analysis: ChannelAnalysis, removed: torch.Tensor) -> None:
+    def _own_tensors(new: fx.GraphModule, analysis: ChannelAnalysis, removed: torch.Tensor) -> None:
+        """Give ``new`` its own tensors: the surviving entries of sliced ones, clones of the rest."""
         keep: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
         for rec in analysis.records:
             mask = ~removed[rec.labels]
             prev = keep[rec.param].get(rec.dim)
             keep[rec.param][rec.dim] = mask if prev is None else prev & mask
-        for name, dims in keep.items():
-            if all(m.all() for m in dims.values()):
-                continue
+        named = [(n, t, True) for n, t in new.named_parameters(remove_duplicate=False)]
+        named += [(n, t, False) for n, t in new.named_buffers(remove_duplicate=False)]
+        done: dict[int, torch.Tensor] = {}  # a tensor registered under two names stays one tensor
+        for name, old, is_param in named:
+            if id(old) not in done:
+                t = old.detach()
+                dims = {d: m for d, m in keep.get(name, {}).items() if not m.all()}
+                for d, m in dims.items():
+                    t = t.index_select(d, m.nonzero().flatten())  # a copy
+                t = t if dims else t.clone()
+                done[id(old)] = nn.Parameter(t, requires_grad=old.requires_grad) if is_param else t
             owner_name, _, attr = name.rpartition(".")
             owner = new.get_submodule(owner_name) if owner_name else new
-            old = getattr(owner, attr)
-            t = old.detach()
-            for d, m in dims.items():
-                t = t.index_select(d, m.nonzero().flatten())
-            if isinstance(old, nn.Parameter):
-                setattr(owner, attr, nn.Parameter(t.clone(), requires_grad=old.requires_grad))
+            if is_param:
+                setattr(owner, attr, done[id(old)])
             else:
-                owner._buffers[attr] = t.clone()
+                owner._buffers[attr] = done[id(old)]
 
     # ----- graph constants and module attributes ------------------------------------
     def _rewrite_nodes(self, new: fx.GraphModule, modules, analysis: ChannelAnalysis, kept: _Kept) -> None:
@@ -308,8 +324,12 @@ class PruneChannelsPass(GraphPass):
             if node.op == "placeholder" or node.name in kept.alias or (labelled and not is_data_movement(node, modules)):
                 env[node] = _restricted_value(kept, name) if labelled else None
                 continue
-            args = fx.node.map_arg(node.args, lambda n: env.get(n))
-            kwargs = fx.node.map_arg(node.kwargs, lambda n: env.get(n))
+            def materialised(n):  # ops such as view() need contiguous inputs, not expanded views
+                v = env.get(n)
+                return v.contiguous() if isinstance(v, torch.Tensor) else v
+
+            args = fx.node.map_arg(node.args, materialised)
+            kwargs = fx.node.map_arg(node.kwargs, materialised)
             if any(a is None for a in _flat(args, kwargs)) and node.all_input_nodes:
                 env[node] = None
                 continue

@@ -440,3 +440,43 @@ def test_channel_reductions_flag_cross_channel_without_coupling():
     assert not groups["att"].prunable  # a single channel, broadcast over a's channels
     pruned = PruneChannelsPass({"a": [1, 2], "b": [0]})(gm).graph_module
     assert pruned(x).shape == gm(x).shape and pruned.att.in_channels == 2
+
+
+class Functional(nn.Module):
+    """The same layers written with torch.nn.functional and bare parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3)
+        self.b1 = nn.Parameter(torch.randn(8) * 0.1)
+        self.register_buffer("mean", torch.randn(8) * 0.1)
+        self.register_buffer("var", torch.rand(8) + 0.5)
+        self.gamma = nn.Parameter(torch.rand(8) + 0.5)
+        self.beta = nn.Parameter(torch.randn(8) * 0.1)
+        self.wdw = nn.Parameter(torch.randn(8, 2, 3, 3) * 0.3)  # grouped conv, 4 groups of 2
+        self.gn_w = nn.Parameter(torch.rand(8) + 0.5)
+        self.gn_b = nn.Parameter(torch.randn(8) * 0.1)
+        self.slope = nn.Parameter(torch.rand(8) * 0.2)
+        self.wl = nn.Parameter(torch.randn(4, 8) * 0.3)
+
+    def forward(self, x):
+        y = F.conv2d(x, self.w1, self.b1, 1, 1)
+        y = F.batch_norm(y, self.mean, self.var, self.gamma, self.beta, False)
+        y = F.conv2d(F.relu(y), self.wdw, None, 1, 1, 1, 4)
+        y = F.prelu(F.group_norm(y, 4, self.gn_w, self.gn_b), self.slope)
+        return F.linear(y.mean((2, 3)), self.wl)
+
+
+def test_functional_layers_with_bare_parameters():
+    gm, groups, x = analyse(Functional())
+    g = groups["conv2d"]
+    assert g.size == 4 and not g.cross_channel  # grouped conv and GroupNorm both tie channel pairs
+    s = slices_of(g, [1])
+    assert s[("w1", 0, "out")] == [2, 3] and s[("mean", 0, "out")] == [2, 3] and s[("gamma", 0, "out")] == [2, 3]
+    assert s[("wdw", 0, "out")] == [2, 3] and s[("gn_w", 0, "out")] == [2, 3] and s[("slope", 0, "out")] == [2, 3]
+    assert s[("wl", 1, "in")] == [2, 3]
+    pruned = check_exact(gm, x, {"conv2d": [1, 3]})
+    assert pruned.w1.shape == (4, 3, 3, 3) and pruned.wdw.shape == (4, 2, 3, 3) and pruned.wl.shape == (4, 4)
+    conv2 = next(n for n in pruned.graph.nodes if n.name == "conv2d_1")
+    group_norm = next(n for n in pruned.graph.nodes if n.target is F.group_norm)
+    assert conv2.args[6] == 2 and group_norm.args[1] == 2

@@ -252,12 +252,15 @@ class _Propagator:
         tm = node.meta.get("tensor_meta")
         if not _is_tensor_meta(tm):
             return None
-        shape = tuple(tm.shape)
+        return self.pinned_output(node, tuple(tm.shape), "input", f"network input {node.name}")
+
+    def pinned_output(self, node: fx.Node, shape: tuple[int, ...], kind: str, reason: str) -> torch.Tensor:
+        """Fresh, pinned elements along dim 1 (dim 0 for vectors): channels nothing may remove."""
         if not shape:
             return torch.zeros((), dtype=torch.long)
         cdim = 1 if len(shape) >= 2 else 0
-        ids = self.new_elements(shape[cdim], node, "input")
-        self.pin(ids, f"network input {node.name}")
+        ids = self.new_elements(shape[cdim], node, kind)
+        self.pin(ids, reason)
         return _along(ids, cdim, len(shape))
 
     def _compute(self, node: fx.Node) -> Any:
@@ -478,13 +481,7 @@ class _Propagator:
         tm = node.meta.get("tensor_meta")
 
         def fresh(t):
-            shape = tuple(t.shape)
-            if not shape:
-                return torch.zeros((), dtype=torch.long)
-            cdim = 1 if len(shape) >= 2 else 0
-            ids = self.new_elements(shape[cdim], node, "unknown")
-            self.pin(ids, f"{why}: channels through it are kept")
-            return _along(ids, cdim, len(shape))
+            return self.pinned_output(node, tuple(t.shape), "unknown", f"{why}: channels through it are kept")
 
         if _is_tensor_meta(tm):
             return fresh(tm)
@@ -582,14 +579,8 @@ def _named_params(node: fx.Node, specs: list[tuple[int, str]]) -> list[str | Non
     return names
 
 
-def _batch_norm_function(p: _Propagator, node: fx.Node) -> torch.Tensor:
-    names = _named_params(node, [(1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")])
-    if names is None:
-        return p._unknown(node, f"{node.name} normalises with computed statistics")
-    return p._channelwise(node, node.args[0], names)
-
-
-def _instance_norm_function(p: _Propagator, node: fx.Node) -> torch.Tensor:
+def _norm_stats_function(p: _Propagator, node: fx.Node) -> torch.Tensor:
+    """F.batch_norm / F.instance_norm: (input, running_mean, running_var, weight, bias, ...)."""
     names = _named_params(node, [(1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")])
     if names is None:
         return p._unknown(node, f"{node.name} normalises with computed statistics")
@@ -645,7 +636,7 @@ _FUNCTION_HANDLERS.update({f: _softmax_call for f in _SOFTMAX})
 _FUNCTION_HANDLERS.update({f: _pad_function for f in _PAD_FUNCTIONS})
 _FUNCTION_HANDLERS.update({f: _conv_function for f in _CONV_FUNCTIONS})
 _FUNCTION_HANDLERS.update({
-    F.linear: _linear_function, F.batch_norm: _batch_norm_function, F.instance_norm: _instance_norm_function,
+    F.linear: _linear_function, F.batch_norm: _norm_stats_function, F.instance_norm: _norm_stats_function,
     F.layer_norm: _layer_norm_function, F.group_norm: _group_norm_function, F.prelu: _prelu_function,
     F.local_response_norm: lambda p, node: p._softmax(node, node.args[0], None),
 })

@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
 CHANNEL_GROUPS = "hqp.channel_groups"  # tuple[ChannelGroup, ...], written by ChannelDependencyPass
 CHANNEL_ANALYSIS = "hqp.channel_analysis"  # ChannelAnalysis behind the groups (element-level maps)
 ALIGN = "hqp.align"  # dict: multiple + per-group rounding record, written by AlignChannelsPass
+SENSITIVITY = "hqp.sensitivity"  # {"criterion": str, "scores": {group id: Tensor[size]}}, by SensitivityPass
 PRUNE_PLAN = "hqp.prune_plan"  # dict[group id, list[int]] actually applied by PruneChannelsPass
 EXAMPLE_INPUTS = "hqp.example_inputs"  # tuple of tensors used for tracing / shape propagation
 SOURCE_NAMES = "hqp.source_names"  # qualified module names of the user's original model

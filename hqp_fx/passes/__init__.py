@@ -2,5 +2,7 @@
 from .dependency import ChannelDependencyPass
 from .prune import PruneChannelsPass
 from .align import AlignChannelsPass
+from .sensitivity import SensitivityPass, score_channels, select_channels
 
-__all__ = ["ChannelDependencyPass", "PruneChannelsPass", "AlignChannelsPass"]
+__all__ = ["ChannelDependencyPass", "SensitivityPass", "score_channels", "select_channels",
+           "AlignChannelsPass", "PruneChannelsPass"]

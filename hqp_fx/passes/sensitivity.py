@@ -1,0 +1,293 @@
+"""Channel sensitivity: Fisher information (seed and Group-Fisher forms) and baseline criteria.
+
+Every criterion scores every channel of every prunable group from the parameter slices (or the
+producing activations) that the dependency analysis recorded, so a channel's score covers all
+the coupled layers it lives in. All accumulation is vectorised: one ``index_add_`` per recorded
+parameter dimension per batch, no per-filter loop and no ``.item()``.
+
+BatchNorm runs in **eval mode** while scoring (the deployed network's function, and running
+statistics are never updated by the calibration data); dropout is off for the same reason.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Literal
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import meta
+from ..core import GraphPass, PassResult
+from ..groups import ChannelAnalysis, ChannelGroup
+
+__all__ = ["CRITERIA", "SensitivityPass", "score_channels", "select_channels"]
+
+Criterion = Literal["fisher", "group-fisher", "l1", "l2", "taylor", "random"]
+CRITERIA: tuple[str, ...] = ("fisher", "group-fisher", "l1", "l2", "taylor", "random")
+_NEEDS_DATA = {"fisher", "group-fisher", "taylor"}
+
+
+def _class_index(analysis: ChannelAnalysis) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per element: (group index or -1, channel index within its group)."""
+    pos = torch.full_like(analysis.class_of, -1)
+    for g in analysis.groups:
+        pos[g.classes] = torch.arange(g.size)
+    chan = pos[analysis.class_of]
+    chan[0] = -1
+    return analysis.group_of, chan
+
+
+class _Accumulator:
+    """Scores of all group channels in one flat vector, filled through element labels."""
+
+    def __init__(self, analysis: ChannelAnalysis):
+        self.analysis = analysis
+        group_of, chan = _class_index(analysis)
+        offsets = torch.zeros(len(analysis.groups) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(torch.tensor([g.size for g in analysis.groups], dtype=torch.long), 0)
+        self.offsets = offsets
+        flat = torch.where(group_of >= 0, offsets[group_of.clamp(min=0)] + chan, torch.full_like(chan, -1))
+        self.flat_of_element = flat  # element id -> index in the flat score vector, -1 = none
+        self.total = torch.zeros(int(offsets[-1]), dtype=torch.float64)
+
+    def add(self, labels: torch.Tensor, values: torch.Tensor) -> None:
+        idx = self.flat_of_element[labels]
+        keep = idx >= 0
+        self.total.index_add_(0, idx[keep], values[keep].to(torch.float64))
+
+    def per_group(self) -> dict[str, torch.Tensor]:
+        """Scores of the prunable groups (the only ones a plan may touch)."""
+        return {g.id: self.total[self.offsets[i]:self.offsets[i + 1]].clone()
+                for i, g in enumerate(self.analysis.groups) if g.prunable}
+
+
+def _entries_along(t: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Reduce ``fn(t)`` over every dim except ``dim``: one value per entry along ``dim``."""
+    v = fn(t)
+    return v.movedim(dim, 0).reshape(t.shape[dim], -1).sum(1) if t.ndim > 1 else v
+
+
+def _producer_channels(gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, tuple[int, torch.Tensor]]:
+    """Nodes that mint channels (conv/linear outputs): node name -> (channel dim, element per channel)."""
+    out: dict[str, tuple[int, torch.Tensor]] = {}
+    producers = {rec.node for rec in analysis.records if rec.role == "out"}
+    for node in gm.graph.nodes:
+        if node.name not in producers or not isinstance(analysis.node_labels.get(node.name), torch.Tensor):
+            continue
+        lab = analysis.labels(node.name)
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear) or (
+                node.op == "call_function" and node.target is F.linear):
+            dim = lab.ndim - 1
+        elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.modules.conv._ConvNd) or (
+                node.op == "call_function" and "conv" in getattr(node.target, "__name__", "")):
+            dim = 1
+        else:
+            continue
+        out[node.name] = (dim, lab.movedim(dim, 0).reshape(lab.shape[dim], -1)[:, 0].clone())
+    return out
+
+
+def _channel_cost(gm: fx.GraphModule, analysis: ChannelAnalysis) -> torch.Tensor:
+    """MACs each group channel costs: conv/linear weight entries it owns times their layer's output positions."""
+    cost = _Accumulator(analysis)
+    params = dict(gm.named_parameters())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for rec in analysis.records:
+        p, node = params.get(rec.param), nodes.get(rec.node)
+        if p is None or p.ndim < 2 or node is None or "tensor_meta" not in node.meta:
+            continue
+        shape = node.meta["tensor_meta"].shape
+        positions = int(torch.tensor(shape[2:]).prod()) if len(shape) > 2 else 1
+        per_entry = p.numel() // p.shape[rec.dim]
+        cost.add(rec.labels, torch.full((len(rec.labels),), float(per_entry * positions)))
+    return cost.total
+
+
+def score_channels(
+    gm: fx.GraphModule,
+    criterion: Criterion = "fisher",
+    data: Iterable | None = None,
+    *,
+    loss_fn: Callable = F.cross_entropy,
+    num_batches: int | None = None,
+    normalize: bool = True,
+    flops_normalize: bool = False,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Score every channel of every prunable group of ``gm`` (after ChannelDependencyPass).
+
+    ``data`` yields ``(inputs, targets)`` batches (needed by fisher, group-fisher, taylor).
+
+    - ``fisher``: S(f) = sum over batches of sum over every parameter entry channel f owns, in
+      every coupled layer, of (dL/dw)^2.
+    - ``group-fisher`` (Liu et al., ICML 2021): per sample n, g_n(f) = sum over the layers producing
+      f of sum over positions of a * dL/da (the gradient of a channel mask), summed over coupled
+      layers *before* squaring; S(f) = sum_n g_n(f)^2 / (2 N). With ``flops_normalize`` divided by
+      the MACs the channel costs.
+    - ``l1`` / ``l2``: magnitude of every entry f owns; ``taylor``: sum over batches of
+      |sum over all entries f owns of w * dL/dw| (first-order loss change of removing f);
+      ``random``: seeded uniform.
+
+    With ``normalize`` each group's scores are divided by their mean, so groups of different sizes
+    and depths compare on one scale for global ranking. The module's parameters, gradients,
+    buffers and train/eval mode are left as they were.
+    """
+    analysis = meta.channel_analysis(gm)
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if criterion in _NEEDS_DATA and data is None:
+        raise ValueError(f"criterion {criterion!r} needs calibration data: pass data=[(inputs, targets), ...]")
+    acc = _Accumulator(analysis)
+    params = dict(gm.named_parameters())
+    if criterion == "random":
+        gen = torch.Generator().manual_seed(seed)
+        acc.total = torch.rand(acc.total.shape, generator=gen, dtype=torch.float64)
+    elif criterion in ("l1", "l2"):
+        fn = torch.abs if criterion == "l1" else torch.square
+        with torch.no_grad():
+            for rec in analysis.records:
+                if rec.param in params:
+                    acc.add(rec.labels, _entries_along(params[rec.param].detach(), rec.dim, fn))
+        if criterion == "l2":
+            acc.total = acc.total.sqrt()
+    else:
+        _score_with_gradients(gm, analysis, acc, criterion, data, loss_fn, num_batches, params)
+    if criterion == "group-fisher" and flops_normalize:
+        acc.total = acc.total / _channel_cost(gm, analysis).clamp(min=1.0)
+    scores = acc.per_group()
+    if normalize:
+        scores = {k: v / v.mean().clamp(min=torch.finfo(torch.float64).tiny) for k, v in scores.items()}
+    return scores
+
+
+def _score_with_gradients(gm, analysis, acc, criterion, data, loss_fn, num_batches, params) -> None:
+    was_training = gm.training
+    saved_grads = {n: p.grad for n, p in params.items()}
+    requires = {n: p.requires_grad for n, p in params.items()}
+    hooks = []
+    producers = _producer_channels(gm, analysis) if criterion == "group-fisher" else {}
+    captured: dict[str, torch.Tensor] = {}
+    if producers:
+        functional = sorted(n.name for n in gm.graph.nodes if n.name in producers and n.op != "call_module")
+        if functional:
+            raise ValueError(f"group-fisher reads layer outputs through module hooks; the functional layers "
+                             f"{functional} have none: use criterion='fisher' or make them nn.Conv2d/nn.Linear modules")
+        for node in gm.graph.nodes:
+            if node.name in producers:
+                hooks.append(gm.get_submodule(node.target).register_forward_hook(_capture(captured, node.name)))
+    gm.eval()
+    seen = 0
+    try:
+        for p in params.values():
+            p.grad = None
+            p.requires_grad_(True)
+        for b, batch in enumerate(data):
+            if num_batches is not None and b >= num_batches:
+                break
+            inputs, targets = batch[0], batch[1]
+            captured.clear()
+            loss = loss_fn(gm(inputs), targets)
+            acts = dict(captured)
+            grads = torch.autograd.grad(loss, list(params.values()) + list(acts.values()), allow_unused=True)
+            pgrads = dict(zip(params, grads[:len(params)]))
+            with torch.no_grad():
+                if criterion == "group-fisher":
+                    per_sample = torch.zeros(inputs.shape[0], acc.total.numel(), dtype=torch.float64)
+                    for (name, act), grad in zip(acts.items(), grads[len(params):]):
+                        if grad is None:
+                            continue
+                        dim, elements = producers[name]
+                        mask_grad = (act * grad).movedim(dim, -1).reshape(act.shape[0], -1, act.shape[dim]).sum(1)
+                        idx = acc.flat_of_element[elements]
+                        keep = idx >= 0
+                        per_sample.index_add_(1, idx[keep], mask_grad[:, keep].to(torch.float64))
+                    acc.total += per_sample.square().sum(0) / 2
+                    seen += inputs.shape[0]
+                else:
+                    before = acc.total.clone()
+                    for rec in analysis.records:
+                        g = pgrads.get(rec.param)
+                        if g is None:
+                            continue
+                        if criterion == "fisher":
+                            acc.add(rec.labels, _entries_along(g, rec.dim, torch.square))
+                        else:  # taylor: the loss change of removing the whole channel, all coupled entries together
+                            acc.add(rec.labels, _entries_along(params[rec.param].detach() * g, rec.dim, lambda t: t))
+                    if criterion == "taylor":
+                        acc.total = before + (acc.total - before).abs()
+        if criterion == "group-fisher" and seen:
+            acc.total /= seen
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, p in params.items():
+            p.grad = saved_grads[n]
+            p.requires_grad_(requires[n])
+        gm.train(was_training)
+
+
+def _capture(store: dict[str, torch.Tensor], name: str):
+    """Keep a layer's output for a*dL/da; pass a copy on, so in-place ops downstream cannot alter it."""
+    def hook(module, inputs, output):
+        store[name] = output
+        return output + 0
+    return hook
+
+
+class SensitivityPass(GraphPass):
+    """Write ``gm.meta["hqp.sensitivity"] = {"criterion", "scores": {group id: scores}}`` (analysis only)."""
+
+    required_meta = (meta.CHANNEL_GROUPS, meta.CHANNEL_ANALYSIS)
+    provided_meta = (meta.SENSITIVITY,)
+
+    def __init__(self, criterion: Criterion = "fisher", data: Iterable | None = None, **options):
+        self.criterion, self.data, self.options = criterion, data, options
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        scores = score_channels(graph_module, self.criterion, self.data, **self.options)
+        graph_module.meta[meta.SENSITIVITY] = {"criterion": self.criterion, "scores": scores}
+        return PassResult(graph_module, False)
+
+
+def select_channels(
+    groups: Iterable[ChannelGroup],
+    scores: dict[str, torch.Tensor],
+    fraction: float,
+    *,
+    min_keep: int = 8,
+    ignore: Iterable[str] = (),
+) -> dict[str, list[int]]:
+    """Globally rank channels and pick the lowest-scoring ``fraction`` of all eligible channels.
+
+    Eligible: prunable groups with scores, none of whose layers is in ``ignore`` (module names; a
+    prefix matches its submodules). Each group keeps at least ``min_keep`` channels (or all of
+    them when it has fewer). Returns a plan in priority order (least sensitive first) for
+    AlignChannelsPass / PruneChannelsPass.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    ignore = tuple(ignore)
+    eligible = [g for g in groups if g.prunable and g.id in scores and not any(
+        layer == pre or layer.startswith(pre + ".") for layer in g.layers for pre in ignore)]
+    if not eligible:
+        return {}
+    values = torch.cat([scores[g.id].to(torch.float64) for g in eligible])
+    group_idx = torch.cat([torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(eligible)])
+    chan_idx = torch.cat([torch.arange(g.size) for g in eligible])
+    caps = torch.tensor([max(g.size - min_keep, 0) for g in eligible], dtype=torch.long)
+    order = torch.argsort(values, stable=True)
+    g_sorted = group_idx[order]
+    # rank of each entry within its group, in ascending score order
+    sorted_by_group = torch.argsort(g_sorted, stable=True)
+    starts = torch.zeros(len(eligible) + 1, dtype=torch.long)
+    starts[1:] = torch.cumsum(torch.bincount(g_sorted, minlength=len(eligible)), 0)
+    rank = torch.empty_like(g_sorted)
+    rank[sorted_by_group] = torch.arange(len(g_sorted)) - starts[g_sorted[sorted_by_group]]
+    allowed = rank < caps[g_sorted]
+    target = int(fraction * len(values))
+    chosen = order[allowed][:target]
+    plan: dict[str, list[int]] = {}
+    for gi, ci in zip(group_idx[chosen].tolist(), chan_idx[chosen].tolist()):
+        plan.setdefault(eligible[gi].id, []).append(ci)
+    return plan

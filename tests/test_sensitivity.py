@@ -1,0 +1,149 @@
+"""Sensitivity criteria against hand-computed values, and global channel selection."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hqp_fx
+from hqp_fx import meta
+from hqp_fx.passes import ChannelDependencyPass, SensitivityPass, score_channels, select_channels
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(5, 4)
+        self.fc2 = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class Coupled(nn.Module):
+    """Two layers produce the same channels (a residual add): group-fisher sums them before squaring."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1 = nn.Linear(5, 4)
+        self.lin2 = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h1 = self.lin1(x)
+        return self.head(torch.relu(h1 + self.lin2(torch.relu(h1))))
+
+
+def batches(n=3, bs=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(bs, 5, generator=gen), torch.randint(0, 3, (bs,), generator=gen)) for _ in range(n)]
+
+
+def prepared(model):
+    torch.manual_seed(0)
+    gm = hqp_fx.trace(model.eval(), torch.randn(2, 5))
+    ChannelDependencyPass()(gm)
+    return gm
+
+
+def hand_gradients(model, data):
+    out = []
+    for x, y in data:
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        out.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    return out
+
+
+def test_fisher_taylor_l1_l2_match_hand_computation():
+    gm = prepared(MLP())
+    data = batches()
+    W1, b1, W2 = gm.fc1.weight.detach(), gm.fc1.bias.detach(), gm.fc2.weight.detach()
+    fisher = torch.zeros(4, dtype=torch.float64)
+    taylor = torch.zeros(4, dtype=torch.float64)
+    for g in hand_gradients(gm, data):
+        fisher += (g["fc1.weight"].square().sum(1) + g["fc1.bias"].square() + g["fc2.weight"].square().sum(0)).double()
+        taylor += ((W1 * g["fc1.weight"]).sum(1) + b1 * g["fc1.bias"] + (W2 * g["fc2.weight"]).sum(0)).abs().double()
+    for p in gm.parameters():
+        p.grad = None
+    got = {c: score_channels(gm, c, data, normalize=False)["fc1"] for c in ("fisher", "taylor", "l1", "l2")}
+    torch.testing.assert_close(got["fisher"], fisher, rtol=1e-5, atol=1e-12)
+    torch.testing.assert_close(got["taylor"], taylor, rtol=1e-5, atol=1e-12)
+    l1 = (W1.abs().sum(1) + b1.abs() + W2.abs().sum(0)).double()
+    l2 = (W1.square().sum(1) + b1.square() + W2.square().sum(0)).sqrt().double()
+    torch.testing.assert_close(got["l1"], l1, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(got["l2"], l2, rtol=1e-6, atol=1e-9)
+    assert all(p.grad is None for p in gm.parameters())  # scoring leaves no gradients behind
+
+
+def test_group_fisher_sums_coupled_mask_gradients_before_squaring():
+    gm = prepared(Coupled())
+    data = batches()
+    expected = torch.zeros(4, dtype=torch.float64)
+    count = 0
+    for x, y in data:
+        # one explicit mask per sample and channel after each producing layer: d loss / d mask[n]
+        # is sample n's mask gradient; the paper sums it over coupled layers, then squares
+        m1 = torch.ones(x.shape[0], 4, requires_grad=True)
+        m2 = torch.ones(x.shape[0], 4, requires_grad=True)
+        h1 = gm.lin1(x) * m1
+        h2 = gm.lin2(torch.relu(h1)) * m2
+        g1, g2 = torch.autograd.grad(F.cross_entropy(gm.head(torch.relu(h1 + h2)), y), (m1, m2))
+        expected += ((g1 + g2).double() ** 2 / 2).sum(0)
+        count += x.shape[0]
+    expected /= count
+    got = score_channels(gm, "group-fisher", data, normalize=False)["lin1"]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-14)
+    # FLOPs normalisation divides by the MACs a channel costs: lin1 row (5) + lin2 row (4) + lin2 column (4) + head column (3)
+    flops = score_channels(gm, "group-fisher", data, normalize=False, flops_normalize=True)["lin1"]
+    torch.testing.assert_close(flops, expected / 16, rtol=1e-5, atol=1e-14)
+
+
+def test_scoring_is_deterministic_normalised_and_keeps_bn_and_mode():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    gm = hqp_fx.trace(model, torch.randn(1, 3, 8, 8))
+    ChannelDependencyPass()(gm)
+    gm.train()
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 3, (4,), generator=gen)) for _ in range(2)]
+    stats = {k: v.clone() for k, v in gm.named_buffers()}
+    for criterion in ("fisher", "group-fisher", "taylor", "l1", "l2", "random"):
+        a = score_channels(gm, criterion, data)
+        b = score_channels(gm, criterion, data)
+        assert a.keys() == {g.id for g in meta.channel_groups(gm) if g.prunable}
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{criterion} is not deterministic"
+            assert torch.isclose(a[k].mean(), torch.tensor(1.0, dtype=torch.float64)), "normalised to mean 1"
+    assert gm.training  # mode restored
+    assert all(torch.equal(v, stats[k]) for k, v in gm.named_buffers())  # BN ran in eval mode
+    assert not torch.equal(score_channels(gm, "random", seed=0)["0"], score_channels(gm, "random", seed=1)["0"])
+
+
+def test_bad_criterion_inputs():
+    gm = prepared(MLP())
+    with pytest.raises(ValueError, match="unknown criterion 'hessian'"):
+        score_channels(gm, "hessian")
+    with pytest.raises(ValueError, match="criterion 'fisher' needs calibration data"):
+        score_channels(gm, "fisher")
+
+
+def test_sensitivity_pass_writes_metadata():
+    gm = prepared(MLP())
+    res = SensitivityPass("l1")(gm)
+    assert res.modified is False
+    assert gm.meta[meta.SENSITIVITY]["criterion"] == "l1" and set(gm.meta[meta.SENSITIVITY]["scores"]) >= {"fc1"}
+
+
+def test_select_channels_ranks_globally_with_caps_and_ignores():
+    gm = prepared(Coupled())
+    groups = meta.channel_groups(gm)
+    g = {x.id: x for x in groups}
+    assert g["lin1"].prunable and not g["head"].prunable
+    scores = {"lin1": torch.tensor([0.1, 5.0, 0.2, 0.05], dtype=torch.float64), "head": torch.zeros(3, dtype=torch.float64)}
+    assert select_channels(groups, scores, 0.5, min_keep=1) == {"lin1": [3, 0]}  # unprunable head never chosen
+    assert select_channels(groups, scores, 0.75, min_keep=2) == {"lin1": [3, 0]}  # capped at size - min_keep
+    assert select_channels(groups, scores, 0.5, min_keep=1, ignore=["lin2"]) == {}
+    with pytest.raises(ValueError, match="fraction must be in"):
+        select_channels(groups, scores, 1.0)

@@ -147,3 +147,19 @@ def test_select_channels_ranks_globally_with_caps_and_ignores():
     assert select_channels(groups, scores, 0.5, min_keep=1, ignore=["lin2"]) == {}
     with pytest.raises(ValueError, match="fraction must be in"):
         select_channels(groups, scores, 1.0)
+
+
+def test_selection_never_empties_a_tensor_inside_a_wide_group():
+    from hqp_fx.models import CifarResNet
+    from hqp_fx.passes import PruneChannelsPass
+
+    gm = hqp_fx.trace(CifarResNet(20).eval(), torch.randn(1, 3, 32, 32))
+    ChannelDependencyPass()(gm)
+    groups = meta.channel_groups(gm)
+    stream = next(g for g in groups if g.id == "conv1")  # the option-A residual stream: 64 channels, 16 in stage 1
+    scores = {g.id: torch.full((g.size,), 100.0, dtype=torch.float64) for g in groups if g.prunable}
+    scores["conv1"] = torch.arange(stream.size, dtype=torch.float64)  # stage-1 channels (first 16) look least sensitive
+    plan = select_channels(groups, scores, 0.5, min_keep=4)
+    assert 16 - sum(1 for i in plan["conv1"] if i < 16) == 4  # stage 1 keeps exactly min_keep, not zero
+    pruned = PruneChannelsPass(plan)(gm).graph_module
+    assert pruned.conv1.out_channels == 4

@@ -261,9 +261,9 @@ def select_channels(
     """Globally rank channels and pick the lowest-scoring ``fraction`` of all eligible channels.
 
     Eligible: prunable groups with scores, none of whose layers is in ``ignore`` (module names; a
-    prefix matches its submodules). Each group keeps at least ``min_keep`` channels (or all of
-    them when it has fewer). Returns a plan in priority order (least sensitive first) for
-    AlignChannelsPass / PruneChannelsPass.
+    prefix matches its submodules). Each group, and each tensor, keeps at least ``min_keep``
+    channels (or all of them when it has fewer). Returns a plan in priority order (least
+    sensitive first) for AlignChannelsPass / PruneChannelsPass.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
@@ -286,8 +286,36 @@ def select_channels(
     rank[sorted_by_group] = torch.arange(len(g_sorted)) - starts[g_sorted[sorted_by_group]]
     allowed = rank < caps[g_sorted]
     target = int(fraction * len(values))
-    chosen = order[allowed][:target]
+    chosen = torch.zeros(len(values), dtype=torch.bool)
+    chosen[order[allowed][:target]] = True
+    _keep_every_tensor(eligible, values, chosen, min_keep)
+    picked = order[chosen[order]]  # least sensitive first
     plan: dict[str, list[int]] = {}
-    for gi, ci in zip(group_idx[chosen].tolist(), chan_idx[chosen].tolist()):
+    for gi, ci in zip(group_idx[picked].tolist(), chan_idx[picked].tolist()):
         plan.setdefault(eligible[gi].id, []).append(ci)
     return plan
+
+
+def _keep_every_tensor(eligible: list[ChannelGroup], values: torch.Tensor, chosen: torch.Tensor, min_keep: int) -> None:
+    """Un-choose the most sensitive picks where a tensor would keep fewer than ``min_keep`` channels.
+
+    One group can span tensors of different widths (an option-A residual stream: stage 1 holds
+    16 of the stream's 64 channels), so a per-group minimum alone can still empty a tensor.
+    """
+    analysis = eligible[0].analysis
+    entry_class = torch.cat([g.classes for g in eligible])
+    seen: set[tuple[int, ...]] = set()
+    for lab in analysis.node_labels.values():
+        for t in (lab if isinstance(lab, tuple) else (lab,)):
+            if not isinstance(t, torch.Tensor):
+                continue
+            present = torch.unique(analysis.class_of[t[t > 0]])
+            key = tuple(present.tolist())
+            if not key or key in seen:
+                continue
+            seen.add(key)
+            inside = torch.isin(entry_class, present)
+            picked = (inside & chosen).nonzero().flatten()
+            excess = len(picked) - (len(present) - min(min_keep, len(present)))
+            if excess > 0:  # give back the most sensitive of the picks in this tensor
+                chosen[picked[torch.argsort(values[picked], descending=True, stable=True)[:excess]]] = False

@@ -1,0 +1,219 @@
+"""The HQP pruning loop: score -> select -> align -> prune -> fine-tune -> validate, with rollback.
+
+Each round removes the least sensitive ``step`` fraction of all prunable channels (globally
+ranked), fine-tunes briefly and re-validates. A round whose top-1 drop against the dense
+baseline exceeds ``delta_max`` is rolled back and retried with the next smaller step
+(5% -> 2% -> 1%); the loop stops when the step would fall below its floor, when a MACs or
+parameter target is reached, or when nothing is left to prune. Every round is checkpointed
+atomically, and ``resume=True`` continues after an interruption with the same decisions
+(fine-tuning and scoring are seeded by round, not by wall-clock state).
+
+Quantization, export and reporting (the rest of HQP) come after this loop.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import meta
+from .core import atomic_write_text
+from .count import count_macs, count_params
+from .passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels, select_channels
+from .passes.sensitivity import CRITERIA
+from .serialize import load, save
+from .trace import trace
+
+__all__ = ["HQPConfig", "RoundRecord", "PruneResult", "prune_loop"]
+
+STATE_FILE = "hqp_state.json"
+
+
+@dataclass(frozen=True)
+class HQPConfig:
+    delta_max: float = 1.0  # largest allowed top-1 drop (points) against the dense baseline
+    steps: tuple[float, ...] = (0.05, 0.02, 0.01)  # fraction of prunable channels per round; shrinks on rollback
+    criterion: str = "fisher"
+    align: int = 8
+    min_keep: int | None = None  # per group; defaults to ``align``
+    max_rounds: int = 100
+    target_macs: float | None = None  # stop once MACs <= this fraction of the baseline
+    target_params: float | None = None
+    calib_batches: int | None = 8
+    ignore: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.delta_max < 0:
+            raise ValueError(f"delta_max must be >= 0 (a top-1 drop in points), got {self.delta_max}")
+        if not self.steps or any(not 0 < s < 1 for s in self.steps) or list(self.steps) != sorted(self.steps, reverse=True):
+            raise ValueError(f"steps must be decreasing fractions in (0, 1), e.g. (0.05, 0.02, 0.01); got {self.steps}")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        for name in ("target_macs", "target_params"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v < 1:
+                raise ValueError(f"{name} is a fraction of the dense model in (0, 1), got {v}")
+        if self.align < 1:
+            raise ValueError(f"align must be a positive channel multiple, got {self.align}")
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    step: float
+    accepted: bool
+    top1: float
+    drop: float
+    macs: int
+    params: int
+    removed: dict[str, int]  # group id -> channels removed this round
+
+
+@dataclass
+class PruneResult:
+    model: fx.GraphModule
+    baseline: dict[str, float]
+    final: dict[str, float]
+    baseline_macs: int
+    baseline_params: int
+    history: list[RoundRecord] = field(default_factory=list)
+    stop_reason: str = ""
+
+
+def _analysed(gm: fx.GraphModule) -> fx.GraphModule:
+    ChannelDependencyPass()(gm)
+    return gm
+
+
+def _floor(gm: fx.GraphModule, min_keep: int, ignore: Sequence[str], example) -> tuple[int, int]:
+    """MACs and params with every eligible group pruned down to ``min_keep``: the most pruning can do."""
+    groups = meta.channel_groups(gm)
+    scores = {g.id: torch.arange(g.size, dtype=torch.float64) for g in groups if g.prunable}
+    plan = select_channels(groups, scores, 0.999999, min_keep=min_keep, ignore=ignore)
+    smallest = PruneChannelsPass(plan)(gm).graph_module if plan else gm
+    return count_macs(smallest, example), count_params(smallest)
+
+
+def prune_loop(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    calibration: Iterable,
+    finetune_fn: Callable[[nn.Module, int], Any],
+    evaluate_fn: Callable[[nn.Module], dict[str, float]],
+    config: HQPConfig = HQPConfig(),
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> PruneResult:
+    """Run the HQP pruning loop on a copy of ``model``.
+
+    ``finetune_fn(model, round_index)`` trains in place (seed it by the round for exact resume);
+    ``evaluate_fn(model)`` returns at least ``{"top1": percent}``; ``calibration`` yields
+    ``(inputs, targets)`` batches for the sensitivity criterion.
+    """
+    min_keep = config.min_keep if config.min_keep is not None else config.align
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    state = _read_state(ckpt) if resume else None
+    if resume and state is None:
+        raise FileNotFoundError(f"resume=True but {ckpt}/{STATE_FILE} does not exist; run once without resume first")
+
+    if state is None:
+        current = _analysed(trace(model, example_inputs))
+        example = meta.example_inputs(current)
+        baseline = evaluate_fn(current)
+        base_macs, base_params = count_macs(current, example), count_params(current)
+        _check_targets(current, config, min_keep, example, base_macs, base_params)
+        history: list[RoundRecord] = []
+        step_index, next_round = 0, 0
+    else:
+        current = _analysed(load(ckpt / state["model"]))
+        example = meta.example_inputs(current)
+        baseline, base_macs, base_params = state["baseline"], state["baseline_macs"], state["baseline_params"]
+        history = [RoundRecord(**r) for r in state["history"]]
+        step_index, next_round = state["step_index"], state["next_round"]
+
+    current_macs, current_params = count_macs(current, example), count_params(current)
+    accepted_top1 = next((r.top1 for r in reversed(history) if r.accepted), baseline["top1"])
+    stop = ""
+    for rnd in range(next_round, config.max_rounds):
+        if config.target_macs is not None and current_macs <= config.target_macs * base_macs:
+            stop = f"MACs target reached ({current_macs / base_macs:.3f} of dense <= {config.target_macs})"
+            break
+        if config.target_params is not None and current_params <= config.target_params * base_params:
+            stop = f"params target reached ({current_params / base_params:.3f} of dense <= {config.target_params})"
+            break
+        step = config.steps[step_index]
+        torch.manual_seed(config.seed * 1000 + rnd)
+        scores = score_channels(current, config.criterion, calibration, num_batches=config.calib_batches,
+                                seed=config.seed * 1000 + rnd)
+        plan = select_channels(meta.channel_groups(current), scores, step, min_keep=min_keep, ignore=config.ignore)
+        AlignChannelsPass(plan, config.align, scores)(current)
+        aligned = current.meta[meta.ALIGN]["plan"]
+        if not aligned:
+            if step_index + 1 < len(config.steps):
+                step_index += 1
+                continue
+            stop = "nothing left to prune at the smallest step (every group at its minimum or alignment floor)"
+            break
+        candidate = PruneChannelsPass(aligned)(current).graph_module
+        torch.manual_seed(config.seed * 1000 + rnd)
+        finetune_fn(candidate, rnd)
+        stats = evaluate_fn(candidate)
+        drop = baseline["top1"] - stats["top1"]
+        accepted = drop <= config.delta_max
+        record = RoundRecord(rnd, step, accepted, stats["top1"], drop, count_macs(candidate, example),
+                             count_params(candidate), {k: len(v) for k, v in aligned.items()})
+        history.append(record)
+        if accepted:
+            current = _analysed(candidate)
+            current_macs, current_params, accepted_top1 = record.macs, record.params, record.top1
+        elif step_index + 1 < len(config.steps):
+            step_index += 1
+        else:
+            stop = f"round {rnd} broke delta_max ({drop:.2f} > {config.delta_max}) at the smallest step; rolled back"
+        if ckpt is not None:
+            _write_state(ckpt, current, baseline, base_macs, base_params, history, step_index, rnd + 1)
+        if on_round is not None:
+            on_round(record)
+        if stop:
+            break
+    else:
+        stop = f"max_rounds ({config.max_rounds}) reached"
+    final = {"top1": accepted_top1}
+    return PruneResult(current, baseline, final, base_macs, base_params, history, stop)
+
+
+def _check_targets(gm, config: HQPConfig, min_keep: int, example, base_macs: int, base_params: int) -> None:
+    if config.target_macs is None and config.target_params is None:
+        return
+    floor_macs, floor_params = _floor(gm, min_keep, config.ignore, example)
+    if config.target_macs is not None and floor_macs > config.target_macs * base_macs:
+        raise ValueError(f"target_macs={config.target_macs} is unreachable: keeping {min_keep} channels per group "
+                         f"leaves at least {floor_macs / base_macs:.3f} of the dense MACs; lower min_keep/align or raise the target")
+    if config.target_params is not None and floor_params > config.target_params * base_params:
+        raise ValueError(f"target_params={config.target_params} is unreachable: keeping {min_keep} channels per group "
+                         f"leaves at least {floor_params / base_params:.3f} of the dense params; lower min_keep/align or raise the target")
+
+
+def _read_state(ckpt: Path | None) -> dict | None:
+    if ckpt is None or not (ckpt / STATE_FILE).is_file():
+        return None
+    return json.loads((ckpt / STATE_FILE).read_text())
+
+
+def _write_state(ckpt: Path, model, baseline, base_macs, base_params, history, step_index, next_round) -> None:
+    """Model file first, then the state that points at it: a kill between the two loses nothing."""
+    ckpt.mkdir(parents=True, exist_ok=True)
+    name = f"round_{next_round - 1:03d}.hqp"
+    save(model, ckpt / name)
+    state = {"model": name, "baseline": baseline, "baseline_macs": base_macs, "baseline_params": base_params,
+             "history": [asdict(r) for r in history], "step_index": step_index, "next_round": next_round}
+    atomic_write_text(ckpt / STATE_FILE, json.dumps(state, indent=1))

@@ -1,0 +1,96 @@
+"""The HQP pruning loop: delta_max with forced rollback, targets, exact resume after a kill."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hqp_fx
+from hqp_fx.hqp import STATE_FILE, HQPConfig, prune_loop
+from hqp_fx.models import CifarResNet
+
+from helpers import realistic_random
+
+X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+CALIB = [(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)), torch.arange(8) % 10) for i in range(2)]
+
+
+def model():
+    torch.manual_seed(0)
+    return realistic_random(CifarResNet(20), X)
+
+
+class Stubs:
+    """A deterministic stand-in for accuracy: 90% minus 10 points per 100% of parameters removed."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.fail_at = fail_at
+        self.base = hqp_fx.count_params(CifarResNet(20))
+
+    def finetune(self, m, rnd):
+        if rnd == self.fail_at:
+            raise KeyboardInterrupt("simulated kill")
+        gen = torch.Generator().manual_seed(rnd)
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        m.train()
+        loss = F.cross_entropy(m(torch.randn(4, 3, 32, 32, generator=gen)), torch.arange(4))
+        loss.backward()
+        opt.step()
+        m.eval()
+
+    def evaluate(self, m):
+        return {"top1": 90.0 - 10.0 * (1 - hqp_fx.count_params(m) / self.base)}
+
+
+def run(tmp_path=None, stubs=None, resume=False, **cfg):
+    stubs = stubs or Stubs()
+    config = HQPConfig(**{"delta_max": 2.0, "align": 4, "criterion": "fisher", **cfg})
+    return prune_loop(model(), X, calibration=CALIB, finetune_fn=stubs.finetune, evaluate_fn=stubs.evaluate,
+                      config=config, checkpoint_dir=tmp_path, resume=resume)
+
+
+def test_loop_honours_delta_max_with_forced_rollback():
+    res = run()
+    assert res.history, "at least one round ran"
+    rejected = [r for r in res.history if not r.accepted]
+    assert rejected, "the stub accuracy must force at least one rollback"
+    assert all(r.drop <= 2.0 for r in res.history if r.accepted)
+    assert all(r.drop > 2.0 for r in rejected)
+    first_reject = res.history.index(rejected[0])
+    later = res.history[first_reject + 1:]
+    assert all(r.step < rejected[0].step for r in later), "a rollback shrinks the step"
+    assert res.baseline["top1"] - res.final["top1"] <= 2.0
+    assert hqp_fx.count_params(res.model) == [r for r in res.history if r.accepted][-1].params
+    assert "delta_max" in res.stop_reason or "nothing left" in res.stop_reason
+
+
+def test_resume_after_kill_gives_the_same_decisions(tmp_path):
+    straight = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", Stubs(fail_at=2))
+    assert (tmp_path / "b" / STATE_FILE).is_file()
+    resumed = run(tmp_path / "b", resume=True)
+    assert [(r.round, r.step, r.accepted, r.removed, r.params) for r in resumed.history] == \
+           [(r.round, r.step, r.accepted, r.removed, r.params) for r in straight.history]
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_targets_stop_the_loop_and_unreachable_targets_fail_cleanly(tmp_path):
+    res = run(delta_max=50.0, target_params=0.9)
+    assert "params target reached" in res.stop_reason
+    assert hqp_fx.count_params(res.model) <= 0.9 * res.baseline_params
+    with pytest.raises(ValueError, match="target_macs=0.01 is unreachable"):
+        run(tmp_path / "c", target_macs=0.01)
+    assert not (tmp_path / "c").exists()  # nothing half-written
+
+
+def test_bad_configuration_is_explained(tmp_path):
+    with pytest.raises(ValueError, match="delta_max must be >= 0"):
+        HQPConfig(delta_max=-1)
+    with pytest.raises(ValueError, match="steps must be decreasing fractions"):
+        HQPConfig(steps=(0.01, 0.05))
+    with pytest.raises(ValueError, match="target_macs is a fraction"):
+        HQPConfig(target_macs=2)
+    with pytest.raises(FileNotFoundError, match="resume=True but"):
+        run(tmp_path / "none", resume=True)

@@ -48,9 +48,9 @@ def main():
                  torch.randint(0, 10, (args.batch_size,), generator=gen)) for _ in range(args.batches)]
         gm = hqp_fx.trace(spec.model, data[0][0][:1])
         ChannelDependencyPass()(gm)
-        runs = {"plain": lambda: plain(gm, data)}
+        runs = {"plain": lambda gm=gm, data=data: plain(gm, data)}
         for c in ("fisher", "group-fisher", "taylor"):
-            runs[c] = lambda c=c: score_channels(gm, c, data)
+            runs[c] = lambda c=c, gm=gm, data=data: score_channels(gm, c, data)
         times: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(args.repeats + 1):  # first round is warm-up
             for k, fn in runs.items():

@@ -62,6 +62,9 @@ class HQPConfig:
                 raise ValueError(f"{name} is a fraction of the dense model in (0, 1), got {v}")
         if self.align < 1:
             raise ValueError(f"align must be a positive channel multiple, got {self.align}")
+        if self.min_keep is not None and self.min_keep < self.align:
+            # alignment may round a removal up by < align channels: a minimum of align keeps every tensor non-empty
+            raise ValueError(f"min_keep ({self.min_keep}) must be at least the alignment multiple ({self.align})")
 
 
 @dataclass

@@ -92,5 +92,7 @@ def test_bad_configuration_is_explained(tmp_path):
         HQPConfig(steps=(0.01, 0.05))
     with pytest.raises(ValueError, match="target_macs is a fraction"):
         HQPConfig(target_macs=2)
+    with pytest.raises(ValueError, match=r"min_keep \(4\) must be at least the alignment multiple \(8\)"):
+        HQPConfig(min_keep=4, align=8)
     with pytest.raises(FileNotFoundError, match="resume=True but"):
         run(tmp_path / "none", resume=True)

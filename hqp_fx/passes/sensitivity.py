@@ -7,12 +7,15 @@ parameter dimension per batch, no per-filter loop and no ``.item()``.
 
 BatchNorm runs in **eval mode** while scoring (the deployed network's function, and running
 statistics are never updated by the calibration data); dropout is off for the same reason.
+Under ``torch.distributed`` each rank scores its own shard of the data and the sums are
+all-reduced, so every rank ranks channels identically to one process over all the data.
 """
 from __future__ import annotations
 
 from typing import Callable, Iterable, Literal
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
@@ -216,6 +219,11 @@ def _score_with_gradients(gm, analysis, acc, criterion, data, loss_fn, num_batch
                             acc.add(rec.labels, _entries_along(params[rec.param].detach() * g, rec.dim, lambda t: t))
                     if criterion == "taylor":
                         acc.total = before + (acc.total - before).abs()
+        if dist.is_available() and dist.is_initialized():  # every rank scored its own shard: sum them
+            counts = torch.tensor([float(seen)], dtype=torch.float64)
+            dist.all_reduce(acc.total)
+            dist.all_reduce(counts)
+            seen = int(counts.item())
         if criterion == "group-fisher" and seen:
             acc.total /= seen
     finally:

@@ -157,7 +157,8 @@ def prune_loop(
         torch.manual_seed(config.seed * 1000 + rnd)
         scores = score_channels(current, config.criterion, calibration, num_batches=config.calib_batches,
                                 seed=config.seed * 1000 + rnd)
-        plan = select_channels(meta.channel_groups(current), scores, step, min_keep=min_keep, ignore=config.ignore)
+        plan = select_channels(meta.channel_groups(current), scores, step, min_keep=min_keep, unit=config.align,
+                               ignore=config.ignore)
         AlignChannelsPass(plan, config.align, scores)(current)
         aligned = current.meta[meta.ALIGN]["plan"]
         if not aligned:

@@ -163,3 +163,24 @@ def test_selection_never_empties_a_tensor_inside_a_wide_group():
     assert 16 - sum(1 for i in plan["conv1"] if i < 16) == 4  # stage 1 keeps exactly min_keep, not zero
     pruned = PruneChannelsPass(plan)(gm).graph_module
     assert pruned.conv1.out_channels == 4
+
+
+def test_select_in_alignment_blocks_survives_rounding():
+    from hqp_fx.models import CifarResNet
+    from hqp_fx.passes import AlignChannelsPass
+
+    gm = hqp_fx.trace(CifarResNet(20).eval(), torch.randn(1, 3, 32, 32))
+    ChannelDependencyPass()(gm)
+    groups = meta.channel_groups(gm)
+    gen = torch.Generator().manual_seed(0)
+    scores = {g.id: torch.rand(g.size, generator=gen, dtype=torch.float64) for g in groups if g.prunable}
+    per_channel = select_channels(groups, scores, 0.05, min_keep=8)
+    blocks = select_channels(groups, scores, 0.05, min_keep=8, unit=8)
+    assert blocks and all(len(v) % 8 == 0 for v in blocks.values())
+    AlignChannelsPass(per_channel, 8)(gm)
+    assert sum(map(len, gm.meta[meta.ALIGN]["plan"].values())) < sum(map(len, per_channel.values()))  # rounding eats it
+    AlignChannelsPass(blocks, 8)(gm)
+    assert gm.meta[meta.ALIGN]["plan"] == {k: sorted(v) for k, v in blocks.items()}  # nothing to round
+    assert select_channels(groups, scores, 0.001, min_keep=8, unit=8)  # a tiny step still takes one block
+    with pytest.raises(ValueError, match="unit must be a positive"):
+        select_channels(groups, scores, 0.1, unit=0)

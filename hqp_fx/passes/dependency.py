@@ -829,12 +829,10 @@ def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
 
     classes = torch.unique(class_of[1:])
     roots = group_root[classes]
-    pinned = torch.zeros(num, dtype=torch.bool)
     pin_reason: dict[int, str] = {}
     for labels, reason in p.pins:
         for g in torch.unique(group_root[class_of[labels]]).tolist():
             pin_reason.setdefault(g, reason)
-        pinned[class_of[labels]] = True
     cross = torch.zeros(num, dtype=torch.bool)
     for labels in p.cross:
         cross[class_of[labels]] = True

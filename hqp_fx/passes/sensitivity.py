@@ -264,40 +264,52 @@ def select_channels(
     fraction: float,
     *,
     min_keep: int = 8,
+    unit: int = 1,
     ignore: Iterable[str] = (),
 ) -> dict[str, list[int]]:
     """Globally rank channels and pick the lowest-scoring ``fraction`` of all eligible channels.
 
     Eligible: prunable groups with scores, none of whose layers is in ``ignore`` (module names; a
     prefix matches its submodules). Each group, and each tensor, keeps at least ``min_keep``
-    channels (or all of them when it has fewer). Returns a plan in priority order (least
+    channels (or all of them when it has fewer). With ``unit`` > 1 channels are taken in blocks of
+    ``unit`` (each group's least sensitive ``unit`` channels first, ranked globally by their mean
+    score), so a later AlignChannelsPass to that multiple does not round a small removal away; at
+    least one block is taken whenever ``fraction`` > 0. Returns a plan in priority order (least
     sensitive first) for AlignChannelsPass / PruneChannelsPass.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    if unit < 1:
+        raise ValueError(f"unit must be a positive number of channels, got {unit}")
     ignore = tuple(ignore)
     eligible = [g for g in groups if g.prunable and g.id in scores and not any(
         layer == pre or layer.startswith(pre + ".") for layer in g.layers for pre in ignore)]
     if not eligible:
         return {}
+    # blocks of `unit` channels in ascending score order within each group, at most size - min_keep channels
+    block_group, block_channels, block_score = [], [], []
+    for gi, g in enumerate(eligible):
+        order = torch.argsort(scores[g.id].to(torch.float64), stable=True)
+        n_blocks = max(g.size - min_keep, 0) // unit
+        if n_blocks:
+            chans = order[: n_blocks * unit].view(n_blocks, unit)
+            block_group.append(torch.full((n_blocks,), gi, dtype=torch.long))
+            block_channels.append(chans)
+            block_score.append(scores[g.id].to(torch.float64)[chans].mean(1))
     values = torch.cat([scores[g.id].to(torch.float64) for g in eligible])
+    chosen = torch.zeros(len(values), dtype=torch.bool)
+    if block_group:
+        bg, bc, bs = torch.cat(block_group), torch.cat(block_channels), torch.cat(block_score)
+        offsets = torch.cumsum(torch.tensor([0] + [g.size for g in eligible[:-1]]), 0)
+        n_take = int(fraction * len(values)) // unit
+        n_take = max(n_take, 1) if fraction > 0 else 0
+        taken = torch.argsort(bs, stable=True)[:n_take]
+        chosen[(offsets[bg[taken]].view(-1, 1) + bc[taken]).flatten()] = True
+    _keep_every_tensor(eligible, values, chosen, min_keep)
     group_idx = torch.cat([torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(eligible)])
     chan_idx = torch.cat([torch.arange(g.size) for g in eligible])
-    caps = torch.tensor([max(g.size - min_keep, 0) for g in eligible], dtype=torch.long)
-    order = torch.argsort(values, stable=True)
-    g_sorted = group_idx[order]
-    # rank of each entry within its group, in ascending score order
-    sorted_by_group = torch.argsort(g_sorted, stable=True)
-    starts = torch.zeros(len(eligible) + 1, dtype=torch.long)
-    starts[1:] = torch.cumsum(torch.bincount(g_sorted, minlength=len(eligible)), 0)
-    rank = torch.empty_like(g_sorted)
-    rank[sorted_by_group] = torch.arange(len(g_sorted)) - starts[g_sorted[sorted_by_group]]
-    allowed = rank < caps[g_sorted]
-    target = int(fraction * len(values))
-    chosen = torch.zeros(len(values), dtype=torch.bool)
-    chosen[order[allowed][:target]] = True
-    _keep_every_tensor(eligible, values, chosen, min_keep)
-    picked = order[chosen[order]]  # least sensitive first
+    picked = torch.argsort(values, stable=True)
+    picked = picked[chosen[picked]]  # least sensitive first
     plan: dict[str, list[int]] = {}
     for gi, ci in zip(group_idx[picked].tolist(), chan_idx[picked].tolist()):
         plan.setdefault(eligible[gi].id, []).append(ci)

@@ -20,14 +20,18 @@ def _inputs(model: nn.Module, example_inputs: Any) -> tuple:
     return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
 
-def macs_by_module(model: nn.Module, example_inputs: Any = None) -> dict[str, int]:
-    """MACs of one forward pass per module qualified name ("" = whole model)."""
-    inputs = _inputs(model, example_inputs)
+def _counted(model: nn.Module, example_inputs: Any) -> FlopCounterMode:
+    """One forward pass under torch's flop counter."""
     mode = FlopCounterMode(display=False)
     with torch.no_grad(), mode:
-        model(*inputs)
+        model(*_inputs(model, example_inputs))
+    return mode
+
+
+def macs_by_module(model: nn.Module, example_inputs: Any = None) -> dict[str, int]:
+    """MACs of one forward pass per module qualified name ("" = whole model)."""
     out = {}
-    for name, ops in mode.get_flop_counts().items():
+    for name, ops in _counted(model, example_inputs).get_flop_counts().items():
         if name == "Global":
             continue
         _, _, qual = name.partition(".")  # keys are prefixed with the root module's class name
@@ -37,11 +41,7 @@ def macs_by_module(model: nn.Module, example_inputs: Any = None) -> dict[str, in
 
 def count_macs(model: nn.Module, example_inputs: Any = None) -> int:
     """Total multiply-accumulates of one forward pass on ``example_inputs`` (batch included)."""
-    inputs = _inputs(model, example_inputs)
-    mode = FlopCounterMode(display=False)
-    with torch.no_grad(), mode:
-        model(*inputs)
-    return mode.get_total_flops() // 2
+    return _counted(model, example_inputs).get_total_flops() // 2
 
 
 def count_params(model: nn.Module) -> int:

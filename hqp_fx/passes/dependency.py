@@ -198,9 +198,7 @@ class _Propagator:
         return self.env[n]
 
     def _param_labels(self, n: fx.Node) -> Any:
-        attr = self.gm
-        for part in n.target.split("."):
-            attr = getattr(attr, part)
+        attr = operator.attrgetter(n.target)(self.gm)
         if not isinstance(attr, torch.Tensor):
             return attr
         lab = self.new_elements(attr.numel(), n, "param").reshape(attr.shape)

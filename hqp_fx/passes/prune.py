@@ -26,13 +26,6 @@ from .dependency import _PAD_FUNCTIONS, _arg, is_data_movement
 __all__ = ["PruneChannelsPass", "validate_plan"]
 
 
-def getattr_path(root: nn.Module, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _restricted_value(kept: "_Kept", name: str):
     lab = kept.a.node_labels[name]
     if isinstance(lab, torch.Tensor):
@@ -315,7 +308,7 @@ class PruneChannelsPass(GraphPass):
             if node.op == "output":
                 continue
             if node.op == "get_attr":
-                env[node] = getattr_path(new, node.target)
+                env[node] = operator.attrgetter(node.target)(new)
                 continue
             if name in analysis.spread:
                 env[node] = None  # inside a replaced permutation run: checked at its end node

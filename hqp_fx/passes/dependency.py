@@ -165,6 +165,9 @@ class _Propagator:
             self.owners.append((node.name, display or node.name, kind))
         ids = torch.arange(self.next_id, self.next_id + count, dtype=torch.long)
         self.next_id += count
+        if self.next_id >= _PAIR:  # union() packs two ids into one int64
+            raise PassError(f"ChannelDependencyPass: more than {_PAIR - 1} channel elements at node {node.name}; "
+                            "trace with a smaller example input")
         self.owner_chunks.append((count, self.owner_index[key]))
         return ids
 

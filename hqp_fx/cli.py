@@ -11,6 +11,7 @@ from .core import HQPError, format_graph
 from .count import count_macs, count_params
 from .models import build_model
 from .passes import ChannelDependencyPass
+from .passes.quantize import BACKENDS, CALIBRATIONS
 from .trace import trace
 
 __all__ = ["main"]
@@ -56,6 +57,63 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_data(root: str, size: int, model: torch.nn.Module, example: torch.Tensor):
+    """(train ImageSet, evaluation ImageSet) resized to the model's input, after checking the class count."""
+    from .data import find_splits, load_split
+
+    train_dir, eval_dir = find_splits(root)
+    train = load_split(train_dir, size=size)
+    evaluation = load_split(eval_dir, classes=train.classes, size=size)
+    with torch.no_grad():
+        outputs = model(example).shape[-1]
+    if outputs != len(train.classes):
+        raise ValueError(f"the model predicts {outputs} classes but {root} has {len(train.classes)} class folders "
+                         f"({', '.join(train.classes[:5])}{', ...' if len(train.classes) > 5 else ''}); use a "
+                         "checkpoint trained on these classes or a dataset with the model's classes")
+    return train, evaluation
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .data import IMAGENET_MEAN, IMAGENET_STD, BatchLoader
+    from .deploy import stage_output, ship_quantized, write_json
+    from .passes.quantize import QuantConfig
+
+    console = Console(stderr=True)
+    config = QuantConfig(backend=args.backend, calibration=args.calibration, num_samples=args.samples,
+                         percentile=args.percentile, on_bad_range=args.on_bad_range,
+                         keep_float=tuple(args.keep_float or ()))
+    if args.max_drop is not None and args.max_drop < 0:
+        raise ValueError(f"--max-drop must be >= 0 (top-1 points), got {args.max_drop}")
+    spec = build_model(args.model, args.weights)
+    size = args.input_size or spec.input_shape[-1]
+    example = torch.randn(spec.input_shape[:2] + (size, size))
+    train, evaluation = _load_data(args.data, size, spec.model, example)
+    if args.eval_samples:
+        evaluation = evaluation.subset(max(1, args.eval_samples // len(evaluation.classes)))
+    calibration = BatchLoader(train, batch_size=32, shuffle=True, seed=args.seed)
+    with stage_output(args.out) as stage:
+        with console.status("quantizing") as status:
+            shipped = ship_quantized(spec.model, example, calibration, BatchLoader(evaluation, batch_size=100),
+                                     config, stage, max_drop=args.max_drop, dynamic_batch=args.dynamic_batch,
+                                     threads=args.threads, progress=lambda msg: status.update(msg))
+        report = {"model": args.model, "weights": args.weights, "data": str(args.data),
+                  "preprocessing": {"resize": [size, size], "scale": "1/255", "mean": list(IMAGENET_MEAN),
+                                    "std": list(IMAGENET_STD), "layout": "NCHW float32, RGB"},
+                  "seed": args.seed, **shipped.report}
+        write_json(stage / "quantize.json", report)
+    acc = report["accuracy"]
+    lat = report["latency_onnxruntime_cpu"]
+    console.print(f"top-1 FP32 {acc['fp32']['top1']:.2f}% -> INT8 (ONNX Runtime) {acc['int8_onnxruntime']['top1']:.2f}% "
+                  f"| latency {lat['fp32']['median_ms']:.2f} -> {lat['int8']['median_ms']:.2f} ms "
+                  f"({report['speedup_int8_vs_fp32']:.2f}x, {args.threads} threads) "
+                  f"| size {lat['fp32']['size_mb']:.2f} -> {lat['int8']['size_mb']:.2f} MB", highlight=False)
+    console.print(report["tensorrt"]["reason"] or "TensorRT engine built and verified", highlight=False)
+    console.print(f"wrote {args.out}", highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hqp", description="HQP: sensitivity-aware pruning + INT8 quantization of CNNs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +125,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--details", action="store_true", help="list every parameter slice of every group")
     p.add_argument("--summary-only", action="store_true", help="skip the per-node graph printout")
     p.set_defaults(func=cmd_inspect)
+
+    q = sub.add_parser("quantize", help="INT8-quantize a model, export FP32/INT8 ONNX, verify and measure them")
+    q.add_argument("model", help="torchvision:NAME | cifar:resnet20|32|44|56|110 | path/to/file.py:factory")
+    q.add_argument("--weights", help="local checkpoint (state dict); for torchvision also a hub weights name")
+    q.add_argument("--data", required=True, help="ImageFolder root with train/ (calibration) and val/ or test/")
+    q.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    q.add_argument("--backend", default="tensorrt", choices=BACKENDS)
+    q.add_argument("--calibration", default="histogram", choices=CALIBRATIONS,
+                   help="activation range: minmax, histogram (MSE-optimal clipping) or percentile")
+    q.add_argument("--percentile", type=float, default=99.99)
+    q.add_argument("--samples", type=int, default=512, help="calibration images")
+    q.add_argument("--on-bad-range", default="error", choices=("error", "fallback"),
+                   help="NaN/Inf, unseen or collapsed ranges: stop, or keep those layers in floating point")
+    q.add_argument("--keep-float", action="append", help="layer to keep in floating point (repeatable)")
+    q.add_argument("--max-drop", type=float, help="hybrid fallback: keep the most sensitive layers in FP until "
+                   "the INT8 top-1 drop is at most this many points")
+    q.add_argument("--eval-samples", type=int, help="evaluate on about this many images (default: all)")
+    q.add_argument("--input-size", type=int, help="square input resolution (default: the model's own)")
+    q.add_argument("--dynamic-batch", action="store_true", help="export ONNX with a dynamic batch dimension")
+    q.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for evaluation and latency")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -20,6 +20,7 @@ SENSITIVITY = "hqp.sensitivity"  # {"criterion": str, "scores": {group id: Tenso
 PRUNE_PLAN = "hqp.prune_plan"  # dict[group id, list[int]] actually applied by PruneChannelsPass
 EXAMPLE_INPUTS = "hqp.example_inputs"  # tuple of tensors used for tracing / shape propagation
 SOURCE_NAMES = "hqp.source_names"  # qualified module names of the user's original model
+QUANTIZATION = "hqp.quantization"  # QuantizeResult.report() of the converted model, by QuantizePass
 
 # node.meta keys
 NODE_CHANNEL_GROUP = "hqp.channel_group"  # tuple[str, ...]: ids of the groups this node's output carries

@@ -35,11 +35,19 @@ class FinetuneConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
 
 
+def _set_mode(model: nn.Module, training: bool) -> None:
+    """train()/eval(), except on torch.export modules, which refuse both: their mode was fixed at export."""
+    try:
+        model.train(training)
+    except NotImplementedError:
+        pass
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, num_classes: int | None = None) -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) and mean cross-entropy over ``loader``; eval mode, mode restored."""
     was_training = model.training
-    model.eval()
+    _set_mode(model, False)
     correct1 = correct5 = total = 0
     loss_sum = 0.0
     try:
@@ -54,7 +62,7 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int | None = None)
             correct5 += int(hit.any(1).sum())
             total += len(y)
     finally:
-        model.train(was_training)
+        _set_mode(model, was_training)
     if total == 0:
         raise ValueError("evaluation data is empty")
     stats = torch.tensor([correct1, correct5, total, loss_sum], dtype=torch.float64)

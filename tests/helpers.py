@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
+
 import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torchvision
 
 from hqp_fx import meta
 from hqp_fx.count import macs_by_module
+from hqp_fx.models import CifarResNet
 
 
 def realistic_random(model: nn.Module, example: torch.Tensor, seed: int = 0) -> nn.Module:
@@ -137,3 +141,27 @@ def cifar_test_subset(shared, per_class: int = 50) -> tuple[torch.Tensor, torch.
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     return (x - mean) / std, torch.tensor(labels)
+
+
+ZOO_TORCHVISION = [
+    "resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "vgg11_bn", "alexnet", "squeezenet1_1",
+    "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "mnasnet1_0",
+    "efficientnet_b0", "efficientnet_v2_s", "densenet121", "googlenet", "inception_v3",
+    "shufflenet_v2_x1_0", "regnet_x_400mf", "regnet_y_400mf", "convnext_tiny",
+]
+ZOO_CIFAR = [f"cifar:resnet{d}" for d in (20, 32, 44, 56, 110)]
+
+
+def build_zoo_model(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """A zoo model (torchvision name or cifar:resnetN) with realistic random weights, and its example input."""
+    torch.manual_seed(0)
+    if name.startswith("cifar:"):
+        model, size = CifarResNet(int(name.removeprefix("cifar:resnet"))), 32
+    else:
+        kwargs = {"init_weights": True} if name in ("googlenet", "inception_v3") else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = torchvision.models.get_model(name, weights=None, **kwargs)
+        size = 75 if name == "inception_v3" else 64
+    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return realistic_random(model, example), example

@@ -6,46 +6,21 @@ MACs drop exactly by what the slices imply, (d) ONNX Runtime == PyTorch, (e) rea
 """
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
-import torchvision
 
 import hqp_fx
 from hqp_fx import meta
 from hqp_fx.count import count_params
-from hqp_fx.models import CifarResNet
 from hqp_fx.passes import ChannelDependencyPass, PruneChannelsPass
 
-from helpers import assert_close, expected_counts, layer_macs, masked_copy, onnx_roundtrip, random_plan, realistic_random
-
-TORCHVISION = [
-    "resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "vgg11_bn", "alexnet", "squeezenet1_1",
-    "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "mnasnet1_0",
-    "efficientnet_b0", "efficientnet_v2_s", "densenet121", "googlenet", "inception_v3",
-    "shufflenet_v2_x1_0", "regnet_x_400mf", "regnet_y_400mf", "convnext_tiny",
-]
-CIFAR = [f"cifar:resnet{d}" for d in (20, 32, 44, 56, 110)]
+from helpers import (ZOO_CIFAR, ZOO_TORCHVISION, assert_close, build_zoo_model, expected_counts, layer_macs, masked_copy,
+                     onnx_roundtrip, random_plan)
 
 
-def _build(name: str):
-    torch.manual_seed(0)
-    if name.startswith("cifar:"):
-        model, size = CifarResNet(int(name.removeprefix("cifar:resnet"))), 32
-    else:
-        kwargs = {"init_weights": True} if name in ("googlenet", "inception_v3") else {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = torchvision.models.get_model(name, weights=None, **kwargs)
-        size = 75 if name == "inception_v3" else 64
-    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
-    return realistic_random(model, example), example
-
-
-@pytest.mark.parametrize("name", TORCHVISION + CIFAR)
+@pytest.mark.parametrize("name", ZOO_TORCHVISION + ZOO_CIFAR)
 def test_equivalence_property(name, tmp_path):
-    model, x = _build(name)
+    model, x = build_zoo_model(name)
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
     gm = hqp_fx.trace(model, x)
     result = ChannelDependencyPass()(gm)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -114,6 +115,109 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress():
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} rounds"),
+                    TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+
+
+def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, evaluation, *, augment: bool,
+                  lr: float) -> dict:
+    """Shared by ``hqp compress`` and ``hqp demo``: stage, run with progress, summarise."""
+    from .compress import CompressConfig, compress, remove_checkpoints
+    from .deploy import stage_output
+    from .hqp import HQPConfig
+    from .passes.quantize import QuantConfig
+    from .train import FinetuneConfig
+
+    steps = tuple(s for s in (args.step, 0.02, 0.01) if s <= args.step)
+    config = CompressConfig(
+        prune=HQPConfig(delta_max=args.delta_max, steps=steps, criterion=args.criterion, align=args.align,
+                        target_macs=args.target_macs, ignore=tuple(args.ignore or ()), seed=args.seed,
+                        max_rounds=args.max_rounds),
+        finetune=FinetuneConfig(epochs=args.finetune_epochs, lr=lr),
+        quant=QuantConfig(backend=args.backend, calibration=args.calibration, num_samples=args.samples),
+        batch_size=args.batch_size, augment=augment, ablation=args.ablation, hybrid=not args.no_hybrid,
+        threads=args.threads)
+    checkpoints = Path(str(args.out).rstrip("/") + ".checkpoints")
+    if args.resume and not (checkpoints / "hqp_state.json").is_file():
+        raise FileNotFoundError(f"--resume needs {checkpoints}/hqp_state.json from an interrupted run with the same --out")
+    with stage_output(args.out) as stage, _progress() as bar:
+        phase = bar.add_task("starting", total=None)
+        rounds = bar.add_task("pruning rounds", total=args.max_rounds)
+
+        def on_round(r):
+            bar.advance(rounds)
+            bar.update(phase, description=f"round {r.round}: {'accepted' if r.accepted else 'rolled back'}, "
+                                          f"top-1 {r.top1:.2f}% (drop {r.drop:+.2f}), MACs {r.macs / 1e6:.2f}M")
+
+        report = compress(model, example, train, evaluation, config, stage, checkpoint_dir=checkpoints,
+                          resume=args.resume, progress=lambda msg: bar.update(phase, description=msg),
+                          on_round=on_round)
+        bar.update(rounds, total=len(report["rounds"]))
+    remove_checkpoints(checkpoints)
+    return report
+
+
+def _summarise(report: dict, out: str) -> None:
+    acc, comp, var = report["accuracy"], report["compression"], report["variants"]
+    print(f"top-1 {acc['dense_fp32']['top1']:.2f}% -> INT8 {acc['hqp_int8_onnxruntime']['top1']:.2f}% "
+          f"(drop {acc['final_drop']:.2f}, delta_max {report['delta_max']}: "
+          f"{'ok' if report['within_delta_max'] else 'BROKEN'}) | MACs {comp['macs_reduction']:.2f}x fewer | "
+          f"ORT latency {var['hqp_int8']['speedup']:.2f}x faster than dense FP32 | {report['tensorrt']['reason']}")
+    print(f"wrote {out} (report.md, hqp.json, ONNX models, plots)")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    if args.delta_max < 0:
+        raise ValueError(f"--delta-max must be >= 0 (top-1 points), got {args.delta_max}")
+    spec = build_model(args.model, args.weights)
+    size = args.input_size or spec.input_shape[-1]
+    example = torch.randn(spec.input_shape[:2] + (size, size))
+    train, evaluation = _load_data(args.data, size, spec.model, example)
+    report = _run_compress(args, spec.model, example, train, evaluation, augment=True, lr=args.lr)
+    _summarise(report, args.out)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import digits, train_demo_model
+
+    train, evaluation = digits()
+    print(f"demo: scikit-learn handwritten digits ({len(train)} train / {len(evaluation)} test images, 16x16), "
+          "training a small CNN on the spot ...", flush=True)
+    model = train_demo_model(train, seed=args.seed)
+    report = _run_compress(args, model, torch.randn(1, 3, 16, 16), train, evaluation, augment=False, lr=args.lr)
+    _summarise(report, args.out)
+    return 0
+
+
+def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
+    c.add_argument("--out", required=not demo, default="hqp_demo" if demo else None,
+                   help="output folder (must not exist or be empty)")
+    c.add_argument("--delta-max", type=float, default=1.0, help="largest allowed top-1 drop in points")
+    c.add_argument("--step", type=float, default=0.05, help="fraction of channels pruned per round (then 2%%, 1%%)")
+    c.add_argument("--finetune-epochs", type=float, default=1.0 if demo else 2.0)
+    c.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate (1/10 of the base rate)")
+    c.add_argument("--align", type=int, default=8, help="round kept channels to this multiple")
+    c.add_argument("--criterion", default="fisher", choices=("fisher", "group-fisher", "taylor", "l1", "l2", "random"))
+    c.add_argument("--target-macs", type=float, help="stop once MACs <= this fraction of the dense model")
+    c.add_argument("--ignore", action="append", help="module never pruned (repeatable)")
+    c.add_argument("--max-rounds", type=int, default=12 if demo else 100)
+    c.add_argument("--backend", default="onnxruntime" if demo else "tensorrt", choices=BACKENDS)
+    c.add_argument("--calibration", default="histogram", choices=CALIBRATIONS)
+    c.add_argument("--samples", type=int, default=256 if demo else 512, help="calibration images")
+    c.add_argument("--no-hybrid", action="store_true", help="never keep layers in FP to honour delta_max")
+    c.add_argument("--ablation", action="store_true", default=demo,
+                   help="also measure quantize-only (dense INT8); dense FP32 and prune-only are always measured")
+    c.add_argument("--batch-size", type=int, default=64 if demo else 128)
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.checkpoints")
+    c.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hqp", description="HQP: sensitivity-aware pruning + INT8 quantization of CNNs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for evaluation and latency")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_quantize)
+
+    c = sub.add_parser("compress", help="HQP end to end: prune under delta_max, quantize, export, verify, report")
+    c.add_argument("model", help="torchvision:NAME | cifar:resnet20|32|44|56|110 | path/to/file.py:factory")
+    c.add_argument("--weights", help="local checkpoint (state dict); for torchvision also a hub weights name")
+    c.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ or test/")
+    c.add_argument("--input-size", type=int, help="square input resolution (default: the model's own)")
+    _add_compress_options(c, demo=False)
+    c.set_defaults(func=cmd_compress)
+
+    d = sub.add_parser("demo", help="the whole HQP job in a few CPU minutes on scikit-learn's handwritten digits")
+    _add_compress_options(d, demo=True)
+    d.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -53,10 +53,18 @@ class OrtModel(torch.nn.Module):
 
 
 _MEASURE = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np, onnxruntime as ort
+
+def status(key):  # kB from /proc/self/status (Linux)
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
+
 path, shape, threads, warmup, runs = json.loads(sys.argv[1])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# the peak RSS counter survives fork+exec from the (large) parent; reset it to this process's own pages first
+open("/proc/self/clear_refs", "w").write("5")
+before = status("VmRSS:")
 options = ort.SessionOptions(); options.intra_op_num_threads = threads; options.inter_op_num_threads = 1
 session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
@@ -65,7 +73,7 @@ for _ in range(warmup):
 times = []
 for _ in range(runs):
     t = time.perf_counter(); session.run(None, feed); times.append(time.perf_counter() - t)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status("VmHWM:")
 print(json.dumps({"median_ms": 1e3 * float(np.median(times)), "p90_ms": 1e3 * float(np.percentile(times, 90)),
                   "peak_rss_mb": peak / 1024, "session_rss_mb": (peak - before) / 1024}))
 """
@@ -75,8 +83,8 @@ def measure_onnx(path: str | os.PathLike, input_shape: tuple[int, ...], *, threa
                  runs: int = 100) -> dict:
     """ONNX Runtime CPU latency (median of ``runs`` after ``warmup``, fixed threads), file size and peak memory.
 
-    Runs in a fresh process so the peak resident memory is this model's alone (``session_rss_mb`` is the growth
-    from loading and running the session; ``peak_rss_mb`` includes the interpreter).
+    Runs in a fresh process so the peak resident memory (Linux VmHWM) is this model's alone: ``session_rss_mb`` is
+    the growth from loading and running the session, ``peak_rss_mb`` includes Python and ONNX Runtime themselves.
     """
     args = json.dumps([str(path), list(input_shape), threads, warmup, runs])
     proc = subprocess.run([sys.executable, "-c", _MEASURE, args], capture_output=True, text=True, check=False)

@@ -525,7 +525,6 @@ def hybrid_quantize(model: torch.nn.Module, example_inputs, calibration: Iterabl
     if evaluate is not None and (max_drop is None or max_drop < 0):
         raise ValueError(f"max_drop must be a non-negative number when evaluate is given, got {max_drop}")
     batches = take_samples(calibration, config.num_samples)
-    sensitivity = layer_sensitivity(model, example_inputs, batches, config)
     float_metric = evaluate(model) if evaluate is not None else None
 
     def holds(result: QuantizeResult) -> tuple[bool, str]:
@@ -536,9 +535,16 @@ def hybrid_quantize(model: torch.nn.Module, example_inputs, calibration: Iterabl
         why = f"metric {score:.3f} vs float {float_metric:.3f} (allowed drop {max_drop})"
         return float_metric - score <= max_drop, why
 
+    plain = quantize(model, example_inputs, batches, config)
+    ok, why = holds(plain)
+    plain.budget = f"{'met' if ok else 'NOT met'}: {why} with 0 layer(s) in floating point"
+    if ok:  # the per-layer sensitivity scan costs one quantization per layer: only pay it when needed
+        return plain
+    sensitivity = layer_sensitivity(model, example_inputs, batches, config)
+    plain.sensitivity = sensitivity
     ranked = sorted((k for k in sensitivity if k not in config.keep_float), key=sensitivity.get)
     limit = len(ranked) if max_float_layers is None else min(max_float_layers, len(ranked))
-    tried: dict[int, tuple[QuantizeResult, bool]] = {}
+    tried: dict[int, tuple[QuantizeResult, bool]] = {0: (plain, False)}
 
     def attempt(k: int) -> bool:
         if k not in tried:

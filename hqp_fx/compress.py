@@ -1,0 +1,230 @@
+"""The whole HQP job: prune under delta_max, quantize the accepted model, export, verify, measure, report.
+
+``compress`` writes into a staging folder (see ``deploy.stage_output``); round checkpoints live next to the output
+folder in ``<out>.checkpoints`` so ``resume`` survives a killed run, and are removed once the job succeeds.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from . import meta
+from .core import atomic_write_text
+from .count import count_macs, count_params
+from .data import BatchLoader, ImageSet
+from .deploy import OrtModel, measure_onnx, ship_quantized, versions, write_json
+from .hqp import HQPConfig, PruneResult, RoundRecord, prune_loop
+from .passes.onnx import export_onnx
+from .passes.quantize import QuantConfig, quantize
+from .serialize import save
+from .train import FinetuneConfig, evaluate, finetune
+
+__all__ = ["CompressConfig", "compress", "HQP_JSON_SCHEMA"]
+
+HQP_JSON_SCHEMA = json.loads(resources.files("hqp_fx").joinpath("hqp.schema.json").read_text())
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    prune: HQPConfig = field(default_factory=HQPConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    batch_size: int = 128
+    augment: bool = True  # random crop + flip while fine-tuning
+    calib_images_per_class: int = 50
+    ablation: bool = False  # also measure quantize-only (dense INT8)
+    hybrid: bool = True  # keep sensitive layers in FP when INT8 would break delta_max
+    threads: int = 2
+    latency_runs: int = 100
+
+
+def _sizes(path: Path) -> float:
+    return path.stat().st_size / 2**20
+
+
+def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluation: ImageSet, config: CompressConfig,
+             stage: Path, *, checkpoint_dir: Path | None = None, resume: bool = False,
+             progress: Callable[[str], None] = lambda msg: None,
+             on_round: Callable[[RoundRecord], None] | None = None) -> dict:
+    """Run HQP on ``model`` and write every artifact into ``stage``; returns the ``hqp.json`` content."""
+    eval_loader = BatchLoader(evaluation, 500)
+    calibration = list(BatchLoader(train.subset(config.calib_images_per_class), 64, shuffle=True,
+                                   seed=config.prune.seed))
+
+    def finetune_fn(m: nn.Module, rnd: int) -> None:
+        progress(f"round {rnd}: fine-tuning {config.finetune.epochs:g} epoch(s)")
+        finetune(m, BatchLoader(train, config.batch_size, shuffle=True, augment=config.augment,
+                                seed=config.prune.seed * 1000 + rnd), config.finetune)
+
+    def evaluate_fn(m: nn.Module) -> dict:
+        return evaluate(m, eval_loader, num_classes=len(evaluation.classes))
+
+    progress("pruning: measuring the dense baseline")
+    pruned: PruneResult = prune_loop(model, example, calibration=calibration, finetune_fn=finetune_fn,
+                                     evaluate_fn=evaluate_fn, config=config.prune, checkpoint_dir=checkpoint_dir,
+                                     resume=resume, on_round=on_round)
+    save(pruned.model, stage / "model_pruned.hqp")
+    progress("exporting the dense FP32 baseline")
+    dense_onnx = stage / "model_dense_fp32.onnx"
+    export_onnx(model.eval(), (example,), dense_onnx)
+    budget_left = config.prune.delta_max - (pruned.baseline["top1"] - pruned.final["top1"])
+    shipped = ship_quantized(pruned.model, example, calibration, eval_loader, config.quant, stage,
+                             max_drop=max(0.0, budget_left) if config.hybrid else None, threads=config.threads,
+                             runs=config.latency_runs, progress=progress)
+    ship = shipped.report
+    dense_latency = measure_onnx(dense_onnx, tuple(example.shape), threads=config.threads, runs=config.latency_runs)
+    variants = {
+        "dense_fp32": {"top1": pruned.baseline["top1"], **_lat(dense_latency)},
+        "prune_only_fp32": {"top1": ship["accuracy"]["fp32"]["top1"], **_lat(ship["latency_onnxruntime_cpu"]["fp32"])},
+        "hqp_int8": {"top1": ship["accuracy"]["int8_onnxruntime"]["top1"],
+                     **_lat(ship["latency_onnxruntime_cpu"]["int8"])},
+    }
+    if config.ablation:
+        progress("ablation: quantize-only (dense INT8)")
+        dense_int8 = quantize(model, example, calibration, config.quant)
+        path = stage / "model_dense_int8.onnx"
+        export_onnx(dense_int8.model, (example,), path)
+        variants["quantize_only_int8"] = {
+            "top1": evaluate(OrtModel(path, config.threads), eval_loader)["top1"],
+            **_lat(measure_onnx(path, tuple(example.shape), threads=config.threads, runs=config.latency_runs))}
+    base = variants["dense_fp32"]
+    for v in variants.values():
+        v["drop"] = base["top1"] - v["top1"]
+        v["speedup"] = base["latency_ms"] / v["latency_ms"]
+        v["compression"] = base["size_mb"] / v["size_mb"]
+    final_drop = variants["hqp_int8"]["drop"]
+    macs = count_macs(pruned.model, meta.example_inputs(pruned.model))
+    params = count_params(pruned.model)
+    report = {
+        "schema": "hqp_fx/hqp.json/1",
+        "delta_max": config.prune.delta_max,
+        "within_delta_max": final_drop <= config.prune.delta_max,
+        "criterion": config.prune.criterion,
+        "seed": config.prune.seed,
+        "accuracy": {"dense_fp32": pruned.baseline, "pruned_fp32": ship["accuracy"]["fp32"],
+                     "hqp_int8_onnxruntime": ship["accuracy"]["int8_onnxruntime"], "final_drop": final_drop},
+        "compression": {"macs": [pruned.baseline_macs, macs], "params": [pruned.baseline_params, params],
+                        "macs_reduction": pruned.baseline_macs / macs, "params_reduction": pruned.baseline_params / params,
+                        "size_mb": [base["size_mb"], variants["hqp_int8"]["size_mb"]]},
+        "variants": variants,
+        "rounds": [asdict(r) for r in pruned.history],
+        "stop_reason": pruned.stop_reason,
+        "channels": _channels_per_layer(model, pruned.model),
+        "quantization": ship["quantization"],
+        "verification": ship["verification"],
+        "tensorrt": ship["tensorrt"],
+        "tensorrt_rules": ship["tensorrt_rules"],
+        "config": {"prune": asdict(config.prune), "finetune": asdict(config.finetune), "quant": asdict(config.quant),
+                   "batch_size": config.batch_size, "augment": config.augment, "ablation": config.ablation},
+        "machine": ship["machine"],
+        "latency_engine": f"ONNX Runtime CPUExecutionProvider, {config.threads} threads, median of "
+                          f"{config.latency_runs} runs after 10 warm-ups, batch {example.shape[0]}",
+        "versions": versions(),
+    }
+    write_json(stage / "hqp.json", report)
+    text = render_report(report)
+    atomic_write_text(stage / "report.md", text)
+    atomic_write_text(stage / "report.txt", text.replace("**", "").replace("`", ""))
+    plot_report(report, stage)
+    return report
+
+
+def _lat(stats: dict) -> dict:
+    return {"latency_ms": stats["median_ms"], "size_mb": stats["size_mb"], "peak_rss_mb": stats["peak_rss_mb"]}
+
+
+def _channels_per_layer(dense: nn.Module, pruned: nn.Module) -> dict[str, list[int]]:
+    """Output channels of every conv/linear layer: [dense, pruned]."""
+    def widths(m: nn.Module) -> dict[str, int]:
+        return {n: (x.out_channels if isinstance(x, nn.modules.conv._ConvNd) else x.out_features)
+                for n, x in m.named_modules() if isinstance(x, (nn.modules.conv._ConvNd, nn.Linear))}
+    before, after = widths(dense), widths(pruned)
+    return {n: [before[n], after[n]] for n in before if n in after}
+
+
+def render_report(r: dict) -> str:
+    acc, comp, var = r["accuracy"], r["compression"], r["variants"]
+    verdict = ("within" if r["within_delta_max"] else "**BROKE**") + f" delta_max = {r['delta_max']} points"
+    lines = [
+        "# HQP report", "",
+        f"- Final INT8 top-1 drop: **{acc['final_drop']:.2f}** points ({verdict}).",
+        f"- Top-1: dense FP32 {acc['dense_fp32']['top1']:.2f}% → pruned FP32 {acc['pruned_fp32']['top1']:.2f}% → "
+        f"HQP INT8 (ONNX Runtime) {acc['hqp_int8_onnxruntime']['top1']:.2f}%",
+        f"- MACs {comp['macs'][0] / 1e6:.2f}M → {comp['macs'][1] / 1e6:.2f}M ({comp['macs_reduction']:.2f}×), params "
+        f"{comp['params'][0] / 1e3:.1f}K → {comp['params'][1] / 1e3:.1f}K ({comp['params_reduction']:.2f}×), "
+        f"file {comp['size_mb'][0]:.2f} MB → {comp['size_mb'][1]:.2f} MB",
+        f"- Pruning: {len(r['rounds'])} rounds ({sum(x['accepted'] for x in r['rounds'])} accepted), criterion "
+        f"`{r['criterion']}`; stopped: {r['stop_reason']}",
+        f"- Quantization: backend `{r['quantization']['backend']}`, calibration `{r['quantization']['calibration']}` "
+        f"({r['quantization']['samples']} samples), layers kept in FP: "
+        + (", ".join(f"`{k}` ({v})" for k, v in r["quantization"]["float_layers"].items()) or "none"),
+        f"- Verification: {r['verification']['fp32']['summary']}; {r['verification']['int8']['summary']}",
+        f"- {r['tensorrt']['reason'] or 'TensorRT: INT8 engine built and verified'}",
+        "", f"Latency: {r['latency_engine']} on {r['machine']}.", "",
+        "| variant | top-1 % | drop | latency ms | speed-up | size MB | compression | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in var.items():
+        lines.append(f"| {name} | {v['top1']:.2f} | {v['drop']:+.2f} | {v['latency_ms']:.3f} | {v['speedup']:.2f}× | "
+                     f"{v['size_mb']:.2f} | {v['compression']:.2f}× | {v['peak_rss_mb']:.0f} |")
+    lines += ["", "| round | step | accepted | top-1 % | drop | MACs |", "|---|---|---|---|---|---|"]
+    for x in r["rounds"]:
+        lines.append(f"| {x['round']} | {x['step']:.2f} | {'yes' if x['accepted'] else 'rolled back'} | "
+                     f"{x['top1']:.2f} | {x['drop']:+.2f} | {x['macs'] / 1e6:.2f}M |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(r: dict, folder: Path) -> None:
+    """accuracy_vs_macs.png, channels_per_layer.png, latency_size.png (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def save_fig(fig, name):
+        tmp = folder / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        tmp.replace(folder / name)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base = r["accuracy"]["dense_fp32"]["top1"]
+    ax.scatter([r["compression"]["macs"][0] / 1e6], [base], c="k", label="dense")
+    for accepted, style in ((True, "o"), (False, "x")):
+        pts = [(x["macs"] / 1e6, x["top1"]) for x in r["rounds"] if x["accepted"] == accepted]
+        if pts:
+            ax.scatter(*zip(*pts), marker=style, label="accepted" if accepted else "rolled back")
+    ax.axhline(base - r["delta_max"], ls="--", c="r", label="baseline − delta_max")
+    ax.set(xlabel="MACs (M)", ylabel="top-1 (%)", title="accuracy vs MACs per round")
+    ax.legend()
+    save_fig(fig, "accuracy_vs_macs.png")
+
+    names = list(r["channels"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(names)), 4))
+    ax.bar(range(len(names)), [r["channels"][n][0] for n in names], color="lightgray", label="dense")
+    ax.bar(range(len(names)), [r["channels"][n][1] for n in names], label="kept")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    ax.set(ylabel="output channels", title="channels kept per layer")
+    ax.legend()
+    save_fig(fig, "channels_per_layer.png")
+
+    variants = r["variants"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a1.bar(list(variants), [v["latency_ms"] for v in variants.values()])
+    a1.set(ylabel="ms", title="ONNX Runtime CPU latency")
+    a2.bar(list(variants), [v["size_mb"] for v in variants.values()], color="tab:orange")
+    a2.set(ylabel="MB", title="file size")
+    for a in (a1, a2):
+        a.tick_params(axis="x", rotation=30, labelsize=7)
+    save_fig(fig, "latency_size.png")
+
+
+def remove_checkpoints(checkpoint_dir: Path) -> None:
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)

@@ -1,0 +1,98 @@
+"""hqp compress / hqp demo end to end: every output, the documented hqp.json schema, reported numbers that
+re-measure the same, and refusals that leave nothing behind."""
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import numpy as np
+import pytest
+from PIL import Image
+
+import hqp_fx
+from hqp_fx.cli import main
+from hqp_fx.compress import HQP_JSON_SCHEMA
+from hqp_fx.data import BatchLoader
+from hqp_fx.demo import digits
+from hqp_fx.deploy import OrtModel
+from hqp_fx.train import evaluate
+
+OUTPUTS = ["accuracy_vs_macs.png", "channels_per_layer.png", "hqp.json", "latency_size.png", "model_dense_fp32.onnx",
+           "model_dense_int8.onnx", "model_fp32.onnx", "model_int8.onnx", "model_pruned.hqp", "report.md", "report.txt",
+           "verification.txt"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    code = main(["demo", "--out", str(out), "--max-rounds", "3", "--finetune-epochs", "0.5", "--samples", "64",
+                 "--threads", "1"])
+    assert code == 0
+    return out
+
+
+def test_demo_writes_every_output_and_a_valid_sidecar(demo_run):
+    assert sorted(p.name for p in demo_run.iterdir()) == OUTPUTS
+    assert not (demo_run.parent / "out.checkpoints").exists(), "checkpoints are removed after a successful run"
+    report = json.loads((demo_run / "hqp.json").read_text())
+    jsonschema.validate(report, HQP_JSON_SCHEMA)
+    assert len(report["rounds"]) == 3 and report["stop_reason"].startswith("max_rounds")
+    assert set(report["variants"]) == {"dense_fp32", "prune_only_fp32", "hqp_int8", "quantize_only_int8"}
+    assert report["compression"]["macs"][1] < report["compression"]["macs"][0]
+    assert report["within_delta_max"] == (report["accuracy"]["final_drop"] <= report["delta_max"])
+    assert report["tensorrt"]["ran"] is False and "TensorRT: not run" in (demo_run / "report.md").read_text()
+    for png in ("accuracy_vs_macs.png", "channels_per_layer.png", "latency_size.png"):
+        with Image.open(demo_run / png) as img:
+            assert img.size[0] > 200 and img.size[1] > 200
+
+
+def test_demo_reported_accuracies_remeasure_the_same(demo_run):
+    report = json.loads((demo_run / "hqp.json").read_text())
+    _, test = digits()
+    loader = list(BatchLoader(test, 500))
+    pruned = hqp_fx.load(demo_run / "model_pruned.hqp")
+    assert evaluate(pruned, loader)["top1"] == pytest.approx(report["accuracy"]["pruned_fp32"]["top1"])
+    int8 = evaluate(OrtModel(demo_run / "model_int8.onnx"), loader)["top1"]
+    assert int8 == pytest.approx(report["accuracy"]["hqp_int8_onnxruntime"]["top1"])
+    widths = report["channels"]
+    assert widths["head"] == [64, 10] or widths["head"][1] == 10  # the classifier's outputs are never pruned
+    assert pruned.get_submodule("stem.0").out_channels == widths["stem.0"][1]
+
+
+def _folder(root, classes, per_class=2, size=32):
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(np.full((size, size, 3), 40 * i, np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--delta-max", "-1"], "--delta-max must be >= 0"),
+    (["--target-macs", "0.001"], "target_macs=0.001 is unreachable"),
+    (["--resume"], "--resume needs"),
+])
+def test_compress_refusals_leave_nothing_behind(tmp_path, monkeypatch, capsys, extra, message):
+    monkeypatch.setenv("HQP_CACHE", str(tmp_path / "cache"))
+    data = _folder(tmp_path / "data", [f"c{i}" for i in range(10)])
+    out = tmp_path / "out"
+    assert main(["compress", "cifar:resnet20", "--data", str(data), "--out", str(out), "--finetune-epochs", "0",
+                 *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["data"]
+
+
+def test_compress_refuses_mismatched_or_empty_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HQP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    three = _folder(tmp_path / "three", ["a", "b", "c"])
+    assert main(["compress", "cifar:resnet20", "--data", str(three), "--out", str(out)]) == 2
+    assert "predicts 10 classes but" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    (empty / "train" / "a").mkdir(parents=True)
+    (empty / "test" / "a").mkdir(parents=True)
+    assert main(["compress", "cifar:resnet20", "--data", str(empty), "--out", str(out)]) == 2
+    assert "hold no images" in capsys.readouterr().err
+    assert not out.exists()

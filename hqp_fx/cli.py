@@ -186,10 +186,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import digits, train_demo_model
 
     train, evaluation = digits()
-    print(f"demo: scikit-learn handwritten digits ({len(train)} train / {len(evaluation)} test images, 16x16), "
+    print(f"demo: scikit-learn handwritten digits ({len(train)} train / {len(evaluation)} test images, 8x8), "
           "training a small CNN on the spot ...", flush=True)
     model = train_demo_model(train, seed=args.seed)
-    report = _run_compress(args, model, torch.randn(1, 3, 16, 16), train, evaluation, augment=False, lr=args.lr)
+    report = _run_compress(args, model, torch.randn(1, 3, 8, 8), train, evaluation, augment=False, lr=args.lr)
     _summarise(report, args.out)
     return 0
 

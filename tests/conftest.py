@@ -13,3 +13,13 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"real data/checkpoints not found at {SHARED} (they live in the team's shared/ folder)")
     return SHARED
+
+
+def pytest_configure(config):
+    """One torch thread per xdist worker: two workers x two OpenMP threads on two cores spin against each other."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)

@@ -1,4 +1,5 @@
-"""Fisher scores under torch.distributed (gloo, 2 CPU processes) equal one process on the same data."""
+"""Under torch.distributed (gloo, 2 CPU processes) Fisher scores, and fine-tuning through hqp_fx.train, equal one
+process on the same data."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,9 @@ import torch.multiprocessing as mp
 import hqp_fx
 from hqp_fx import meta
 from hqp_fx.models import CifarResNet
+from hqp_fx.data import BatchLoader, ImageSet
 from hqp_fx.passes import ChannelDependencyPass, score_channels, select_channels
+from hqp_fx.train import FinetuneConfig, finetune
 
 from helpers import realistic_random
 
@@ -41,14 +44,17 @@ def worker(rank: int, world: int, port: int, out: str):
         dist.destroy_process_group()
 
 
-def test_ddp_scores_and_decisions_equal_single_process(tmp_path):
+def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_ddp_scores_and_decisions_equal_single_process(tmp_path):
     out = tmp_path / "scores.pt"
-    mp.spawn(worker, args=(2, port, str(out)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     distributed = torch.load(out, weights_only=True)
     gm, batches = setup()
     groups = meta.channel_groups(gm)
@@ -63,3 +69,45 @@ def test_ddp_scores_and_decisions_equal_single_process(tmp_path):
         for k in single:  # float64 sums of float32 gradients: only the summation order differs
             torch.testing.assert_close(distributed[c][k], single[k], rtol=1e-9, atol=1e-15)
         assert select_channels(groups, distributed[c], 0.3) == select_channels(groups, single, 0.3)
+
+
+def finetune_setup():
+    """A BN-free net (BN statistics are per process under DDP, by design) and 64 seeded images."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(32, 4))
+    gen = torch.Generator().manual_seed(3)
+    data = ImageSet(torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=gen),
+                    torch.randint(0, 4, (64,), generator=gen), ("a", "b", "c", "d"))
+    return net, data
+
+
+FT = FinetuneConfig(epochs=2, lr=0.05)
+
+
+def finetune_worker(rank: int, world: int, port: int, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        net, data = finetune_setup()
+        finetune(net, BatchLoader(data, 8, shuffle=True, seed=1, rank=rank, world_size=world), FT)
+        if rank == 0:
+            torch.save(net.state_dict(), out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_finetune_equals_single_process(tmp_path):
+    """Rank r's i-th batch holds the r-th half of the single run's i-th (twice as large) batch, so the averaged
+    DDP gradient is the single run's gradient and the weights must agree after every step."""
+    out = tmp_path / "weights.pt"
+    mp.spawn(finetune_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    distributed = torch.load(out, weights_only=True)
+    net, data = finetune_setup()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    losses = finetune(net, BatchLoader(data, 16, shuffle=True, seed=1), FT)
+    assert len(losses) == 8
+    for k, v in net.state_dict().items():
+        assert not torch.allclose(v, before[k]), f"{k} did not train"
+        torch.testing.assert_close(distributed[k], v, rtol=1e-5, atol=1e-6)

@@ -22,7 +22,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from ..core import HQPError
+from ..core import HQPError, atomic_write_bytes
 
 __all__ = ["TENSORRT_OPS", "OnnxExportError", "RuleViolation", "check_tensorrt_rules", "export_onnx"]
 
@@ -212,12 +212,7 @@ def _dim0_is_symbolic(value: onnx.ValueInfoProto) -> bool:
 def _save(proto: onnx.ModelProto, path: Path) -> None:
     """Single-file save; readers see the old file or the complete new one, never a partial write."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(proto.SerializeToString())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, proto.SerializeToString())
 
 
 # --------------------------------------------------------------------------------------------------- TensorRT rules

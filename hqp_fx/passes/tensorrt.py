@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core import HQPError
+from ..core import HQPError, atomic_write_bytes
 
 __all__ = [
     "TOLERANCES",
@@ -321,13 +321,6 @@ def verify_onnx(onnx_path: str | os.PathLike, reference_model: torch.nn.Module, 
     return _compare(candidate, reference, feeds, TOLERANCES[kind])
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a binary file so that readers see either the old or the complete new content."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _profile(sig: _Signature, feeds: list[OrderedDict[str, np.ndarray]]) -> list[Any] | None:
     """An optimisation profile spanning the given batch shapes when the ONNX input has dynamic dimensions."""
     if all(isinstance(d, int) for d in sig.input_shape):
@@ -374,7 +367,7 @@ def build_tensorrt_engine(onnx_path: str | os.PathLike, engine_path: str | os.Pa
             raise VerificationError(f"TensorRT could not build an engine from {onnx_path}: {exc}; see the TensorRT "
                                     "log above for the unsupported layer") from None
     engine_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(engine_path, bytes(engine_bytes))
+    atomic_write_bytes(engine_path, bytes(engine_bytes))
 
     kind = "int8-tensorrt" if int8 else "fp32"
     candidate = TrtRunner(EngineFromBytes(bytes(engine_bytes)), name="tensorrt")

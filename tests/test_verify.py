@@ -58,42 +58,11 @@ def export(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
 
 
 def quantize_pt2e(model: nn.Module, calib: list[torch.Tensor]) -> torch.fx.GraphModule:
-    """INT8 the way TensorRT wants it: symmetric per-tensor activations, symmetric per-channel weights."""
-    from torchao.quantization.pt2e.observer import (
-        MinMaxObserver,
-        PerChannelMinMaxObserver,
-    )
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import (
-        QuantizationAnnotation,
-        QuantizationSpec,
-        Quantizer,
-    )
+    """INT8 the way TensorRT wants it: the project's tensorrt preset, min-max calibrated on ``calib``."""
+    from hqp_fx.passes.quantize import QuantConfig, quantize
 
-    act = QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_symmetric,
-                           observer_or_fake_quant_ctr=MinMaxObserver.with_args(
-                               qscheme=torch.per_tensor_symmetric, dtype=torch.int8, quant_min=-128, quant_max=127))
-    wt = QuantizationSpec(dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric,
-                          ch_axis=0, observer_or_fake_quant_ctr=PerChannelMinMaxObserver.with_args(
-                              qscheme=torch.per_channel_symmetric, dtype=torch.int8, quant_min=-127, quant_max=127,
-                              ch_axis=0))
-
-    class ConvLinearQuantizer(Quantizer):
-        def annotate(self, gm):
-            for n in gm.graph.nodes:
-                if n.op == "call_function" and n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default):
-                    n.meta["quantization_annotation"] = QuantizationAnnotation(
-                        input_qspec_map={n.args[0]: act, n.args[1]: wt}, _annotated=True)
-            return gm
-
-        def validate(self, gm):
-            pass
-
-    prepared = prepare_pt2e(torch.export.export(model.eval(), (calib[0],)).module(), ConvLinearQuantizer())
-    with torch.no_grad():
-        for x in calib:
-            prepared(x)
-    return convert_pt2e(prepared)
+    return quantize(model, calib[0], calib, QuantConfig(backend="tensorrt", calibration="minmax",
+                                                        num_samples=sum(len(c) for c in calib))).model
 
 
 def max_abs_output(model: nn.Module, inputs: list[torch.Tensor]) -> float:

@@ -33,15 +33,19 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(16, 10)
 
     def forward(self, x):
+        return self.fc(self.pool(self.body(x)).flatten(1))
+
+    def body(self, x):
         x = self.stem(x)
         y = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(x + self.bn2(self.conv2(y)))
-        return self.fc(self.pool(x).flatten(1))
+        return torch.relu(x + self.bn2(self.conv2(y)))
 
 
 class PinnedBatch(SmallCNN):
+    """The same network with its batch size written into forward: torch.export can only capture it statically."""
+
     def forward(self, x):
-        return self.fc(self.pool(self.stem(x)).view(2, 16))
+        return self.fc(self.pool(self.body(x)).view(2, 16))
 
 
 class DataDependent(nn.Module):
@@ -88,46 +92,6 @@ def _assert_close(got: np.ndarray, want: torch.Tensor, rel: float) -> None:
     assert err <= rel, f"relative error {err:.3g} > {rel:.1g}"
 
 
-def _pt2e_quantize(model: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
-    """TensorRT-style pt2e quantization: symmetric per-tensor int8 activations, per-channel int8 weights (axis 0)."""
-    from torchao.quantization.pt2e.observer import (
-        MinMaxObserver,
-        PerChannelMinMaxObserver,
-    )
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import (
-        QuantizationAnnotation,
-        QuantizationSpec,
-        Quantizer,
-    )
-
-    act = QuantizationSpec(
-        dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_symmetric,
-        observer_or_fake_quant_ctr=MinMaxObserver.with_args(
-            qscheme=torch.per_tensor_symmetric, dtype=torch.int8, quant_min=-128, quant_max=127))
-    wt = QuantizationSpec(
-        dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric, ch_axis=0,
-        observer_or_fake_quant_ctr=PerChannelMinMaxObserver.with_args(
-            qscheme=torch.per_channel_symmetric, dtype=torch.int8, quant_min=-127, quant_max=127, ch_axis=0))
-
-    class TRTQuantizer(Quantizer):
-        def annotate(self, gm):
-            for n in gm.graph.nodes:
-                if n.op == "call_function" and n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default):
-                    n.meta["quantization_annotation"] = QuantizationAnnotation(
-                        input_qspec_map={n.args[0]: act, n.args[1]: wt}, _annotated=True)
-            return gm
-
-        def validate(self, gm):
-            pass
-
-    prepared = prepare_pt2e(torch.export.export(model.eval(), (x,)).module(), TRTQuantizer())
-    with torch.no_grad():
-        for _ in range(4):
-            prepared(torch.randn_like(x))
-    return convert_pt2e(prepared)
-
-
 def _weight_dqs(proto: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.TensorProto]]:
     inits = {t.name: t for t in proto.graph.initializer}
     return [(n, inits[n.input[0]]) for n in proto.graph.node
@@ -137,10 +101,14 @@ def _weight_dqs(proto: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.Tenso
 
 @pytest.fixture(scope="module")
 def quantized():
-    """(pt2e-quantized small CNN, example input), built once for several tests."""
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    q = _pt2e_quantize(_model(), x)
-    return q, x
+    """(the small CNN with a pinned batch, quantized by the tensorrt preset; example input), built once."""
+    from hqp_fx.passes.quantize import QuantConfig, quantize
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    calib = [torch.randn(2, 3, 32, 32, generator=gen) for _ in range(4)]
+    result = quantize(_model(PinnedBatch), (x,), calib, QuantConfig(backend="tensorrt", calibration="minmax"))
+    return result.model, x
 
 
 # --------------------------------------------------------------------------------------------------- FP32
@@ -220,7 +188,7 @@ def test_int8_qdq_export_matches_pt2e_model(tmp_path, quantized):
         want = q(x)
     _assert_close(_ort(path, x, optimize=False), want, 1e-5)
     with torch.no_grad():  # the 1e-5 check means something: quantization moved the output by far more
-        gap = (_model()(x) - want).abs().max() / want.abs().max()
+        gap = (_model(PinnedBatch)(x) - want).abs().max() / want.abs().max()
     assert gap > 1e-3
 
     weights = _weight_dqs(proto)

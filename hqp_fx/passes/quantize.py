@@ -361,24 +361,40 @@ def take_samples(calibration: Iterable, num_samples: int) -> list[torch.Tensor]:
     return batches
 
 
-def export_for_quantization(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+def export_for_quantization(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], *,
+                            strict: bool = False) -> fx.GraphModule:
     """``torch.export`` with a dynamic batch where the model allows it (static, as given, otherwise).
 
-    The batch-2 probe matters: torch.export specialises a dimension whose example size is 1.
+    The batch-2 probe matters: torch.export specialises a dimension whose example size is 1. ``strict``
+    (TorchDynamo capture) records a ``source_fn_stack`` per call; with it one nn.ReLU module called twice
+    (torchvision's ResNet blocks) yields two ops instead of one two-output partition, which torchao's
+    X86InductorQuantizer needs. When strict capture fails the non-strict export is used.
     """
     model = model.eval()
-    dynamic = tuple({0: torch.export.Dim.AUTO} for _ in example_inputs)
-    probe = tuple(torch.cat([x, x]) for x in example_inputs)
+    if strict:
+        try:
+            return _export(model, example_inputs, strict=True)
+        except Exception:  # dynamo refuses more models than non-strict tracing; those go the non-strict way
+            pass
     try:
-        exported = torch.export.export(model, probe, dynamic_shapes=dynamic).module()
-        if _static_batch(exported) is None:
-            return exported
-        return torch.export.export(model, tuple(example_inputs)).module()
+        return _export(model, example_inputs, strict=False)
     except Exception as exc:  # torch.export raises many types; all mean "not exportable"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QuantizeError(f"torch.export cannot capture {type(model).__name__}: {first}. pt2e quantization "
                             "needs an exportable model; remove data-dependent Python control flow from forward "
                             "or quantize a submodule") from exc
+
+
+def _export(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], strict: bool) -> fx.GraphModule:
+    dynamic = tuple({0: torch.export.Dim.AUTO} for _ in example_inputs)
+    probe = tuple(torch.cat([x, x]) for x in example_inputs)
+    try:
+        exported = torch.export.export(model, probe, dynamic_shapes=dynamic, strict=strict).module()
+        if _static_batch(exported) is None:
+            return exported
+    except Exception:  # a forward that pins the batch (x.view(2, -1)) fails here rather than specialising
+        pass
+    return torch.export.export(model, tuple(example_inputs), strict=strict).module()
 
 
 def _run_batches(model, batches: list[torch.Tensor], static_batch: int | None) -> list[torch.Tensor]:
@@ -465,7 +481,7 @@ def quantize(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...] | 
     """Quantize a float model (never modified) with ``config``; see QuantConfig for the bad-range policy."""
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     batches = take_samples(calibration, config.num_samples)
-    exported = export_for_quantization(copy.deepcopy(model), example_inputs)
+    exported = export_for_quantization(copy.deepcopy(model), example_inputs, strict=config.backend == "x86-inductor")
     layers = _weighted_layers(exported)
     known = set(layers.values())
     unknown = sorted(set(config.keep_float) - known)
@@ -502,7 +518,7 @@ def layer_sensitivity(model: torch.nn.Module, example_inputs, calibration: Itera
     """Output SQNR (dB) with only one weighted layer quantized, for every weighted layer (lower = more sensitive)."""
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     batches = take_samples(calibration, config.num_samples)
-    exported = export_for_quantization(copy.deepcopy(model), example_inputs)
+    exported = export_for_quantization(copy.deepcopy(model), example_inputs, strict=config.backend == "x86-inductor")
     result = {}
     for name in _weighted_layers(exported).values():
         converted, problems = _quantize_once(exported, config, batches, skip=(), only=name)

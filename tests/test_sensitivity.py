@@ -67,7 +67,7 @@ def test_fisher_taylor_l1_l2_match_hand_computation():
         taylor += ((W1 * g["fc1.weight"]).sum(1) + b1 * g["fc1.bias"] + (W2 * g["fc2.weight"]).sum(0)).abs().double()
     for p in gm.parameters():
         p.grad = None
-    got = {c: score_channels(gm, c, data, normalize=False)["fc1"] for c in ("fisher", "taylor", "l1", "l2")}
+    got = {c: score_channels(gm, c, data, normalize="none")["fc1"] for c in ("fisher", "taylor", "l1", "l2")}
     torch.testing.assert_close(got["fisher"], fisher, rtol=1e-5, atol=1e-12)
     torch.testing.assert_close(got["taylor"], taylor, rtol=1e-5, atol=1e-12)
     l1 = (W1.abs().sum(1) + b1.abs() + W2.abs().sum(0)).double()
@@ -75,6 +75,27 @@ def test_fisher_taylor_l1_l2_match_hand_computation():
     torch.testing.assert_close(got["l1"], l1, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(got["l2"], l2, rtol=1e-6, atol=1e-9)
     assert all(p.grad is None for p in gm.parameters())  # scoring leaves no gradients behind
+
+
+def test_layer_normalisation_puts_each_coupled_layer_on_one_scale():
+    """The default for fisher/l1/l2: every coupled layer's term over its mean, then summed over the layers."""
+    gm = prepared(MLP())
+    data = batches()
+    W1, b1, W2 = gm.fc1.weight.detach(), gm.fc1.bias.detach(), gm.fc2.weight.detach()
+    terms = [torch.zeros(4, dtype=torch.float64) for _ in range(3)]
+    for g in hand_gradients(gm, data):
+        for t, v in zip(terms, (g["fc1.weight"].square().sum(1), g["fc1.bias"].square(), g["fc2.weight"].square().sum(0))):
+            t += v.double()
+    for p in gm.parameters():
+        p.grad = None
+    fisher = sum(t / t.mean() for t in terms)
+    torch.testing.assert_close(score_channels(gm, "fisher", data)["fc1"], fisher, rtol=1e-5, atol=1e-12)
+    l1 = sum(t / t.mean() for t in (W1.abs().sum(1).double(), b1.abs().double(), W2.abs().sum(0).double()))
+    torch.testing.assert_close(score_channels(gm, "l1", data)["fc1"], l1, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="normalize='layer' needs a per-layer sum"):
+        score_channels(gm, "taylor", data, normalize="layer")
+    with pytest.raises(ValueError, match="normalize must be"):
+        score_channels(gm, "l1", data, normalize=True)
 
 
 def test_group_fisher_sums_coupled_mask_gradients_before_squaring():
@@ -93,10 +114,10 @@ def test_group_fisher_sums_coupled_mask_gradients_before_squaring():
         expected += ((g1 + g2).double() ** 2 / 2).sum(0)
         count += x.shape[0]
     expected /= count
-    got = score_channels(gm, "group-fisher", data, normalize=False)["lin1"]
+    got = score_channels(gm, "group-fisher", data, normalize="none")["lin1"]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-14)
     # FLOPs normalisation divides by the MACs a channel costs: lin1 row (5) + lin2 row (4) + lin2 column (4) + head column (3)
-    flops = score_channels(gm, "group-fisher", data, normalize=False, flops_normalize=True)["lin1"]
+    flops = score_channels(gm, "group-fisher", data, normalize="none", flops_normalize=True)["lin1"]
     torch.testing.assert_close(flops, expected / 16, rtol=1e-5, atol=1e-14)
 
 
@@ -110,12 +131,14 @@ def test_scoring_is_deterministic_normalised_and_keeps_bn_and_mode():
     data = [(torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 3, (4,), generator=gen)) for _ in range(2)]
     stats = {k: v.clone() for k, v in gm.named_buffers()}
     for criterion in ("fisher", "group-fisher", "taylor", "l1", "l2", "random"):
-        a = score_channels(gm, criterion, data)
-        b = score_channels(gm, criterion, data)
+        a = score_channels(gm, criterion, data, normalize="group")
+        b = score_channels(gm, criterion, data, normalize="group")
         assert a.keys() == {g.id for g in meta.channel_groups(gm) if g.prunable}
         for k in a:
             assert torch.equal(a[k], b[k]), f"{criterion} is not deterministic"
             assert torch.isclose(a[k].mean(), torch.tensor(1.0, dtype=torch.float64)), "normalised to mean 1"
+        assert all(torch.equal(score_channels(gm, criterion, data)[k], v)
+                   for k, v in score_channels(gm, criterion, data).items()), f"{criterion} default is not deterministic"
     assert gm.training  # mode restored
     assert all(torch.equal(v, stats[k]) for k, v in gm.named_buffers())  # BN ran in eval mode
     assert not torch.equal(score_channels(gm, "random", seed=0)["0"], score_channels(gm, "random", seed=1)["0"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,7 +27,7 @@ from .passes.quantize import QuantConfig, quantize
 from .serialize import save
 from .train import FinetuneConfig, evaluate, finetune
 
-__all__ = ["CompressConfig", "compress", "HQP_JSON_SCHEMA"]
+__all__ = ["CompressConfig", "compress", "onnx_latency", "HQP_JSON_SCHEMA"]
 
 HQP_JSON_SCHEMA = json.loads(resources.files("hqp_fx").joinpath("hqp.schema.json").read_text())
 
@@ -45,8 +46,14 @@ class CompressConfig:
     latency_runs: int = 100
 
 
-def _sizes(path: Path) -> float:
-    return path.stat().st_size / 2**20
+def onnx_latency(example: torch.Tensor, threads: int = 2, runs: int = 100) -> Callable[[nn.Module], float]:
+    """A ``latency_fn`` for ``prune_loop``: the model's FP32 ONNX Runtime CPU latency in ms (``measure_onnx``)."""
+    def measure(model: nn.Module) -> float:
+        with tempfile.TemporaryDirectory(prefix="hqp_latency_") as tmp:
+            path = Path(tmp) / "model.onnx"
+            export_onnx(model, (example,), path)
+            return measure_onnx(path, tuple(example.shape), threads=threads, runs=runs)["median_ms"]
+    return measure
 
 
 def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluation: ImageSet, config: CompressConfig,
@@ -69,7 +76,8 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluatio
     progress("pruning: measuring the dense baseline")
     pruned: PruneResult = prune_loop(model, example, calibration=calibration, finetune_fn=finetune_fn,
                                      evaluate_fn=evaluate_fn, config=config.prune, checkpoint_dir=checkpoint_dir,
-                                     resume=resume, on_round=on_round)
+                                     resume=resume, on_round=on_round,
+                                     latency_fn=onnx_latency(example, config.threads, config.latency_runs))
     save(pruned.model, stage / "model_pruned.hqp")
     progress("exporting the dense FP32 baseline")
     dense_onnx = stage / "model_dense_fp32.onnx"

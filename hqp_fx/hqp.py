@@ -3,8 +3,8 @@
 Each round removes the least sensitive ``step`` fraction of all prunable channels (globally
 ranked), fine-tunes briefly and re-validates. A round whose top-1 drop against the dense
 baseline exceeds ``delta_max`` is rolled back and retried with the next smaller step
-(5% -> 2% -> 1%); the loop stops when the step would fall below its floor, when a MACs or
-parameter target is reached, or when nothing is left to prune. Every round is checkpointed
+(5% -> 2% -> 1%); the loop stops when the step would fall below its floor, when a MACs,
+parameter or measured-latency target is reached, or when nothing is left to prune. Every round is checkpointed
 atomically, and ``resume=True`` continues after an interruption with the same decisions
 (fine-tuning and scoring are seeded by round, not by wall-clock state).
 
@@ -45,6 +45,7 @@ class HQPConfig:
     max_rounds: int = 100
     target_macs: float | None = None  # stop once MACs <= this fraction of the baseline
     target_params: float | None = None
+    target_latency: float | None = None  # stop once latency_fn(model) <= this fraction of the dense model's
     calib_batches: int | None = 8
     ignore: tuple[str, ...] = ()
     seed: int = 0
@@ -56,7 +57,7 @@ class HQPConfig:
             raise ValueError(f"steps must be decreasing fractions in (0, 1), e.g. (0.05, 0.02, 0.01); got {self.steps}")
         if self.criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
-        for name in ("target_macs", "target_params"):
+        for name in ("target_macs", "target_params", "target_latency"):
             v = getattr(self, name)
             if v is not None and not 0 < v < 1:
                 raise ValueError(f"{name} is a fraction of the dense model in (0, 1), got {v}")
@@ -77,6 +78,7 @@ class RoundRecord:
     macs: int
     params: int
     removed: dict[str, int]  # group id -> channels removed this round
+    latency: float | None = None  # latency_fn of the candidate, when a latency target is set
 
 
 @dataclass
@@ -88,6 +90,7 @@ class PruneResult:
     baseline_params: int
     history: list[RoundRecord] = field(default_factory=list)
     stop_reason: str = ""
+    baseline_latency: float | None = None
 
 
 def _analysed(gm: fx.GraphModule) -> fx.GraphModule:
@@ -115,13 +118,19 @@ def prune_loop(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     on_round: Callable[[RoundRecord], None] | None = None,
+    latency_fn: Callable[[nn.Module], float] | None = None,
 ) -> PruneResult:
     """Run the HQP pruning loop on a copy of ``model``.
 
     ``finetune_fn(model, round_index)`` trains in place (seed it by the round for exact resume);
     ``evaluate_fn(model)`` returns at least ``{"top1": percent}``; ``calibration`` yields
-    ``(inputs, targets)`` batches for the sensitivity criterion.
+    ``(inputs, targets)`` batches for the sensitivity criterion. ``latency_fn(model)`` measures what
+    ``config.target_latency`` is a fraction of (seconds, on the deployment engine; e.g.
+    ``hqp_fx.compress.onnx_latency``); it is called on the dense model and on every accepted candidate.
     """
+    if config.target_latency is not None and latency_fn is None:
+        raise ValueError("target_latency needs latency_fn: pass a callable that measures a model's latency "
+                         "(e.g. hqp_fx.compress.onnx_latency(example))")
     min_keep = config.min_keep if config.min_keep is not None else config.align
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     state = _read_state(ckpt) if resume else None
@@ -134,17 +143,20 @@ def prune_loop(
         baseline = evaluate_fn(current)
         base_macs, base_params = count_macs(current, example), count_params(current)
         _check_targets(current, config, min_keep, example, base_macs, base_params)
+        base_latency = latency_fn(current) if config.target_latency is not None else None
         history: list[RoundRecord] = []
         step_index, next_round = 0, 0
     else:
         current = _analysed(load(ckpt / state["model"]))
         example = meta.example_inputs(current)
         baseline, base_macs, base_params = state["baseline"], state["baseline_macs"], state["baseline_params"]
+        base_latency = state.get("baseline_latency")
         history = [RoundRecord(**r) for r in state["history"]]
         step_index, next_round = state["step_index"], state["next_round"]
 
     current_macs, current_params = count_macs(current, example), count_params(current)
     accepted_top1 = next((r.top1 for r in reversed(history) if r.accepted), baseline["top1"])
+    current_latency = next((r.latency for r in reversed(history) if r.accepted), base_latency)
     stop = ""
     for rnd in range(next_round, config.max_rounds):
         if config.target_macs is not None and current_macs <= config.target_macs * base_macs:
@@ -152,6 +164,10 @@ def prune_loop(
             break
         if config.target_params is not None and current_params <= config.target_params * base_params:
             stop = f"params target reached ({current_params / base_params:.3f} of dense <= {config.target_params})"
+            break
+        if config.target_latency is not None and current_latency <= config.target_latency * base_latency:
+            stop = (f"latency target reached ({current_latency / base_latency:.3f} of dense <= "
+                    f"{config.target_latency})")
             break
         step = config.steps[step_index]
         torch.manual_seed(config.seed * 1000 + rnd)
@@ -174,17 +190,19 @@ def prune_loop(
         drop = baseline["top1"] - stats["top1"]
         accepted = drop <= config.delta_max
         record = RoundRecord(rnd, step, accepted, stats["top1"], drop, count_macs(candidate, example),
-                             count_params(candidate), {k: len(v) for k, v in aligned.items()})
+                             count_params(candidate), {k: len(v) for k, v in aligned.items()},
+                             latency_fn(candidate) if config.target_latency is not None and accepted else None)
         history.append(record)
         if accepted:
             current = _analysed(candidate)
             current_macs, current_params, accepted_top1 = record.macs, record.params, record.top1
+            current_latency = record.latency
         elif step_index + 1 < len(config.steps):
             step_index += 1
         else:
             stop = f"round {rnd} broke delta_max ({drop:.2f} > {config.delta_max}) at the smallest step; rolled back"
         if ckpt is not None:
-            _write_state(ckpt, current, baseline, base_macs, base_params, history, step_index, rnd + 1)
+            _write_state(ckpt, current, baseline, base_macs, base_params, base_latency, history, step_index, rnd + 1)
         if on_round is not None:
             on_round(record)
         if stop:
@@ -192,7 +210,7 @@ def prune_loop(
     else:
         stop = f"max_rounds ({config.max_rounds}) reached"
     final = {"top1": accepted_top1}
-    return PruneResult(current, baseline, final, base_macs, base_params, history, stop)
+    return PruneResult(current, baseline, final, base_macs, base_params, history, stop, base_latency)
 
 
 def _check_targets(gm, config: HQPConfig, min_keep: int, example, base_macs: int, base_params: int) -> None:
@@ -213,11 +231,12 @@ def _read_state(ckpt: Path | None) -> dict | None:
     return json.loads((ckpt / STATE_FILE).read_text())
 
 
-def _write_state(ckpt: Path, model, baseline, base_macs, base_params, history, step_index, next_round) -> None:
+def _write_state(ckpt: Path, model, baseline, base_macs, base_params, base_latency, history, step_index,
+                 next_round) -> None:
     """Model file first, then the state that points at it: a kill between the two loses nothing."""
     ckpt.mkdir(parents=True, exist_ok=True)
     name = f"round_{next_round - 1:03d}.hqp"
     save(model, ckpt / name)
     state = {"model": name, "baseline": baseline, "baseline_macs": base_macs, "baseline_params": base_params,
-             "history": [asdict(r) for r in history], "step_index": step_index, "next_round": next_round}
+             "baseline_latency": base_latency, "history": [asdict(r) for r in history], "step_index": step_index, "next_round": next_round}
     atomic_write_text(ckpt / STATE_FILE, json.dumps(state, indent=1))

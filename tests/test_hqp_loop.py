@@ -42,11 +42,11 @@ class Stubs:
         return {"top1": 90.0 - 10.0 * (1 - hqp_fx.count_params(m) / self.base)}
 
 
-def run(tmp_path=None, stubs=None, resume=False, **cfg):
+def run(tmp_path=None, stubs=None, resume=False, latency_fn=None, **cfg):
     stubs = stubs or Stubs()
     config = HQPConfig(**{"delta_max": 2.0, "align": 4, "criterion": "fisher", **cfg})
     return prune_loop(model(), X, calibration=CALIB, finetune_fn=stubs.finetune, evaluate_fn=stubs.evaluate,
-                      config=config, checkpoint_dir=tmp_path, resume=resume)
+                      config=config, checkpoint_dir=tmp_path, resume=resume, latency_fn=latency_fn)
 
 
 def test_loop_honours_delta_max_with_forced_rollback():
@@ -83,6 +83,29 @@ def test_targets_stop_the_loop_and_unreachable_targets_fail_cleanly(tmp_path):
     with pytest.raises(ValueError, match="target_macs=0.01 is unreachable"):
         run(tmp_path / "c", target_macs=0.01)
     assert not (tmp_path / "c").exists()  # nothing half-written
+
+
+def test_measured_latency_target_stops_the_loop_and_survives_resume(tmp_path):
+    """A deterministic stand-in for a latency measurement: the model's MACs in millions."""
+    calls = []
+
+    def latency(m):
+        calls.append(hqp_fx.count_macs(m))
+        return calls[-1] / 1e6
+
+    res = run(tmp_path / "a", delta_max=50.0, target_latency=0.9, latency_fn=latency)
+    assert "latency target reached" in res.stop_reason
+    assert res.baseline_latency == calls[0] / 1e6 and len(calls) == 1 + sum(r.accepted for r in res.history)
+    accepted = [r for r in res.history if r.accepted]
+    assert accepted[-1].latency <= 0.9 * res.baseline_latency < accepted[-2].latency
+    assert all(r.latency is None for r in res.history if not r.accepted)
+    with pytest.raises(KeyboardInterrupt):  # resume: the baseline latency comes from the checkpoint
+        run(tmp_path / "b", Stubs(fail_at=1), delta_max=50.0, target_latency=0.9, latency_fn=latency)
+    resumed = run(tmp_path / "b", resume=True, delta_max=50.0, target_latency=0.9, latency_fn=latency)
+    assert [(r.round, r.params, r.latency) for r in resumed.history] == [(r.round, r.params, r.latency)
+                                                                         for r in res.history]
+    with pytest.raises(ValueError, match="target_latency needs latency_fn"):
+        run(target_latency=0.5)
 
 
 def test_bad_configuration_is_explained(tmp_path):

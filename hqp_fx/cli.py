@@ -58,6 +58,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_and_data(args: argparse.Namespace):
+    """MODEL/--weights/--input-size/--data of ``hqp quantize`` and ``hqp compress``:
+    (model spec, input size, example input, train ImageSet, evaluation ImageSet), class count checked."""
+    spec = build_model(args.model, args.weights)
+    size = args.input_size or spec.input_shape[-1]
+    example = torch.randn(spec.input_shape[:2] + (size, size))
+    train, evaluation = _load_data(args.data, size, spec.model, example)
+    return spec, size, example, train, evaluation
+
+
 def _load_data(root: str, size: int, model: torch.nn.Module, example: torch.Tensor):
     """(train ImageSet, evaluation ImageSet) resized to the model's input, after checking the class count."""
     from .data import find_splits, load_split
@@ -87,10 +97,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                          keep_float=tuple(args.keep_float or ()))
     if args.max_drop is not None and args.max_drop < 0:
         raise ValueError(f"--max-drop must be >= 0 (top-1 points), got {args.max_drop}")
-    spec = build_model(args.model, args.weights)
-    size = args.input_size or spec.input_shape[-1]
-    example = torch.randn(spec.input_shape[:2] + (size, size))
-    train, evaluation = _load_data(args.data, size, spec.model, example)
+    spec, size, example, train, evaluation = _model_and_data(args)
     if args.eval_samples:
         evaluation = evaluation.subset(max(1, args.eval_samples // len(evaluation.classes)))
     calibration = BatchLoader(train, batch_size=32, shuffle=True, seed=args.seed)
@@ -135,7 +142,7 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, ev
     steps = tuple(s for s in (args.step, 0.02, 0.01) if s <= args.step)
     config = CompressConfig(
         prune=HQPConfig(delta_max=args.delta_max, steps=steps, criterion=args.criterion, align=args.align,
-                        target_macs=args.target_macs, ignore=tuple(args.ignore or ()), seed=args.seed,
+                        target_macs=args.target_macs, target_latency=args.target_latency, ignore=tuple(args.ignore or ()), seed=args.seed,
                         max_rounds=args.max_rounds),
         finetune=FinetuneConfig(epochs=args.finetune_epochs, lr=lr),
         quant=QuantConfig(backend=args.backend, calibration=args.calibration, num_samples=args.samples),
@@ -173,10 +180,7 @@ def _summarise(report: dict, out: str) -> None:
 def cmd_compress(args: argparse.Namespace) -> int:
     if args.delta_max < 0:
         raise ValueError(f"--delta-max must be >= 0 (top-1 points), got {args.delta_max}")
-    spec = build_model(args.model, args.weights)
-    size = args.input_size or spec.input_shape[-1]
-    example = torch.randn(spec.input_shape[:2] + (size, size))
-    train, evaluation = _load_data(args.data, size, spec.model, example)
+    spec, _, example, train, evaluation = _model_and_data(args)
     report = _run_compress(args, spec.model, example, train, evaluation, augment=True, lr=args.lr)
     _summarise(report, args.out)
     return 0
@@ -204,6 +208,8 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--align", type=int, default=8, help="round kept channels to this multiple")
     c.add_argument("--criterion", default="fisher", choices=("fisher", "group-fisher", "taylor", "l1", "l2", "random"))
     c.add_argument("--target-macs", type=float, help="stop once MACs <= this fraction of the dense model")
+    c.add_argument("--target-latency", type=float, help="stop once the FP32 ONNX Runtime CPU latency <= this "
+                   "fraction of the dense model's (measured every accepted round)")
     c.add_argument("--ignore", action="append", help="module never pruned (repeatable)")
     c.add_argument("--max-rounds", type=int, default=12 if demo else 100)
     c.add_argument("--backend", default="onnxruntime" if demo else "tensorrt", choices=BACKENDS)

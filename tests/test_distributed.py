@@ -30,14 +30,13 @@ def setup():
     return gm, batches
 
 
-def worker(rank: int, world: int, port: int, out: str):
+def _run_gloo(rank: int, world: int, port: int, out: str, job):
+    """One rank of a 2-process gloo group: run ``job(rank, world)``; rank 0 saves what it returns."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        gm, batches = setup()
-        shard = batches[rank::world]
-        result = {c: score_channels(gm, c, shard) for c in CRITERIA}
+        result = job(rank, world)
         if rank == 0:
             torch.save(result, out)
     finally:
@@ -52,10 +51,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_distributed(job, tmp_path):
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_run_gloo, args=(2, _free_port(), str(out), job), nprocs=2, join=True)
+    return torch.load(out, weights_only=True)
+
+
+def score_shard(rank: int, world: int):
+    gm, batches = setup()
+    return {c: score_channels(gm, c, batches[rank::world]) for c in CRITERIA}
+
+
 def test_ddp_scores_and_decisions_equal_single_process(tmp_path):
-    out = tmp_path / "scores.pt"
-    mp.spawn(worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    distributed = torch.load(out, weights_only=True)
+    distributed = run_distributed(score_shard, tmp_path)
     gm, batches = setup()
     groups = meta.channel_groups(gm)
     threads = torch.get_num_threads()
@@ -85,25 +93,16 @@ def finetune_setup():
 FT = FinetuneConfig(epochs=2, lr=0.05)
 
 
-def finetune_worker(rank: int, world: int, port: int, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        net, data = finetune_setup()
-        finetune(net, BatchLoader(data, 8, shuffle=True, seed=1, rank=rank, world_size=world), FT)
-        if rank == 0:
-            torch.save(net.state_dict(), out)
-    finally:
-        dist.destroy_process_group()
+def finetune_shard(rank: int, world: int):
+    net, data = finetune_setup()
+    finetune(net, BatchLoader(data, 8, shuffle=True, seed=1, rank=rank, world_size=world), FT)
+    return net.state_dict()
 
 
 def test_ddp_finetune_equals_single_process(tmp_path):
     """Rank r's i-th batch holds the r-th half of the single run's i-th (twice as large) batch, so the averaged
     DDP gradient is the single run's gradient and the weights must agree after every step."""
-    out = tmp_path / "weights.pt"
-    mp.spawn(finetune_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
-    distributed = torch.load(out, weights_only=True)
+    distributed = run_distributed(finetune_shard, tmp_path)
     net, data = finetune_setup()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     losses = finetune(net, BatchLoader(data, 16, shuffle=True, seed=1), FT)

@@ -1,45 +1,92 @@
-"""HQP pruning of the real CIFAR-10 ResNet-56 on the shared JPEG data (prune stage only so far).
+"""HQP on the real CIFAR-10 ResNet-56 (``../shared``): the delta_max loop, the criteria comparison, INT8 deployment.
 
-    python benchmarks/cifar_resnet56.py [--shared ../shared] [--criterion fisher] [--finetune-epochs 0.2]
-        [--delta-max 1.0] [--target-macs 0.5] [--out DIR]
+    python benchmarks/cifar_resnet56.py loop    [--criterion fisher] [--finetune-epochs 0.2] [--delta-max 1.0]
+                                                [--target-macs 0.5] [--out DIR]
+    python benchmarks/cifar_resnet56.py compare [--methods ...] [--target-macs 0.5] [--rounds 4]
+                                                [--round-images 6000] [--final-images 20000] [--out DIR]
+    python benchmarks/cifar_resnet56.py deploy  --pruned DIR/fisher.hqp [--delta-max 1.0] [--out DIR]
 
-Budget stated on the command line; the defaults are CPU-affordable: each round fine-tunes for
-0.2 epoch (10,000 training images, SGD lr 0.01, cosine, crop+flip) and validates on all
-10,000 test images. INT8 quantization and ORT latency (issue #3) are not part of this script yet.
+``loop``: ``hqp_fx.hqp.prune_loop`` under delta_max (each round fine-tunes ``--finetune-epochs`` and validates
+on all 10,000 test images; rejected rounds roll back and shrink the step).
+
+``compare``: every method prunes the same checkpoint to the same MACs target with the same schedule and the
+same fine-tune budget, so only the choice of channels differs. ``--rounds`` rounds, round k pruning to
+``target ** (k / rounds)`` of the dense MACs (the smallest removal that gets there, found by bisection
+over the amount), each followed by ``--round-images`` augmented training images of fine-tuning
+(SGD lr 0.01, cosine, batch 128), then ``--final-images`` of final fine-tuning; top-1 on all 10,000 test
+images. Scoring uses the same 8 calibration batches of 64 training images each round. Methods: hqp_fx's
+``fisher``, ``group-fisher``, ``group-fisher-flops`` (divided by the MACs a channel costs), ``l1``, ``taylor``,
+``random`` (each with its default normalisation), ``fisher-group-norm`` (fisher with every group scaled to mean
+1, the earlier default), and Torch-Pruning's (benchmark-only dependency) ``tp-magnitude`` (GroupMagnitudeImportance, L1)
+and ``tp-taylor`` (GroupTaylorImportance), global ranking, ``round_to`` = 8 like hqp_fx's alignment.
+
+``deploy``: the pruned model from ``compare`` is quantized (hqp_fx ``onnxruntime`` and ``tensorrt`` presets,
+histogram calibration on 512 training images) and every variant is lowered to ONNX: dense FP32, dense
+quantize-only (ORT ``quantize_static``, QDQ per-channel, with and without reduce_range; hqp_fx's own preset),
+prune-only FP32 and HQP INT8. ONNX Runtime CPU latency (``measure_onnx``: fresh process, 2 threads, 10
+warm-ups, median of 100, 3 interleaved rounds), size and top-1 (in ONNX Runtime) on the 10,000 test images, all
+in one run.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
+import shutil
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import hqp_fx
+from hqp_fx import meta
 from hqp_fx.core import atomic_write_text
-from hqp_fx.data import BatchLoader, load_split, unpack_once
+from hqp_fx.data import BatchLoader
+from hqp_fx.deploy import machine_description, versions, write_json
 from hqp_fx.hqp import HQPConfig, prune_loop
 from hqp_fx.models import build_model
+from hqp_fx.passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels, select_channels
+from hqp_fx.passes.quantize import take_samples
 from hqp_fx.train import FinetuneConfig, evaluate, finetune
+from quantize_speed import (  # same folder: the ORT-quantizer baseline and the interleaved latency protocol
+    accuracy,
+    build_onnx_variants,
+    cifar_splits,
+    load_average,
+    measure_variants,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO.parent / "shared/models/cifar-resnet/resnet56_cifar10jpeg.pt"
+HQP_METHODS = ("fisher", "group-fisher", "group-fisher-flops", "l1", "taylor", "random", "fisher-group-norm")
+TP_METHODS = ("tp-magnitude", "tp-taylor")
+EXAMPLE = torch.zeros(1, 3, 32, 32)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
-    ap.add_argument("--criterion", default="fisher")
-    ap.add_argument("--finetune-epochs", type=float, default=0.2)
-    ap.add_argument("--delta-max", type=float, default=1.0)
-    ap.add_argument("--target-macs", type=float, default=0.5)
-    ap.add_argument("--steps", type=float, nargs="+", default=[0.05, 0.02, 0.01])
-    ap.add_argument("--out", default="out/cifar_resnet56")
-    args = ap.parse_args()
-    torch.set_num_threads(2)
-    shared = Path(args.shared)
-    train = load_split(unpack_once(shared / "data/cifar10-jpeg/train.tar.gz") / "train")
-    test = load_split(unpack_once(shared / "data/cifar10-jpeg/test.tar.gz") / "test", classes=train.classes)
-    model = build_model("cifar:resnet56", str(shared / "models/cifar-resnet/resnet56_cifar10jpeg.pt")).model
+def dense_model() -> torch.nn.Module:
+    return build_model("cifar:resnet56", str(WEIGHTS)).model.eval()
+
+
+def logger():
+    start = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - start:6.0f}s] {msg}", flush=True)
+    return log
+
+
+def finetune_images(model, train, images: int, seed: int) -> None:
+    loader = BatchLoader(train, 128, shuffle=True, augment=True, seed=seed)
+    finetune(model, loader, FinetuneConfig(epochs=images / len(train), lr=0.01))
+
+
+# --------------------------------------------------------------------------------------------------- loop
+
+
+def cmd_loop(args, train, test, log) -> None:
+    model = dense_model()
     calib = list(BatchLoader(train.subset(50), 64, shuffle=True, seed=1))[:8]
     test_loader = BatchLoader(test, 500)
 
@@ -50,17 +97,15 @@ def main():
     def ev(m):
         return evaluate(m, test_loader, num_classes=10)
 
-    start = time.time()
-
-    def log(r):
-        print(f"round {r.round:2d} step {r.step:.2f} {'accept' if r.accepted else 'REJECT'} top1 {r.top1:.2f} "
-              f"drop {r.drop:+.2f} MACs {r.macs / 1e6:.1f}M params {r.params / 1e3:.1f}K ({time.time() - start:.0f}s)",
-              flush=True)
+    def on_round(r):
+        log(f"round {r.round:2d} step {r.step:.2f} {'accept' if r.accepted else 'REJECT'} top1 {r.top1:.2f} "
+            f"drop {r.drop:+.2f} MACs {r.macs / 1e6:.1f}M params {r.params / 1e3:.1f}K")
 
     config = HQPConfig(delta_max=args.delta_max, steps=tuple(args.steps), criterion=args.criterion, align=8,
                        target_macs=args.target_macs)
-    res = prune_loop(model, torch.randn(1, 3, 32, 32), calibration=calib, finetune_fn=ft, evaluate_fn=ev,
-                     config=config, checkpoint_dir=Path(args.out) / "checkpoints", on_round=log)
+    start = time.time()
+    res = prune_loop(model, EXAMPLE, calibration=calib, finetune_fn=ft, evaluate_fn=ev, config=config,
+                     checkpoint_dir=Path(args.out) / "checkpoints", on_round=on_round)
     final = ev(res.model)
     macs = hqp_fx.count_macs(res.model)
     summary = {
@@ -75,6 +120,262 @@ def main():
     hqp_fx.save(res.model, Path(args.out) / "resnet56_pruned.hqp")
     atomic_write_text(Path(args.out) / "summary.json", json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
+
+
+# --------------------------------------------------------------------------------------------------- compare
+
+
+def smallest_removal_reaching(target_macs: float, candidate_at) -> tuple[object, int]:
+    """The smallest removal amount in (0, 0.95] whose MACs are <= ``target_macs``: a scan in steps of 0.05, then
+    bisection inside the first step that gets there. ``candidate_at(amount)`` returns (model, macs).
+
+    A scan, not a plain bisection, because Torch-Pruning's MACs are not monotonic in its global ratio past
+    ~0.6 on this network (they rise again); hqp_fx's plans nest, so for it both searches agree.
+    """
+    lo = 0.0
+    for step in range(1, 20):
+        hi = step * 0.05
+        best = candidate_at(hi)
+        if best[1] <= target_macs:
+            break
+        lo = hi
+    else:
+        raise RuntimeError(f"no removal reaches {target_macs / 1e6:.1f}M MACs (the least found: {best[1] / 1e6:.1f}M)")
+    for _ in range(8):
+        mid = (lo + hi) / 2
+        model, macs = candidate_at(mid)
+        if macs <= target_macs:
+            hi, best = mid, (model, macs)
+        else:
+            lo = mid
+    return best
+
+
+def hqp_prune_to(gm, method: str, calib, target_macs: float, seed: int):
+    """One hqp_fx round: score, select globally (blocks of 8), align to 8, prune; the removal sized to the target."""
+    ChannelDependencyPass()(gm)
+    criterion = {"group-fisher-flops": "group-fisher", "fisher-group-norm": "fisher"}.get(method, method)
+    scores = score_channels(gm, criterion, calib, flops_normalize=method == "group-fisher-flops", seed=seed,
+                            normalize="group" if method == "fisher-group-norm" else None)
+    groups = meta.channel_groups(gm)
+
+    def candidate_at(fraction):
+        plan = select_channels(groups, scores, fraction, min_keep=8, unit=8, ignore=("linear",))
+        AlignChannelsPass(plan, 8, scores)(gm)
+        pruned = PruneChannelsPass(gm.meta[meta.ALIGN]["plan"])(gm).graph_module
+        return pruned, hqp_fx.count_macs(pruned, EXAMPLE)
+
+    return smallest_removal_reaching(target_macs, candidate_at)
+
+
+def tp_residual_producers(model) -> list[torch.nn.Module]:
+    """Convs writing the residual stream (stem conv + every block's conv2).
+
+    Torch-Pruning does not model the option-A shortcut's channel padding (``F.pad`` of a fixed
+    ``planes // 4`` per side); pruning the residual stream through it leaves the pad unchanged and the model
+    broken (seen with GroupMagnitudeImportance: the classifier gets 56 features for 32 inputs). So the TP
+    baselines prune what TP can prune correctly here: the block-internal channels.
+    """
+    convs = [model.conv1]
+    for stage in (model.layer1, model.layer2, model.layer3):
+        convs += [block.conv2 for block in stage]
+    return convs
+
+
+def tp_prune_to(model, method: str, calib, target_macs: float):
+    import torch_pruning as tp
+
+    if method == "tp-taylor":
+        model.zero_grad()
+        for x, y in calib:
+            F.cross_entropy(model(x), y).backward()
+        importance = tp.importance.GroupTaylorImportance()
+    else:
+        importance = tp.importance.GroupMagnitudeImportance(p=1)
+
+    def candidate_at(ratio):
+        m = copy.deepcopy(model)
+        for p_src, p_dst in zip(model.parameters(), m.parameters()):
+            p_dst.grad = None if p_src.grad is None else p_src.grad.clone()  # deepcopy drops .grad; Taylor needs it
+        pruner = tp.pruner.MetaPruner(m, EXAMPLE, importance=importance, pruning_ratio=ratio, global_pruning=True,
+                                      ignored_layers=[m.linear] + tp_residual_producers(m), round_to=8)
+        pruner.step()
+        m.zero_grad(set_to_none=True)
+        return m, hqp_fx.count_macs(m, EXAMPLE)
+
+    pruned, macs = smallest_removal_reaching(target_macs, candidate_at)
+    model.zero_grad(set_to_none=True)
+    return pruned, macs
+
+
+def tp_default_config_check(calib) -> dict:
+    """Torch-Pruning with its default configuration (only the classifier ignored): does the pruned model run?"""
+    import torch_pruning as tp
+
+    out = {}
+    for method, importance in (("tp-magnitude", tp.importance.GroupMagnitudeImportance(p=1)),
+                               ("tp-taylor", tp.importance.GroupTaylorImportance())):
+        m = dense_model()
+        if method == "tp-taylor":
+            for x, y in calib:
+                F.cross_entropy(m(x), y).backward()
+        tp.pruner.MetaPruner(m, EXAMPLE, importance=importance, pruning_ratio=0.3, global_pruning=True,
+                             ignored_layers=[m.linear], round_to=8).step()
+        try:
+            m(EXAMPLE)
+            out[method] = {"runs": True, "macs": hqp_fx.count_macs(m, EXAMPLE)}
+        except RuntimeError as e:
+            out[method] = {"runs": False, "error": str(e).splitlines()[0]}
+    return out
+
+
+def cmd_compare(args, train, test, log) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "compare.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results.setdefault("protocol", {
+        "target_macs": args.target_macs, "rounds": args.rounds, "round_images": args.round_images,
+        "final_images": args.final_images, "lr": 0.01, "batch": 128, "align": 8, "calibration": "8 x 64 train images",
+        "evaluation": f"{len(test)} test images"})
+    results.setdefault("machine", machine_description())
+    results.setdefault("versions", versions())
+    results.setdefault("methods", {})
+    calib = list(BatchLoader(train.subset(50), 64, shuffle=True, seed=1))[:8]
+    test_loader = BatchLoader(test, 500)
+    dense = dense_model()
+    dense_macs = hqp_fx.count_macs(dense, EXAMPLE)
+    if "dense" not in results:
+        results["dense"] = {"top1": evaluate(dense, test_loader, num_classes=10)["top1"], "macs": dense_macs,
+                            "params": hqp_fx.count_params(dense)}
+        log(f"dense: top-1 {results['dense']['top1']:.2f}, {dense_macs / 1e6:.1f}M MACs")
+    if "tp_default_config" not in results:
+        results["tp_default_config"] = tp_default_config_check(calib)
+        log(f"Torch-Pruning default config: {results['tp_default_config']}")
+    write_json(results_path, results)
+    for method in args.methods:
+        if method in results["methods"]:
+            log(f"{method}: already measured, skipped")
+            continue
+        start = time.time()
+        model = hqp_fx.trace(dense, EXAMPLE) if method in HQP_METHODS else dense_model()
+        rounds = []
+        for k in range(1, args.rounds + 1):
+            target = dense_macs * args.target_macs ** (k / args.rounds)
+            torch.manual_seed(k)
+            if method in HQP_METHODS:
+                model, macs = hqp_prune_to(model, method, calib, target, seed=k)
+            else:
+                model, macs = tp_prune_to(model, method, calib, target)
+            finetune_images(model, train, args.round_images, seed=k)
+            rounds.append({"macs": macs, "params": hqp_fx.count_params(model)})
+            log(f"{method}: round {k} -> {macs / 1e6:.2f}M MACs ({macs / dense_macs:.3f} of dense)")
+        finetune_images(model, train, args.final_images, seed=100)
+        stats = evaluate(model, test_loader, num_classes=10)
+        macs = hqp_fx.count_macs(model, EXAMPLE)
+        results["methods"][method] = {
+            "top1": stats["top1"], "top5": stats["top5"], "drop": results["dense"]["top1"] - stats["top1"],
+            "macs": macs, "macs_reduction": dense_macs / macs, "params": hqp_fx.count_params(model),
+            "rounds": rounds, "seconds": round(time.time() - start, 1)}
+        if method in HQP_METHODS:
+            hqp_fx.save(model, out / f"{method}.hqp")
+        log(f"{method}: top-1 {stats['top1']:.2f} (drop {results['methods'][method]['drop']:+.2f}), "
+            f"{dense_macs / macs:.2f}x MACs, {results['methods'][method]['params'] / 1e3:.1f}K params")
+        write_json(results_path, results)
+    print_compare(results)
+
+
+def print_compare(results: dict) -> None:
+    dense = results["dense"]
+    print(f"\ndense: top-1 {dense['top1']:.2f}, {dense['macs'] / 1e6:.2f}M MACs, {dense['params'] / 1e3:.1f}K params")
+    print("| method | top-1 | drop | MACs | MACs reduction | params | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in sorted(results["methods"].items(), key=lambda kv: -kv[1]["top1"]):
+        print(f"| {name} | {r['top1']:.2f} | {r['drop']:+.2f} | {r['macs'] / 1e6:.2f}M | {r['macs_reduction']:.2f}x | "
+              f"{r['params'] / 1e3:.1f}K | {r['seconds']:.0f} |")
+
+
+# --------------------------------------------------------------------------------------------------- deploy
+
+
+def cmd_deploy(args, train, test, log) -> None:
+    dense, pruned = dense_model(), hqp_fx.load(args.pruned)
+    samples = take_samples(BatchLoader(train, 64, shuffle=True, seed=0), 512)
+    x = samples[0][:1].clone()
+    folder = Path(args.out) / "onnx"
+    shutil.rmtree(folder, ignore_errors=True)
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": machine_description(), "versions": versions(),
+               "pruned_model": str(args.pruned), "load_before": load_average()}
+    paths = {}
+    for tag, model in (("dense", dense), ("pruned", pruned)):
+        (folder / tag).mkdir(parents=True)
+        log(f"{tag}: ONNX variants")
+        p, info, _ = build_onnx_variants(model, x, samples, folder / tag, log)
+        results[f"{tag}_variants"] = info
+        results[f"{tag}_macs"] = hqp_fx.count_macs(model, EXAMPLE)
+        results[f"{tag}_params"] = hqp_fx.count_params(model)
+        paths.update({f"{tag}/{k}": v for k, v in p.items()})
+    timed = ["dense/fp32", "dense/ort-qdq", "dense/ort-qdq-rr", "dense/hqp-onnxruntime", "pruned/fp32",
+             "pruned/hqp-onnxruntime"]
+    results["latency"] = measure_variants({k: paths[k] for k in timed}, (1, 3, 32, 32), args, log)
+    base = results["latency"]["dense/fp32"]["median_ms"]
+    quant_only = results["latency"]["dense/ort-qdq-rr"]["median_ms"]
+    results["speedup_vs_dense_fp32"] = {k: base / v["median_ms"] for k, v in results["latency"].items()}
+    results["speedup_vs_ort_quantize_static_rr"] = {k: quant_only / v["median_ms"] for k, v in results["latency"].items()}
+    log("accuracy on the test set (ONNX Runtime; FP32 also in PyTorch)")
+    results["accuracy"] = {}
+    for tag, model in (("dense", dense), ("pruned", pruned)):
+        names = [k.split("/", 1)[1] for k in timed if k.startswith(tag + "/")] + (["hqp-tensorrt"] if tag == "pruned" else [])
+        acc = accuracy(model, {k: paths[f"{tag}/{k}"] for k in names}, {}, test, args.threads, log)
+        results["accuracy"].update({f"{tag}/{k}": v for k, v in acc.items()})
+    dense_top1 = results["accuracy"]["dense/fp32-pytorch"]["top1"]
+    hqp_top1 = results["accuracy"]["pruned/hqp-onnxruntime-ort"]["top1"]
+    results["hqp"] = {"macs_reduction": results["dense_macs"] / results["pruned_macs"],
+                      "params_reduction": results["dense_params"] / results["pruned_params"],
+                      "int8_top1_ort": hqp_top1, "drop": dense_top1 - hqp_top1, "delta_max": args.delta_max,
+                      "honours_delta_max": dense_top1 - hqp_top1 <= args.delta_max,
+                      "speedup_vs_dense_fp32": results["speedup_vs_dense_fp32"]["pruned/hqp-onnxruntime"],
+                      "speedup_vs_quantize_only": results["speedup_vs_ort_quantize_static_rr"]["pruned/hqp-onnxruntime"]}
+    results["load_after"] = load_average()
+    write_json(Path(args.out) / "deploy.json", results)
+    print("\n| variant | ORT ms | vs dense FP32 | vs ORT quantize_static rr | size MB | top-1 ORT |")
+    print("|---|---|---|---|---|---|")
+    for k, v in results["latency"].items():
+        top1 = results["accuracy"][f"{k}-ort"]["top1"]
+        print(f"| {k} | {v['median_ms']:.3f} | {results['speedup_vs_dense_fp32'][k]:.2f}x | "
+              f"{results['speedup_vs_ort_quantize_static_rr'][k]:.2f}x | {v['size_mb']:.2f} | {top1:.2f} |")
+    print(json.dumps(results["hqp"], indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="/tmp/cifar_full", help="folder with CIFAR-10 train/ and test/ (else ../shared)")
+    ap.add_argument("--out", default="out/cifar_resnet56")
+    ap.add_argument("--threads", type=int, default=2)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    loop = sub.add_parser("loop")
+    loop.add_argument("--criterion", default="fisher")
+    loop.add_argument("--finetune-epochs", type=float, default=0.2)
+    loop.add_argument("--delta-max", type=float, default=1.0)
+    loop.add_argument("--target-macs", type=float, default=0.5)
+    loop.add_argument("--steps", type=float, nargs="+", default=[0.05, 0.02, 0.01])
+    compare = sub.add_parser("compare")
+    compare.add_argument("--methods", nargs="+", default=list(HQP_METHODS + TP_METHODS),
+                         choices=HQP_METHODS + TP_METHODS)
+    compare.add_argument("--target-macs", type=float, default=0.5)
+    compare.add_argument("--rounds", type=int, default=4)
+    compare.add_argument("--round-images", type=int, default=6000)
+    compare.add_argument("--final-images", type=int, default=20000)
+    deploy = sub.add_parser("deploy")
+    deploy.add_argument("--pruned", required=True, help="a .hqp model written by `compare` (or `loop`)")
+    deploy.add_argument("--delta-max", type=float, default=1.0)
+    deploy.add_argument("--runs", type=int, default=100)
+    deploy.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    log = logger()
+    train, test = cifar_splits(Path(args.data))
+    {"loop": cmd_loop, "compare": cmd_compare, "deploy": cmd_deploy}[args.cmd](args, train, test, log)
 
 
 if __name__ == "__main__":

@@ -142,8 +142,8 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, ev
     steps = tuple(s for s in (args.step, 0.02, 0.01) if s <= args.step)
     config = CompressConfig(
         prune=HQPConfig(delta_max=args.delta_max, steps=steps, criterion=args.criterion, align=args.align,
-                        target_macs=args.target_macs, target_latency=args.target_latency, ignore=tuple(args.ignore or ()), seed=args.seed,
-                        max_rounds=args.max_rounds),
+                        target_macs=args.target_macs, target_latency=args.target_latency,
+                        ignore=tuple(args.ignore or ()), seed=args.seed, max_rounds=args.max_rounds),
         finetune=FinetuneConfig(epochs=args.finetune_epochs, lr=lr),
         quant=QuantConfig(backend=args.backend, calibration=args.calibration, num_samples=args.samples),
         batch_size=args.batch_size, augment=augment, ablation=args.ablation, hybrid=not args.no_hybrid,

@@ -4,8 +4,8 @@ Each round removes the least sensitive ``step`` fraction of all prunable channel
 ranked), fine-tunes briefly and re-validates. A round whose top-1 drop against the dense
 baseline exceeds ``delta_max`` is rolled back and retried with the next smaller step
 (5% -> 2% -> 1%); the loop stops when the step would fall below its floor, when a MACs,
-parameter or measured-latency target is reached, or when nothing is left to prune. Every round is checkpointed
-atomically, and ``resume=True`` continues after an interruption with the same decisions
+parameter or measured-latency target is reached, or when nothing is left to prune. Every round
+is checkpointed atomically, and ``resume=True`` continues after an interruption with the same decisions
 (fine-tuning and scoring are seeded by round, not by wall-clock state).
 
 Quantization, export and reporting (the rest of HQP) come after this loop.
@@ -125,8 +125,8 @@ def prune_loop(
     ``finetune_fn(model, round_index)`` trains in place (seed it by the round for exact resume);
     ``evaluate_fn(model)`` returns at least ``{"top1": percent}``; ``calibration`` yields
     ``(inputs, targets)`` batches for the sensitivity criterion. ``latency_fn(model)`` measures what
-    ``config.target_latency`` is a fraction of (seconds, on the deployment engine; e.g.
-    ``hqp_fx.compress.onnx_latency``); it is called on the dense model and on every accepted candidate.
+    ``config.target_latency`` is a fraction of (any unit, ideally on the deployment engine;
+    e.g. ``hqp_fx.compress.onnx_latency``, ms in ONNX Runtime); it is called on the dense model and on every accepted candidate.
     """
     if config.target_latency is not None and latency_fn is None:
         raise ValueError("target_latency needs latency_fn: pass a callable that measures a model's latency "
@@ -238,5 +238,6 @@ def _write_state(ckpt: Path, model, baseline, base_macs, base_params, base_laten
     name = f"round_{next_round - 1:03d}.hqp"
     save(model, ckpt / name)
     state = {"model": name, "baseline": baseline, "baseline_macs": base_macs, "baseline_params": base_params,
-             "baseline_latency": base_latency, "history": [asdict(r) for r in history], "step_index": step_index, "next_round": next_round}
+             "baseline_latency": base_latency, "history": [asdict(r) for r in history], "step_index": step_index,
+             "next_round": next_round}
     atomic_write_text(ckpt / STATE_FILE, json.dumps(state, indent=1))

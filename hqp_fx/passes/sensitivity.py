@@ -212,7 +212,10 @@ def _score_with_gradients(gm, analysis, acc, criterion, data, loss_fn, num_batch
                 hooks.append(gm.get_submodule(node.target).register_forward_hook(_capture(captured, node.name)))
     gm.eval()
     seen = 0
-    fisher_terms: list[torch.Tensor | None] = [None] * len(analysis.records)  # per layer, summed over batches
+    # fisher: one term per recorded layer, summed over batches; sized from the model alone so that every rank
+    # all-reduces the same tensors even when its shard is empty
+    fisher_terms = [torch.zeros(params[rec.param].shape[rec.dim], dtype=torch.float64)
+                    if criterion == "fisher" and rec.param in params else None for rec in analysis.records]
     try:
         for p in params.values():
             p.grad = None
@@ -243,8 +246,7 @@ def _score_with_gradients(gm, analysis, acc, criterion, data, loss_fn, num_batch
                     for i, rec in enumerate(analysis.records):
                         g = pgrads.get(rec.param)
                         if g is not None:
-                            term = _entries_along(g, rec.dim, torch.square).to(torch.float64)
-                            fisher_terms[i] = term if fisher_terms[i] is None else fisher_terms[i] + term
+                            fisher_terms[i] += _entries_along(g, rec.dim, torch.square).to(torch.float64)
                 else:
                     before = acc.total.clone()
                     for rec in analysis.records:

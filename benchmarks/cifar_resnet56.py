@@ -17,7 +17,8 @@ over the amount), each followed by ``--round-images`` augmented training images 
 images. Scoring uses the same 8 calibration batches of 64 training images each round. Methods: hqp_fx's
 ``fisher``, ``group-fisher``, ``group-fisher-flops`` (divided by the MACs a channel costs), ``l1``, ``taylor``,
 ``random`` (each with its default normalisation), ``fisher-group-norm`` (fisher with every group scaled to mean
-1, the earlier default), and Torch-Pruning's (benchmark-only dependency) ``tp-magnitude`` (GroupMagnitudeImportance, L1)
+1, the earlier default), ``taylor-unit1`` / ``l1-unit1`` (channels ranked one by one, then aligned, instead of
+in blocks of 8), and Torch-Pruning's (benchmark-only dependency) ``tp-magnitude`` (GroupMagnitudeImportance, L1)
 and ``tp-taylor`` (GroupTaylorImportance), global ranking, ``round_to`` = 8 like hqp_fx's alignment.
 
 ``deploy``: the pruned model from ``compare`` is quantized (hqp_fx ``onnxruntime`` and ``tensorrt`` presets,
@@ -60,7 +61,8 @@ from quantize_speed import (  # same folder: the ORT-quantizer baseline and the 
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO.parent / "shared/models/cifar-resnet/resnet56_cifar10jpeg.pt"
-HQP_METHODS = ("fisher", "group-fisher", "group-fisher-flops", "l1", "taylor", "random", "fisher-group-norm")
+HQP_METHODS = ("fisher", "group-fisher", "group-fisher-flops", "l1", "taylor", "random", "fisher-group-norm",
+               "taylor-unit1", "l1-unit1")
 TP_METHODS = ("tp-magnitude", "tp-taylor")
 EXAMPLE = torch.zeros(1, 3, 32, 32)
 
@@ -152,15 +154,18 @@ def smallest_removal_reaching(target_macs: float, candidate_at) -> tuple[object,
 
 
 def hqp_prune_to(gm, method: str, calib, target_macs: float, seed: int):
-    """One hqp_fx round: score, select globally (blocks of 8), align to 8, prune; the removal sized to the target."""
+    """One hqp_fx round: score, select globally (blocks of 8; single channels for ``-unit1``), align to 8, prune;
+    the removal sized to the target."""
     ChannelDependencyPass()(gm)
+    unit = 1 if method.endswith("-unit1") else 8
+    method = method.removesuffix("-unit1")
     criterion = {"group-fisher-flops": "group-fisher", "fisher-group-norm": "fisher"}.get(method, method)
     scores = score_channels(gm, criterion, calib, flops_normalize=method == "group-fisher-flops", seed=seed,
                             normalize="group" if method == "fisher-group-norm" else None)
     groups = meta.channel_groups(gm)
 
     def candidate_at(fraction):
-        plan = select_channels(groups, scores, fraction, min_keep=8, unit=8, ignore=("linear",))
+        plan = select_channels(groups, scores, fraction, min_keep=8, unit=unit, ignore=("linear",))
         AlignChannelsPass(plan, 8, scores)(gm)
         pruned = PruneChannelsPass(gm.meta[meta.ALIGN]["plan"])(gm).graph_module
         return pruned, hqp_fx.count_macs(pruned, EXAMPLE)

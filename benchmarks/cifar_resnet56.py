@@ -47,20 +47,19 @@ from hqp_fx.core import atomic_write_text
 from hqp_fx.data import BatchLoader
 from hqp_fx.deploy import machine_description, versions, write_json
 from hqp_fx.hqp import HQPConfig, prune_loop
-from hqp_fx.models import build_model
 from hqp_fx.passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels, select_channels
 from hqp_fx.passes.quantize import take_samples
 from hqp_fx.train import FinetuneConfig, evaluate, finetune
-from quantize_speed import (  # same folder: the ORT-quantizer baseline and the interleaved latency protocol
+from quantize_speed import (  # same folder: the model, data, ORT-quantizer baseline and latency protocol
     accuracy,
     build_onnx_variants,
     cifar_splits,
     load_average,
+    load_model,
+    logger,
     measure_variants,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-WEIGHTS = REPO.parent / "shared/models/cifar-resnet/resnet56_cifar10jpeg.pt"
 HQP_METHODS = ("fisher", "group-fisher", "group-fisher-flops", "l1", "taylor", "random", "fisher-group-norm",
                "taylor-unit1", "l1-unit1")
 TP_METHODS = ("tp-magnitude", "tp-taylor")
@@ -68,15 +67,12 @@ EXAMPLE = torch.zeros(1, 3, 32, 32)
 
 
 def dense_model() -> torch.nn.Module:
-    return build_model("cifar:resnet56", str(WEIGHTS)).model.eval()
+    return load_model("cifar:resnet56")[0]
 
 
-def logger():
-    start = time.time()
-
-    def log(msg):
-        print(f"[{time.time() - start:6.0f}s] {msg}", flush=True)
-    return log
+def calibration_batches(train) -> list:
+    """The scoring data of every method and round: 8 batches of 64 from 50 training images per class."""
+    return list(BatchLoader(train.subset(50), 64, shuffle=True, seed=1))[:8]
 
 
 def finetune_images(model, train, images: int, seed: int) -> None:
@@ -89,12 +85,11 @@ def finetune_images(model, train, images: int, seed: int) -> None:
 
 def cmd_loop(args, train, test, log) -> None:
     model = dense_model()
-    calib = list(BatchLoader(train.subset(50), 64, shuffle=True, seed=1))[:8]
+    calib = calibration_batches(train)
     test_loader = BatchLoader(test, 500)
 
     def ft(m, rnd):
-        finetune(m, BatchLoader(train, 128, shuffle=True, augment=True, seed=rnd),
-                 FinetuneConfig(epochs=args.finetune_epochs, lr=0.01))
+        finetune_images(m, train, args.finetune_epochs * len(train), seed=rnd)
 
     def ev(m):
         return evaluate(m, test_loader, num_classes=10)
@@ -187,16 +182,22 @@ def tp_residual_producers(model) -> list[torch.nn.Module]:
     return convs
 
 
+def tp_importance(model, method: str, calib):
+    """Torch-Pruning's importance for ``method``; for Taylor, first the calibration gradients it reads."""
+    import torch_pruning as tp
+
+    if method == "tp-magnitude":
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    model.zero_grad()
+    for x, y in calib:
+        F.cross_entropy(model(x), y).backward()
+    return tp.importance.GroupTaylorImportance()
+
+
 def tp_prune_to(model, method: str, calib, target_macs: float):
     import torch_pruning as tp
 
-    if method == "tp-taylor":
-        model.zero_grad()
-        for x, y in calib:
-            F.cross_entropy(model(x), y).backward()
-        importance = tp.importance.GroupTaylorImportance()
-    else:
-        importance = tp.importance.GroupMagnitudeImportance(p=1)
+    importance = tp_importance(model, method, calib)
 
     def candidate_at(ratio):
         m = copy.deepcopy(model)
@@ -218,14 +219,10 @@ def tp_default_config_check(calib) -> dict:
     import torch_pruning as tp
 
     out = {}
-    for method, importance in (("tp-magnitude", tp.importance.GroupMagnitudeImportance(p=1)),
-                               ("tp-taylor", tp.importance.GroupTaylorImportance())):
+    for method in TP_METHODS:
         m = dense_model()
-        if method == "tp-taylor":
-            for x, y in calib:
-                F.cross_entropy(m(x), y).backward()
-        tp.pruner.MetaPruner(m, EXAMPLE, importance=importance, pruning_ratio=0.3, global_pruning=True,
-                             ignored_layers=[m.linear], round_to=8).step()
+        tp.pruner.MetaPruner(m, EXAMPLE, importance=tp_importance(m, method, calib), pruning_ratio=0.3,
+                             global_pruning=True, ignored_layers=[m.linear], round_to=8).step()
         try:
             m(EXAMPLE)
             out[method] = {"runs": True, "macs": hqp_fx.count_macs(m, EXAMPLE)}
@@ -246,7 +243,7 @@ def cmd_compare(args, train, test, log) -> None:
     results.setdefault("machine", machine_description())
     results.setdefault("versions", versions())
     results.setdefault("methods", {})
-    calib = list(BatchLoader(train.subset(50), 64, shuffle=True, seed=1))[:8]
+    calib = calibration_batches(train)
     test_loader = BatchLoader(test, 500)
     dense = dense_model()
     dense_macs = hqp_fx.count_macs(dense, EXAMPLE)

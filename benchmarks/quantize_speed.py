@@ -90,6 +90,15 @@ def load_model(spec: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
     return built.model.eval(), built.input_shape
 
 
+def logger():
+    """``log(msg)``: print with the seconds since this call."""
+    start = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - start:6.0f}s] {msg}", flush=True)
+    return log
+
+
 def random_samples(shape: tuple[int, ...], n: int, batch: int = 16) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     return [torch.randn((min(batch, n - i), *shape[1:]), generator=gen) for i in range(0, n, batch)]
@@ -359,10 +368,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.time()
-
-    def log(msg):
-        print(f"[{time.time() - start:6.0f}s] {msg}", flush=True)
-
+    log = logger()
     results = {"date": time.strftime("%Y-%m-%d"), "machine": machine_description(), "versions": versions(),
                "threads": args.threads, "runs": args.runs, "warmup": 10, "rounds": args.rounds, "load_before": load_average(),
                "models": {}}

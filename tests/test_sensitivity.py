@@ -70,6 +70,11 @@ def test_fisher_taylor_l1_l2_match_hand_computation():
     got = {c: score_channels(gm, c, data, normalize="none")["fc1"] for c in ("fisher", "taylor", "l1", "l2")}
     torch.testing.assert_close(got["fisher"], fisher, rtol=1e-5, atol=1e-12)
     torch.testing.assert_close(got["taylor"], taylor, rtol=1e-5, atol=1e-12)
+    # FLOPs normalisation: an fc1 channel costs its fc1 row (5 MACs) and its fc2 column (3 MACs) per sample
+    per_mac = score_channels(gm, "taylor", data, normalize="none", flops_normalize=True)["fc1"]
+    torch.testing.assert_close(per_mac, taylor / 8, rtol=1e-5, atol=1e-12)
+    with pytest.raises(ValueError, match="flops_normalize divides an estimated loss change"):
+        score_channels(gm, "l1", data, flops_normalize=True)
     l1 = (W1.abs().sum(1) + b1.abs() + W2.abs().sum(0)).double()
     l2 = (W1.square().sum(1) + b1.square() + W2.square().sum(0)).sqrt().double()
     torch.testing.assert_close(got["l1"], l1, rtol=1e-6, atol=1e-9)

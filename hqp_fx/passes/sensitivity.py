@@ -35,6 +35,7 @@ Normalize = Literal["layer", "group", "none"]
 DEFAULT_NORMALIZE: dict[str, Normalize] = {"fisher": "layer", "l1": "layer", "l2": "layer", "taylor": "none",
                                            "group-fisher": "none", "random": "none"}
 _PER_LAYER = {"fisher", "l1", "l2"}
+_LOSS_CHANGE = {"group-fisher", "taylor"}
 
 
 def _class_index(analysis: ChannelAnalysis) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,11 +133,14 @@ def score_channels(
       every coupled layer, of (dL/dw)^2.
     - ``group-fisher`` (Liu et al., ICML 2021): per sample n, g_n(f) = sum over the layers producing
       f of sum over positions of a * dL/da (the gradient of a channel mask), summed over coupled
-      layers *before* squaring; S(f) = sum_n g_n(f)^2 / (2 N). With ``flops_normalize`` divided by
-      the MACs the channel costs.
+      layers *before* squaring; S(f) = sum_n g_n(f)^2 / (2 N).
     - ``l1`` / ``l2``: magnitude of every entry f owns; ``taylor``: sum over batches of
       |sum over all entries f owns of w * dL/dw| (first-order loss change of removing f);
       ``random``: seeded uniform.
+
+    ``flops_normalize`` (group-fisher, taylor: the two estimates of a loss change) divides each score by the
+    MACs the channel costs, so global ranking removes the least loss per MAC saved (Liu et al.'s knapsack
+    ratio); the magnitudes and fisher's normalised sums have no such unit, so it is refused for them.
 
     ``normalize`` puts groups on one scale for global ranking (default: ``DEFAULT_NORMALIZE``):
 
@@ -161,6 +165,9 @@ def score_channels(
     if normalize == "layer" and criterion not in _PER_LAYER:
         raise ValueError(f"normalize='layer' needs a per-layer sum ({', '.join(sorted(_PER_LAYER))}); {criterion!r} "
                          f"scores all coupled layers jointly: use 'none' or 'group'")
+    if flops_normalize and criterion not in _LOSS_CHANGE:
+        raise ValueError(f"flops_normalize divides an estimated loss change by MACs ({', '.join(sorted(_LOSS_CHANGE))}); "
+                         f"{criterion!r} is not one: drop flops_normalize or use one of those criteria")
     acc = _Accumulator(analysis)
     params = dict(gm.named_parameters())
     if criterion == "random":
@@ -176,7 +183,7 @@ def score_channels(
             acc.total = acc.total.sqrt()
     else:
         _score_with_gradients(gm, analysis, acc, criterion, data, loss_fn, num_batches, params, normalize == "layer")
-    if criterion == "group-fisher" and flops_normalize:
+    if flops_normalize:
         acc.total = acc.total / _channel_cost(gm, analysis).clamp(min=1.0)
     scores = acc.per_group()
     if normalize == "group":

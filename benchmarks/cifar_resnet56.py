@@ -1,10 +1,11 @@
 """HQP on the real CIFAR-10 ResNet-56 (``../shared``): the delta_max loop, the criteria comparison, INT8 deployment.
 
     python benchmarks/cifar_resnet56.py loop    [--criterion fisher] [--finetune-epochs 0.2] [--delta-max 1.0]
-                                                [--target-macs 0.5] [--out DIR]
+                                                [--target-macs 0.5] [--resume] [--out DIR]
     python benchmarks/cifar_resnet56.py compare [--methods ...] [--target-macs 0.5] [--rounds 4]
-                                                [--round-images 6000] [--final-images 20000] [--out DIR]
-    python benchmarks/cifar_resnet56.py deploy  --pruned DIR/fisher.hqp [--delta-max 1.0] [--out DIR]
+                                                [--round-images 6000] [--final-images 20000] [--seed 0] [--out DIR]
+    python benchmarks/cifar_resnet56.py deploy  --pruned DIR/fisher.hqp [--delta-max 1.0] [--batch-sizes 1 32]
+                                                [--out DIR]
 
 ``loop``: ``hqp_fx.hqp.prune_loop`` under delta_max (each round fine-tunes ``--finetune-epochs`` and validates
 on all 10,000 test images; rejected rounds roll back and shrink the step).
@@ -14,19 +15,21 @@ same fine-tune budget, so only the choice of channels differs. ``--rounds`` roun
 ``target ** (k / rounds)`` of the dense MACs (the smallest removal that gets there, found by bisection
 over the amount), each followed by ``--round-images`` augmented training images of fine-tuning
 (SGD lr 0.01, cosine, batch 128), then ``--final-images`` of final fine-tuning; top-1 on all 10,000 test
-images. Scoring uses the same 8 calibration batches of 64 training images each round. Methods: hqp_fx's
+images. Scoring uses the same 8 calibration batches of 64 training images each round. ``--seed s`` moves every
+seed (calibration sample, scoring, shuffling, augmentation); methods run with several seeds are also
+summarised as mean and standard deviation. Methods: hqp_fx's
 ``fisher``, ``group-fisher``, ``group-fisher-flops`` (divided by the MACs a channel costs), ``l1``, ``taylor``,
 ``random`` (each with its default normalisation), ``fisher-group-norm`` (fisher with every group scaled to mean
 1, the earlier default), ``taylor-unit1`` / ``l1-unit1`` (channels ranked one by one, then aligned, instead of
-in blocks of 8), and Torch-Pruning's (benchmark-only dependency) ``tp-magnitude`` (GroupMagnitudeImportance, L1)
+in blocks of 8), ``taylor-flops-unit1`` (taylor per MAC the channel costs, ranked one by one), and Torch-Pruning's (benchmark-only dependency) ``tp-magnitude`` (GroupMagnitudeImportance, L1)
 and ``tp-taylor`` (GroupTaylorImportance), global ranking, ``round_to`` = 8 like hqp_fx's alignment.
 
 ``deploy``: the pruned model from ``compare`` is quantized (hqp_fx ``onnxruntime`` and ``tensorrt`` presets,
 histogram calibration on 512 training images) and every variant is lowered to ONNX: dense FP32, dense
 quantize-only (ORT ``quantize_static``, QDQ per-channel, with and without reduce_range; hqp_fx's own preset),
-prune-only FP32 and HQP INT8. ONNX Runtime CPU latency (``measure_onnx``: fresh process, 2 threads, 10
-warm-ups, median of 100, 3 interleaved rounds), size and top-1 (in ONNX Runtime) on the 10,000 test images, all
-in one run.
+prune-only FP32 and HQP INT8, every file with a dynamic batch dimension. ONNX Runtime CPU latency at each
+``--batch-sizes`` (default 1 and 32; ``measure_onnx``: fresh process, 2 threads, 10 warm-ups, median of 100,
+3 interleaved rounds), size and top-1 (in ONNX Runtime) on the 10,000 test images, all in one run.
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ from quantize_speed import (  # same folder: the model, data, ORT-quantizer base
 )
 
 HQP_METHODS = ("fisher", "group-fisher", "group-fisher-flops", "l1", "taylor", "random", "fisher-group-norm",
-               "taylor-unit1", "l1-unit1")
+               "taylor-unit1", "l1-unit1", "taylor-flops-unit1")
 TP_METHODS = ("tp-magnitude", "tp-taylor")
 EXAMPLE = torch.zeros(1, 3, 32, 32)
 
@@ -70,9 +73,9 @@ def dense_model() -> torch.nn.Module:
     return load_model("cifar:resnet56")[0]
 
 
-def calibration_batches(train) -> list:
+def calibration_batches(train, seed: int = 0) -> list:
     """The scoring data of every method and round: 8 batches of 64 from 50 training images per class."""
-    return list(BatchLoader(train.subset(50), 64, shuffle=True, seed=1))[:8]
+    return list(BatchLoader(train.subset(50), 64, shuffle=True, seed=1 + seed))[:8]
 
 
 def finetune_images(model, train, images: int, seed: int) -> None:
@@ -102,7 +105,7 @@ def cmd_loop(args, train, test, log) -> None:
                        target_macs=args.target_macs)
     start = time.time()
     res = prune_loop(model, EXAMPLE, calibration=calib, finetune_fn=ft, evaluate_fn=ev, config=config,
-                     checkpoint_dir=Path(args.out) / "checkpoints", on_round=on_round)
+                     checkpoint_dir=Path(args.out) / "checkpoints", resume=args.resume, on_round=on_round)
     final = ev(res.model)
     macs = hqp_fx.count_macs(res.model)
     summary = {
@@ -154,8 +157,10 @@ def hqp_prune_to(gm, method: str, calib, target_macs: float, seed: int):
     ChannelDependencyPass()(gm)
     unit = 1 if method.endswith("-unit1") else 8
     method = method.removesuffix("-unit1")
-    criterion = {"group-fisher-flops": "group-fisher", "fisher-group-norm": "fisher"}.get(method, method)
-    scores = score_channels(gm, criterion, calib, flops_normalize=method == "group-fisher-flops", seed=seed,
+    per_mac = method.endswith("-flops")
+    method = method.removesuffix("-flops")
+    criterion = "fisher" if method == "fisher-group-norm" else method
+    scores = score_channels(gm, criterion, calib, flops_normalize=per_mac, seed=seed,
                             normalize="group" if method == "fisher-group-norm" else None)
     groups = meta.channel_groups(gm)
 
@@ -243,7 +248,8 @@ def cmd_compare(args, train, test, log) -> None:
     results.setdefault("machine", machine_description())
     results.setdefault("versions", versions())
     results.setdefault("methods", {})
-    calib = calibration_batches(train)
+    calib = calibration_batches(train, args.seed)
+    shift = 1000 * args.seed  # every seed of the run (scoring, shuffling, augmentation) moves with --seed
     test_loader = BatchLoader(test, 500)
     dense = dense_model()
     dense_macs = hqp_fx.count_macs(dense, EXAMPLE)
@@ -256,33 +262,34 @@ def cmd_compare(args, train, test, log) -> None:
         log(f"Torch-Pruning default config: {results['tp_default_config']}")
     write_json(results_path, results)
     for method in args.methods:
-        if method in results["methods"]:
-            log(f"{method}: already measured, skipped")
+        key = method if args.seed == 0 else f"{method}@seed{args.seed}"
+        if key in results["methods"]:
+            log(f"{key}: already measured, skipped")
             continue
         start = time.time()
         model = hqp_fx.trace(dense, EXAMPLE) if method in HQP_METHODS else dense_model()
         rounds = []
         for k in range(1, args.rounds + 1):
             target = dense_macs * args.target_macs ** (k / args.rounds)
-            torch.manual_seed(k)
+            torch.manual_seed(shift + k)
             if method in HQP_METHODS:
-                model, macs = hqp_prune_to(model, method, calib, target, seed=k)
+                model, macs = hqp_prune_to(model, method, calib, target, seed=shift + k)
             else:
                 model, macs = tp_prune_to(model, method, calib, target)
-            finetune_images(model, train, args.round_images, seed=k)
+            finetune_images(model, train, args.round_images, seed=shift + k)
             rounds.append({"macs": macs, "params": hqp_fx.count_params(model)})
             log(f"{method}: round {k} -> {macs / 1e6:.2f}M MACs ({macs / dense_macs:.3f} of dense)")
-        finetune_images(model, train, args.final_images, seed=100)
+        finetune_images(model, train, args.final_images, seed=shift + 100)
         stats = evaluate(model, test_loader, num_classes=10)
         macs = hqp_fx.count_macs(model, EXAMPLE)
-        results["methods"][method] = {
+        results["methods"][key] = {
             "top1": stats["top1"], "top5": stats["top5"], "drop": results["dense"]["top1"] - stats["top1"],
             "macs": macs, "macs_reduction": dense_macs / macs, "params": hqp_fx.count_params(model),
-            "rounds": rounds, "seconds": round(time.time() - start, 1)}
+            "rounds": rounds, "seconds": round(time.time() - start, 1), "seed": args.seed}
         if method in HQP_METHODS:
-            hqp_fx.save(model, out / f"{method}.hqp")
-        log(f"{method}: top-1 {stats['top1']:.2f} (drop {results['methods'][method]['drop']:+.2f}), "
-            f"{dense_macs / macs:.2f}x MACs, {results['methods'][method]['params'] / 1e3:.1f}K params")
+            hqp_fx.save(model, out / f"{key}.hqp")
+        log(f"{key}: top-1 {stats['top1']:.2f} (drop {results['methods'][key]['drop']:+.2f}), "
+            f"{dense_macs / macs:.2f}x MACs, {results['methods'][key]['params'] / 1e3:.1f}K params")
         write_json(results_path, results)
     print_compare(results)
 
@@ -295,6 +302,15 @@ def print_compare(results: dict) -> None:
     for name, r in sorted(results["methods"].items(), key=lambda kv: -kv[1]["top1"]):
         print(f"| {name} | {r['top1']:.2f} | {r['drop']:+.2f} | {r['macs'] / 1e6:.2f}M | {r['macs_reduction']:.2f}x | "
               f"{r['params'] / 1e3:.1f}K | {r['seconds']:.0f} |")
+    by_method: dict[str, list[float]] = {}
+    for name, r in results["methods"].items():
+        by_method.setdefault(name.split("@")[0], []).append(r["top1"])
+    seeded = {m: torch.tensor(v, dtype=torch.float64) for m, v in by_method.items() if len(v) > 1}
+    if seeded:
+        print("\n| method | seeds | mean top-1 | std | min | max |")
+        print("|---|---|---|---|---|---|")
+        for m, v in sorted(seeded.items(), key=lambda kv: -kv[1].mean()):
+            print(f"| {m} | {len(v)} | {v.mean():.2f} | {v.std():.2f} | {v.min():.2f} | {v.max():.2f} |")
 
 
 # --------------------------------------------------------------------------------------------------- deploy
@@ -312,18 +328,21 @@ def cmd_deploy(args, train, test, log) -> None:
     for tag, model in (("dense", dense), ("pruned", pruned)):
         (folder / tag).mkdir(parents=True)
         log(f"{tag}: ONNX variants")
-        p, info, _ = build_onnx_variants(model, x, samples, folder / tag, log)
+        p, info, _ = build_onnx_variants(model, x, samples, folder / tag, log, dynamic_batch=True)
         results[f"{tag}_variants"] = info
         results[f"{tag}_macs"] = hqp_fx.count_macs(model, EXAMPLE)
         results[f"{tag}_params"] = hqp_fx.count_params(model)
         paths.update({f"{tag}/{k}": v for k, v in p.items()})
     timed = ["dense/fp32", "dense/ort-qdq", "dense/ort-qdq-rr", "dense/hqp-onnxruntime", "pruned/fp32",
              "pruned/hqp-onnxruntime"]
-    results["latency"] = measure_variants({k: paths[k] for k in timed}, (1, 3, 32, 32), args, log)
-    base = results["latency"]["dense/fp32"]["median_ms"]
-    quant_only = results["latency"]["dense/ort-qdq-rr"]["median_ms"]
-    results["speedup_vs_dense_fp32"] = {k: base / v["median_ms"] for k, v in results["latency"].items()}
-    results["speedup_vs_ort_quantize_static_rr"] = {k: quant_only / v["median_ms"] for k, v in results["latency"].items()}
+    results["latency"], results["speedup_vs_dense_fp32"], results["speedup_vs_ort_quantize_static_rr"] = {}, {}, {}
+    for batch in args.batch_sizes:  # batch 1 is latency-bound; larger batches show where the MACs go
+        log(f"latency at batch {batch}")
+        lat = measure_variants({k: paths[k] for k in timed}, (batch, 3, 32, 32), args, log)
+        base, quant_only = lat["dense/fp32"]["median_ms"], lat["dense/ort-qdq-rr"]["median_ms"]
+        results["latency"][str(batch)] = lat
+        results["speedup_vs_dense_fp32"][str(batch)] = {k: base / v["median_ms"] for k, v in lat.items()}
+        results["speedup_vs_ort_quantize_static_rr"][str(batch)] = {k: quant_only / v["median_ms"] for k, v in lat.items()}
     log("accuracy on the test set (ONNX Runtime; FP32 also in PyTorch)")
     results["accuracy"] = {}
     for tag, model in (("dense", dense), ("pruned", pruned)):
@@ -336,16 +355,19 @@ def cmd_deploy(args, train, test, log) -> None:
                       "params_reduction": results["dense_params"] / results["pruned_params"],
                       "int8_top1_ort": hqp_top1, "drop": dense_top1 - hqp_top1, "delta_max": args.delta_max,
                       "honours_delta_max": dense_top1 - hqp_top1 <= args.delta_max,
-                      "speedup_vs_dense_fp32": results["speedup_vs_dense_fp32"]["pruned/hqp-onnxruntime"],
-                      "speedup_vs_quantize_only": results["speedup_vs_ort_quantize_static_rr"]["pruned/hqp-onnxruntime"]}
+                      "speedup_vs_dense_fp32": {b: v["pruned/hqp-onnxruntime"]
+                                                for b, v in results["speedup_vs_dense_fp32"].items()},
+                      "speedup_vs_quantize_only": {b: v["pruned/hqp-onnxruntime"]
+                                                   for b, v in results["speedup_vs_ort_quantize_static_rr"].items()}}
     results["load_after"] = load_average()
     write_json(Path(args.out) / "deploy.json", results)
-    print("\n| variant | ORT ms | vs dense FP32 | vs ORT quantize_static rr | size MB | top-1 ORT |")
-    print("|---|---|---|---|---|---|")
-    for k, v in results["latency"].items():
-        top1 = results["accuracy"][f"{k}-ort"]["top1"]
-        print(f"| {k} | {v['median_ms']:.3f} | {results['speedup_vs_dense_fp32'][k]:.2f}x | "
-              f"{results['speedup_vs_ort_quantize_static_rr'][k]:.2f}x | {v['size_mb']:.2f} | {top1:.2f} |")
+    for batch, lat in results["latency"].items():
+        print(f"\nbatch {batch}\n| variant | ORT ms | vs dense FP32 | vs ORT quantize_static rr | size MB | top-1 ORT |")
+        print("|---|---|---|---|---|---|")
+        for k, v in lat.items():
+            top1 = results["accuracy"][f"{k}-ort"]["top1"]
+            print(f"| {k} | {v['median_ms']:.3f} | {results['speedup_vs_dense_fp32'][batch][k]:.2f}x | "
+                  f"{results['speedup_vs_ort_quantize_static_rr'][batch][k]:.2f}x | {v['size_mb']:.2f} | {top1:.2f} |")
     print(json.dumps(results["hqp"], indent=1))
 
 
@@ -361,6 +383,7 @@ def main() -> None:
     loop.add_argument("--delta-max", type=float, default=1.0)
     loop.add_argument("--target-macs", type=float, default=0.5)
     loop.add_argument("--steps", type=float, nargs="+", default=[0.05, 0.02, 0.01])
+    loop.add_argument("--resume", action="store_true", help="continue an interrupted run from --out's checkpoints")
     compare = sub.add_parser("compare")
     compare.add_argument("--methods", nargs="+", default=list(HQP_METHODS + TP_METHODS),
                          choices=HQP_METHODS + TP_METHODS)
@@ -368,11 +391,14 @@ def main() -> None:
     compare.add_argument("--rounds", type=int, default=4)
     compare.add_argument("--round-images", type=int, default=6000)
     compare.add_argument("--final-images", type=int, default=20000)
+    compare.add_argument("--seed", type=int, default=0, help="shifts calibration sample, scoring and fine-tune seeds; "
+                         "results of seed s > 0 are stored as METHOD@seedS in the same compare.json")
     deploy = sub.add_parser("deploy")
     deploy.add_argument("--pruned", required=True, help="a .hqp model written by `compare` (or `loop`)")
     deploy.add_argument("--delta-max", type=float, default=1.0)
     deploy.add_argument("--runs", type=int, default=100)
     deploy.add_argument("--rounds", type=int, default=3)
+    deploy.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     log = logger()

@@ -150,12 +150,12 @@ def optimized_op_counts(path: Path, threads: int) -> dict[str, int]:
 
 
 def build_onnx_variants(model: torch.nn.Module, x: torch.Tensor, samples: list[torch.Tensor], folder: Path,
-                        log) -> tuple[dict[str, Path], dict[str, dict], dict[str, torch.nn.Module]]:
+                        log, dynamic_batch: bool = False) -> tuple[dict[str, Path], dict[str, dict], dict[str, torch.nn.Module]]:
     """Write every ONNX variant; returns (paths, per-variant info, PyTorch INT8 models of the hqp presets)."""
     n = sum(len(s) for s in samples)
     paths, info, torch_models = {}, {}, {}
     paths["fp32"] = folder / "fp32.onnx"
-    export_onnx(model, (x,), paths["fp32"])
+    export_onnx(model, (x,), paths["fp32"], dynamic_batch=dynamic_batch)
     info["fp32"] = {}
     for backend in ("onnxruntime", "tensorrt"):
         name = f"hqp-{backend}"
@@ -165,7 +165,7 @@ def build_onnx_variants(model: torch.nn.Module, x: torch.Tensor, samples: list[t
         result = quantize(model, x, samples, config)
         seconds = time.perf_counter() - start
         paths[name] = folder / f"{name}.onnx"
-        export_onnx(result.model, (x,), paths[name])
+        export_onnx(result.model, (x,), paths[name], dynamic_batch=dynamic_batch)
         torch_models[name] = result.model
         info[name] = {"reduce_range": config.reduce_range, "calibration": config.calibration, "samples": result.samples,
                       "output_sqnr_db": round(result.output_sqnr_db, 2), "quantize_s": round(seconds, 1),

@@ -21,8 +21,9 @@ summarised as mean and standard deviation. Methods: hqp_fx's
 ``fisher``, ``group-fisher``, ``group-fisher-flops`` (divided by the MACs a channel costs), ``l1``, ``taylor``,
 ``random`` (each with its default normalisation), ``fisher-group-norm`` (fisher with every group scaled to mean
 1, the earlier default), ``taylor-unit1`` / ``l1-unit1`` (channels ranked one by one, then aligned, instead of
-in blocks of 8), ``taylor-flops-unit1`` (taylor per MAC the channel costs, ranked one by one), and Torch-Pruning's (benchmark-only dependency) ``tp-magnitude`` (GroupMagnitudeImportance, L1)
-and ``tp-taylor`` (GroupTaylorImportance), global ranking, ``round_to`` = 8 like hqp_fx's alignment.
+in blocks of 8), ``taylor-flops-unit1`` (taylor per MAC the channel costs, ranked one by one), and
+Torch-Pruning's (benchmark-only dependency) ``tp-magnitude`` (GroupMagnitudeImportance, L1) and ``tp-taylor``
+(GroupTaylorImportance), global ranking, ``round_to`` = 8 like hqp_fx's alignment.
 
 ``deploy``: the pruned model from ``compare`` is quantized (hqp_fx ``onnxruntime`` and ``tensorrt`` presets,
 histogram calibration on 512 training images) and every variant is lowered to ONNX: dense FP32, dense

@@ -25,7 +25,7 @@ in blocks of 8), ``taylor-flops-unit1`` (taylor per MAC the channel costs, ranke
 Torch-Pruning's (benchmark-only dependency) ``tp-magnitude`` (GroupMagnitudeImportance, L1) and ``tp-taylor``
 (GroupTaylorImportance), global ranking, ``round_to`` = 8 like hqp_fx's alignment.
 
-``deploy``: the pruned model from ``compare`` is quantized (hqp_fx ``onnxruntime`` and ``tensorrt`` presets,
+``deploy``: a pruned model from ``compare`` or ``loop`` is quantized (hqp_fx ``onnxruntime`` and ``tensorrt`` presets,
 histogram calibration on 512 training images) and every variant is lowered to ONNX: dense FP32, dense
 quantize-only (ORT ``quantize_static``, QDQ per-channel, with and without reduce_range; hqp_fx's own preset),
 prune-only FP32 and HQP INT8, every file with a dynamic batch dimension. ONNX Runtime CPU latency at each
@@ -115,7 +115,8 @@ def cmd_loop(args, train, test, log) -> None:
         "baseline_top1": res.baseline["top1"], "final_top1": final["top1"], "drop": res.baseline["top1"] - final["top1"],
         "baseline_macs": res.baseline_macs, "final_macs": macs, "macs_reduction": res.baseline_macs / macs,
         "baseline_params": res.baseline_params, "final_params": hqp_fx.count_params(res.model),
-        "rounds": len(res.history), "stop_reason": res.stop_reason, "seconds": time.time() - start,
+        "rounds": len(res.history), "stop_reason": res.stop_reason,
+        "seconds_this_process": time.time() - start,  # after --resume: the resumed part only
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     hqp_fx.save(res.model, Path(args.out) / "resnet56_pruned.hqp")

@@ -125,8 +125,9 @@ def prune_loop(
     ``finetune_fn(model, round_index)`` trains in place (seed it by the round for exact resume);
     ``evaluate_fn(model)`` returns at least ``{"top1": percent}``; ``calibration`` yields
     ``(inputs, targets)`` batches for the sensitivity criterion. ``latency_fn(model)`` measures what
-    ``config.target_latency`` is a fraction of (any unit, ideally on the deployment engine;
-    e.g. ``hqp_fx.compress.onnx_latency``, ms in ONNX Runtime); it is called on the dense model and on every accepted candidate.
+    ``config.target_latency`` is a fraction of (any unit, ideally on the deployment engine; e.g.
+    ``hqp_fx.compress.onnx_latency``, ms in ONNX Runtime); it is called on the dense model and on every
+    accepted candidate.
     """
     if config.target_latency is not None and latency_fn is None:
         raise ValueError("target_latency needs latency_fn: pass a callable that measures a model's latency "

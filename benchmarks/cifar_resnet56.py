@@ -1,14 +1,15 @@
 """HQP on the real CIFAR-10 ResNet-56 (``../shared``): the delta_max loop, the criteria comparison, INT8 deployment.
 
     python benchmarks/cifar_resnet56.py loop    [--criterion fisher] [--finetune-epochs 0.2] [--delta-max 1.0]
-                                                [--target-macs 0.5] [--resume] [--out DIR]
+                                                [--target-macs 0.5] [--distill 0.9] [--resume] [--out DIR]
     python benchmarks/cifar_resnet56.py compare [--methods ...] [--target-macs 0.5] [--rounds 4]
                                                 [--round-images 6000] [--final-images 20000] [--seed 0] [--out DIR]
     python benchmarks/cifar_resnet56.py deploy  --pruned DIR/fisher.hqp [--delta-max 1.0] [--batch-sizes 1 32]
                                                 [--out DIR]
 
 ``loop``: ``hqp_fx.hqp.prune_loop`` under delta_max (each round fine-tunes ``--finetune-epochs`` and validates
-on all 10,000 test images; rejected rounds roll back and shrink the step).
+on all 10,000 test images; rejected rounds roll back and shrink the step). ``--distill w`` fine-tunes with
+weight w on distillation from the dense checkpoint (temperature ``--temperature``), 1 - w on the labels.
 
 ``compare``: every method prunes the same checkpoint to the same MACs target with the same schedule and the
 same fine-tune budget, so only the choice of channels differs. ``--rounds`` rounds, round k pruning to
@@ -21,7 +22,9 @@ summarised as mean and standard deviation. Methods: hqp_fx's
 ``fisher``, ``group-fisher``, ``group-fisher-flops`` (divided by the MACs a channel costs), ``l1``, ``taylor``,
 ``random`` (each with its default normalisation), ``fisher-group-norm`` (fisher with every group scaled to mean
 1, the earlier default), ``taylor-unit1`` / ``l1-unit1`` (channels ranked one by one, then aligned, instead of
-in blocks of 8), ``taylor-flops-unit1`` (taylor per MAC the channel costs, ranked one by one), and
+in blocks of 8), ``taylor-flops-unit1`` (taylor per MAC the channel costs, ranked one by one),
+``taylor-flops-nostream-unit1`` (the same with the residual stream left whole: the search space the
+Torch-Pruning baselines get), and
 Torch-Pruning's (benchmark-only dependency) ``tp-magnitude`` (GroupMagnitudeImportance, L1) and ``tp-taylor``
 (GroupTaylorImportance), global ranking, ``round_to`` = 8 like hqp_fx's alignment.
 
@@ -65,7 +68,7 @@ from quantize_speed import (  # same folder: the model, data, ORT-quantizer base
 )
 
 HQP_METHODS = ("fisher", "group-fisher", "group-fisher-flops", "l1", "taylor", "random", "fisher-group-norm",
-               "taylor-unit1", "l1-unit1", "taylor-flops-unit1")
+               "taylor-unit1", "l1-unit1", "taylor-flops-unit1", "taylor-flops-nostream-unit1")
 TP_METHODS = ("tp-magnitude", "tp-taylor")
 EXAMPLE = torch.zeros(1, 3, 32, 32)
 
@@ -79,9 +82,11 @@ def calibration_batches(train, seed: int = 0) -> list:
     return list(BatchLoader(train.subset(50), 64, shuffle=True, seed=1 + seed))[:8]
 
 
-def finetune_images(model, train, images: int, seed: int) -> None:
+def finetune_images(model, train, images: int, seed: int, teacher=None, distill: float = 0.0,
+                    temperature: float = 4.0) -> None:
     loader = BatchLoader(train, 128, shuffle=True, augment=True, seed=seed)
-    finetune(model, loader, FinetuneConfig(epochs=images / len(train), lr=0.01))
+    config = FinetuneConfig(epochs=images / len(train), lr=0.01, distill=distill, temperature=temperature)
+    finetune(model, loader, config, teacher=teacher)
 
 
 # --------------------------------------------------------------------------------------------------- loop
@@ -89,11 +94,13 @@ def finetune_images(model, train, images: int, seed: int) -> None:
 
 def cmd_loop(args, train, test, log) -> None:
     model = dense_model()
+    teacher = dense_model() if args.distill > 0 else None
     calib = calibration_batches(train)
     test_loader = BatchLoader(test, 500)
 
     def ft(m, rnd):
-        finetune_images(m, train, args.finetune_epochs * len(train), seed=rnd)
+        finetune_images(m, train, args.finetune_epochs * len(train), seed=rnd, teacher=teacher, distill=args.distill,
+                        temperature=args.temperature)
 
     def ev(m):
         return evaluate(m, test_loader, num_classes=10)
@@ -112,6 +119,7 @@ def cmd_loop(args, train, test, log) -> None:
     summary = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "criterion": args.criterion, "finetune_epochs_per_round": args.finetune_epochs, "delta_max": args.delta_max,
+        "distill": args.distill, "temperature": args.temperature, "steps": args.steps,
         "baseline_top1": res.baseline["top1"], "final_top1": final["top1"], "drop": res.baseline["top1"] - final["top1"],
         "baseline_macs": res.baseline_macs, "final_macs": macs, "macs_reduction": res.baseline_macs / macs,
         "baseline_params": res.baseline_params, "final_params": hqp_fx.count_params(res.model),
@@ -159,6 +167,9 @@ def hqp_prune_to(gm, method: str, calib, target_macs: float, seed: int):
     ChannelDependencyPass()(gm)
     unit = 1 if method.endswith("-unit1") else 8
     method = method.removesuffix("-unit1")
+    # the residual stream is one group that includes the stem conv: ignoring the stem leaves it whole
+    ignore = ("linear", "conv1") if method.endswith("-nostream") else ("linear",)
+    method = method.removesuffix("-nostream")
     per_mac = method.endswith("-flops")
     method = method.removesuffix("-flops")
     criterion = "fisher" if method == "fisher-group-norm" else method
@@ -167,7 +178,7 @@ def hqp_prune_to(gm, method: str, calib, target_macs: float, seed: int):
     groups = meta.channel_groups(gm)
 
     def candidate_at(fraction):
-        plan = select_channels(groups, scores, fraction, min_keep=8, unit=unit, ignore=("linear",))
+        plan = select_channels(groups, scores, fraction, min_keep=8, unit=unit, ignore=ignore)
         AlignChannelsPass(plan, 8, scores)(gm)
         pruned = PruneChannelsPass(gm.meta[meta.ALIGN]["plan"])(gm).graph_module
         return pruned, hqp_fx.count_macs(pruned, EXAMPLE)
@@ -386,6 +397,9 @@ def main() -> None:
     loop.add_argument("--target-macs", type=float, default=0.5)
     loop.add_argument("--steps", type=float, nargs="+", default=[0.05, 0.02, 0.01])
     loop.add_argument("--resume", action="store_true", help="continue an interrupted run from --out's checkpoints")
+    loop.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the dense model "
+                      "while fine-tuning (0: labels only)")
+    loop.add_argument("--temperature", type=float, default=4.0)
     compare = sub.add_parser("compare")
     compare.add_argument("--methods", nargs="+", default=list(HQP_METHODS + TP_METHODS),
                          choices=HQP_METHODS + TP_METHODS)

@@ -144,7 +144,8 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, ev
         prune=HQPConfig(delta_max=args.delta_max, steps=steps, criterion=args.criterion, align=args.align,
                         target_macs=args.target_macs, target_latency=args.target_latency,
                         ignore=tuple(args.ignore or ()), seed=args.seed, max_rounds=args.max_rounds),
-        finetune=FinetuneConfig(epochs=args.finetune_epochs, lr=lr),
+        finetune=FinetuneConfig(epochs=args.finetune_epochs, lr=lr, distill=args.distill,
+                                temperature=args.temperature),
         quant=QuantConfig(backend=args.backend, calibration=args.calibration, num_samples=args.samples),
         batch_size=args.batch_size, augment=augment, ablation=args.ablation, hybrid=not args.no_hybrid,
         threads=args.threads)
@@ -205,6 +206,9 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--step", type=float, default=0.05, help="fraction of channels pruned per round (then 2%%, 1%%)")
     c.add_argument("--finetune-epochs", type=float, default=1.0 if demo else 2.0)
     c.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate (1/10 of the base rate)")
+    c.add_argument("--distill", type=float, default=0.0, help="fine-tune with this weight on distillation from the "
+                   "dense model (e.g. 0.9; the rest on the labels); 0: labels only")
+    c.add_argument("--temperature", type=float, default=4.0, help="distillation temperature")
     c.add_argument("--align", type=int, default=8, help="round kept channels to this multiple")
     c.add_argument("--criterion", default="fisher", choices=("fisher", "group-fisher", "taylor", "l1", "l2", "random"))
     c.add_argument("--target-macs", type=float, help="stop once MACs <= this fraction of the dense model")

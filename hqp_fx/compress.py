@@ -5,6 +5,7 @@ folder in ``<out>.checkpoints`` so ``resume`` survives a killed run, and are rem
 """
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
@@ -60,7 +61,13 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluatio
              stage: Path, *, checkpoint_dir: Path | None = None, resume: bool = False,
              progress: Callable[[str], None] = lambda msg: None,
              on_round: Callable[[RoundRecord], None] | None = None) -> dict:
-    """Run HQP on ``model`` and write every artifact into ``stage``; returns the ``hqp.json`` content."""
+    """Run HQP on ``model`` and write every artifact into ``stage``; returns the ``hqp.json`` content.
+
+    ``model`` itself is left untouched (its mode included): a frozen copy is exported as the dense baseline
+    and, with ``config.finetune.distill`` > 0, is the teacher of every fine-tuning round.
+    """
+    dense = copy.deepcopy(model).eval().requires_grad_(False)
+    teacher = dense if config.finetune.distill > 0 else None
     eval_loader = BatchLoader(evaluation, 500)
     calibration = list(BatchLoader(train.subset(config.calib_images_per_class), 64, shuffle=True,
                                    seed=config.prune.seed))
@@ -68,7 +75,7 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluatio
     def finetune_fn(m: nn.Module, rnd: int) -> None:
         progress(f"round {rnd}: fine-tuning {config.finetune.epochs:g} epoch(s)")
         finetune(m, BatchLoader(train, config.batch_size, shuffle=True, augment=config.augment,
-                                seed=config.prune.seed * 1000 + rnd), config.finetune)
+                                seed=config.prune.seed * 1000 + rnd), config.finetune, teacher=teacher)
 
     def evaluate_fn(m: nn.Module) -> dict:
         return evaluate(m, eval_loader, num_classes=len(evaluation.classes))
@@ -81,7 +88,7 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluatio
     save(pruned.model, stage / "model_pruned.hqp")
     progress("exporting the dense FP32 baseline")
     dense_onnx = stage / "model_dense_fp32.onnx"
-    export_onnx(model.eval(), (example,), dense_onnx)
+    export_onnx(dense, (example,), dense_onnx)
     budget_left = config.prune.delta_max - (pruned.baseline["top1"] - pruned.final["top1"])
     shipped = ship_quantized(pruned.model, example, calibration, eval_loader, config.quant, stage,
                              max_drop=max(0.0, budget_left) if config.hybrid else None, threads=config.threads,

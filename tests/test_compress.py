@@ -26,7 +26,7 @@ OUTPUTS = ["accuracy_vs_macs.png", "channels_per_layer.png", "hqp.json", "latenc
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     code = main(["demo", "--out", str(out), "--max-rounds", "3", "--finetune-epochs", "0.5", "--samples", "64",
-                 "--threads", "1"])
+                 "--threads", "1", "--distill", "0.9"])
     assert code == 0
     return out
 
@@ -40,6 +40,7 @@ def test_demo_writes_every_output_and_a_valid_sidecar(demo_run):
     assert set(report["variants"]) == {"dense_fp32", "prune_only_fp32", "hqp_int8", "quantize_only_int8"}
     assert report["compression"]["macs"][1] < report["compression"]["macs"][0]
     assert report["within_delta_max"] == (report["accuracy"]["final_drop"] <= report["delta_max"])
+    assert report["config"]["finetune"]["distill"] == 0.9 and report["config"]["finetune"]["temperature"] == 4.0
     assert report["tensorrt"]["ran"] is False and "TensorRT: not run" in (demo_run / "report.md").read_text()
     for png in ("accuracy_vs_macs.png", "channels_per_layer.png", "latency_size.png"):
         with Image.open(demo_run / png) as img:
@@ -73,6 +74,7 @@ def _folder(root, classes, per_class=2, size=32):
     (["--target-macs", "0.001"], "target_macs=0.001 is unreachable"),
     (["--target-latency", "1.5"], "target_latency is a fraction of the dense model"),
     (["--resume"], "--resume needs"),
+    (["--distill", "1.5"], "distill is a weight in [0, 1]"),
 ])
 def test_compress_refusals_leave_nothing_behind(tmp_path, monkeypatch, capsys, extra, message):
     monkeypatch.setenv("HQP_CACHE", str(tmp_path / "cache"))

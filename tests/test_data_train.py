@@ -12,7 +12,7 @@ from PIL import Image
 from hqp_fx import data as data_mod
 from hqp_fx.data import BatchLoader, find_splits, load_split, unpack_once
 from hqp_fx.models import build_model
-from hqp_fx.train import FinetuneConfig, evaluate, finetune
+from hqp_fx.train import FinetuneConfig, distillation_loss, evaluate, finetune
 
 
 @pytest.fixture
@@ -125,6 +125,48 @@ def test_finetune_learns_and_restores_mode():
         FinetuneConfig(optimizer="lion")
     with pytest.raises(ValueError, match="epochs >= 0 and lr > 0"):
         FinetuneConfig(lr=0)
+
+
+def test_distillation_loss_matches_hand_computed_value():
+    logits, teacher = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 0.0]])
+    y = torch.tensor([0])
+    t, w = 2.0, 0.75
+    p_teacher = torch.softmax(teacher / t, -1)
+    kl = (p_teacher * (p_teacher.log() - torch.log_softmax(logits / t, -1))).sum()
+    ce = -torch.log_softmax(logits, -1)[0, 0]
+    config = FinetuneConfig(distill=w, temperature=t)
+    assert distillation_loss(logits, y, teacher, config).item() == pytest.approx(((1 - w) * ce + w * t * t * kl).item())
+    assert distillation_loss(logits, y, None, FinetuneConfig()).item() == pytest.approx(ce.item())
+    assert distillation_loss(logits, y, logits, FinetuneConfig(distill=1.0)).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_finetune_distills_towards_the_teacher_without_touching_it():
+    torch.manual_seed(0)
+    # (the BN would move its running statistics if finetune ran the teacher in train mode)
+    teacher = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4)).train()
+    student = nn.Sequential(nn.Linear(4, 4))
+    batches = toy_problem()
+    x = torch.cat([b[0] for b in batches])
+    frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
+
+    def gap():
+        with torch.no_grad():
+            return nn.functional.kl_div(student(x).log_softmax(-1), teacher.eval()(x).log_softmax(-1),
+                                        reduction="batchmean", log_target=True).item()
+
+    before = gap()
+    teacher.train()
+    finetune(student, batches, FinetuneConfig(epochs=20, lr=0.1, distill=1.0, temperature=1.0), teacher=teacher)
+    assert teacher.training, "the teacher's mode must be restored"
+    assert all(torch.equal(v, frozen[k]) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert gap() < 0.2 * before
+    with pytest.raises(ValueError, match="distillation needs both a teacher"):
+        finetune(student, batches, FinetuneConfig(distill=0.5))
+    with pytest.raises(ValueError, match="distillation needs both a teacher"):
+        finetune(student, batches, FinetuneConfig(), teacher=teacher)
+    with pytest.raises(ValueError, match=r"distill is a weight in \[0, 1\]"):
+        FinetuneConfig(distill=1.5)
 
 
 def test_real_checkpoint_accuracy_on_full_jpeg_test_set(shared_dir, tmp_path_factory, monkeypatch):

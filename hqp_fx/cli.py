@@ -141,7 +141,8 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, ev
 
     steps = tuple(s for s in (args.step, 0.02, 0.01) if s <= args.step)
     config = CompressConfig(
-        prune=HQPConfig(delta_max=args.delta_max, steps=steps, criterion=args.criterion, align=args.align,
+        prune=HQPConfig(delta_max=args.delta_max, steps=steps, criterion=args.criterion,
+                        flops_normalize=args.flops_normalize, align=args.align,
                         target_macs=args.target_macs, target_latency=args.target_latency,
                         ignore=tuple(args.ignore or ()), seed=args.seed, max_rounds=args.max_rounds),
         finetune=FinetuneConfig(epochs=args.finetune_epochs, lr=lr, distill=args.distill,
@@ -211,6 +212,8 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--temperature", type=float, default=4.0, help="distillation temperature")
     c.add_argument("--align", type=int, default=8, help="round kept channels to this multiple")
     c.add_argument("--criterion", default="fisher", choices=("fisher", "group-fisher", "taylor", "l1", "l2", "random"))
+    c.add_argument("--flops-normalize", action="store_true", help="taylor / group-fisher: rank channels by "
+                   "estimated loss change per MAC they cost")
     c.add_argument("--target-macs", type=float, help="stop once MACs <= this fraction of the dense model")
     c.add_argument("--target-latency", type=float, help="stop once the FP32 ONNX Runtime CPU latency <= this "
                    "fraction of the dense model's (measured every accepted round)")

@@ -26,7 +26,7 @@ from . import meta
 from .core import atomic_write_text
 from .count import count_macs, count_params
 from .passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels, select_channels
-from .passes.sensitivity import CRITERIA
+from .passes.sensitivity import CRITERIA, LOSS_CHANGE_CRITERIA
 from .serialize import load, save
 from .trace import trace
 
@@ -40,6 +40,7 @@ class HQPConfig:
     delta_max: float = 1.0  # largest allowed top-1 drop (points) against the dense baseline
     steps: tuple[float, ...] = (0.05, 0.02, 0.01)  # fraction of prunable channels per round; shrinks on rollback
     criterion: str = "fisher"
+    flops_normalize: bool = False  # taylor / group-fisher: rank by loss change per MAC the channel costs
     align: int = 8
     min_keep: int | None = None  # per group; defaults to ``align``
     max_rounds: int = 100
@@ -57,6 +58,9 @@ class HQPConfig:
             raise ValueError(f"steps must be decreasing fractions in (0, 1), e.g. (0.05, 0.02, 0.01); got {self.steps}")
         if self.criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if self.flops_normalize and self.criterion not in LOSS_CHANGE_CRITERIA:
+            raise ValueError(f"flops_normalize divides an estimated loss change by MACs; criterion {self.criterion!r} "
+                             f"is not one: use {' or '.join(sorted(LOSS_CHANGE_CRITERIA))}, or drop flops_normalize")
         for name in ("target_macs", "target_params", "target_latency"):
             v = getattr(self, name)
             if v is not None and not 0 < v < 1:
@@ -173,7 +177,7 @@ def prune_loop(
         step = config.steps[step_index]
         torch.manual_seed(config.seed * 1000 + rnd)
         scores = score_channels(current, config.criterion, calibration, num_batches=config.calib_batches,
-                                seed=config.seed * 1000 + rnd)
+                                flops_normalize=config.flops_normalize, seed=config.seed * 1000 + rnd)
         plan = select_channels(meta.channel_groups(current), scores, step, min_keep=min_keep, unit=config.align,
                                ignore=config.ignore)
         AlignChannelsPass(plan, config.align, scores)(current)

@@ -6,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 import hqp_fx
+from hqp_fx import meta
 from hqp_fx.hqp import STATE_FILE, HQPConfig, prune_loop
 from hqp_fx.models import CifarResNet
+from hqp_fx.passes import AlignChannelsPass, ChannelDependencyPass, score_channels, select_channels
 
 from helpers import realistic_random
 
@@ -106,6 +108,23 @@ def test_measured_latency_target_stops_the_loop_and_survives_resume(tmp_path):
                                                                          for r in res.history]
     with pytest.raises(ValueError, match="target_latency needs latency_fn"):
         run(target_latency=0.5)
+
+
+def test_flops_normalize_reaches_the_loops_ranking():
+    """Round 0 of a taylor-per-MAC loop removes exactly what score -> select -> align by hand removes."""
+    gm = hqp_fx.trace(model(), X)
+    ChannelDependencyPass()(gm)
+    by_hand = {}
+    for per_mac in (True, False):
+        scores = score_channels(gm, "taylor", CALIB, num_batches=8, flops_normalize=per_mac, seed=0)
+        AlignChannelsPass(select_channels(meta.channel_groups(gm), scores, 0.05, min_keep=4, unit=4), 4, scores)(gm)
+        by_hand[per_mac] = {k: len(v) for k, v in gm.meta[meta.ALIGN]["plan"].items()}
+    assert by_hand[True] != by_hand[False], "per MAC must change the choice on this model, or the test shows nothing"
+    for per_mac in (True, False):
+        res = run(criterion="taylor", flops_normalize=per_mac, max_rounds=1, delta_max=50.0)
+        assert res.history[0].removed == by_hand[per_mac]
+    with pytest.raises(ValueError, match="flops_normalize divides an estimated loss change by MACs"):
+        HQPConfig(criterion="fisher", flops_normalize=True)
 
 
 def test_bad_configuration_is_explained(tmp_path):

@@ -166,8 +166,9 @@ def score_channels(
         raise ValueError(f"normalize='layer' needs a per-layer sum ({', '.join(sorted(_PER_LAYER))}); {criterion!r} "
                          f"scores all coupled layers jointly: use 'none' or 'group'")
     if flops_normalize and criterion not in LOSS_CHANGE_CRITERIA:
-        raise ValueError(f"flops_normalize divides an estimated loss change by MACs ({', '.join(sorted(LOSS_CHANGE_CRITERIA))}); "
-                         f"{criterion!r} is not one: drop flops_normalize or use one of those criteria")
+        raise ValueError(f"flops_normalize divides an estimated loss change by MACs "
+                         f"({', '.join(sorted(LOSS_CHANGE_CRITERIA))}); {criterion!r} is not one: drop "
+                         f"flops_normalize or use one of those criteria")
     acc = _Accumulator(analysis)
     params = dict(gm.named_parameters())
     if criterion == "random":

@@ -26,7 +26,7 @@ from . import meta
 from .core import atomic_write_text
 from .count import count_macs, count_params
 from .passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels, select_channels
-from .passes.sensitivity import CRITERIA, LOSS_CHANGE_CRITERIA
+from .passes.sensitivity import CRITERIA, check_flops_normalize
 from .serialize import load, save
 from .trace import trace
 
@@ -58,9 +58,7 @@ class HQPConfig:
             raise ValueError(f"steps must be decreasing fractions in (0, 1), e.g. (0.05, 0.02, 0.01); got {self.steps}")
         if self.criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
-        if self.flops_normalize and self.criterion not in LOSS_CHANGE_CRITERIA:
-            raise ValueError(f"flops_normalize divides an estimated loss change by MACs; criterion {self.criterion!r} "
-                             f"is not one: use {' or '.join(sorted(LOSS_CHANGE_CRITERIA))}, or drop flops_normalize")
+        check_flops_normalize(self.criterion, self.flops_normalize)
         for name in ("target_macs", "target_params", "target_latency"):
             v = getattr(self, name)
             if v is not None and not 0 < v < 1:

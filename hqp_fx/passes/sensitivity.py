@@ -35,7 +35,15 @@ Normalize = Literal["layer", "group", "none"]
 DEFAULT_NORMALIZE: dict[str, Normalize] = {"fisher": "layer", "l1": "layer", "l2": "layer", "taylor": "none",
                                            "group-fisher": "none", "random": "none"}
 _PER_LAYER = {"fisher", "l1", "l2"}
-LOSS_CHANGE_CRITERIA = frozenset({"group-fisher", "taylor"})  # estimates of a loss change: per MAC is meaningful
+_LOSS_CHANGE = {"group-fisher", "taylor"}  # estimates of a loss change: per MAC is meaningful
+
+
+def check_flops_normalize(criterion: str, flops_normalize: bool) -> None:
+    """Refuse ``flops_normalize`` for a criterion that is not a loss estimate; HQPConfig calls it before any round."""
+    if flops_normalize and criterion not in _LOSS_CHANGE:
+        raise ValueError(f"flops_normalize divides an estimated loss change by MACs "
+                         f"({', '.join(sorted(_LOSS_CHANGE))}); {criterion!r} is not one: drop "
+                         f"flops_normalize or use one of those criteria")
 
 
 def _class_index(analysis: ChannelAnalysis) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,10 +173,7 @@ def score_channels(
     if normalize == "layer" and criterion not in _PER_LAYER:
         raise ValueError(f"normalize='layer' needs a per-layer sum ({', '.join(sorted(_PER_LAYER))}); {criterion!r} "
                          f"scores all coupled layers jointly: use 'none' or 'group'")
-    if flops_normalize and criterion not in LOSS_CHANGE_CRITERIA:
-        raise ValueError(f"flops_normalize divides an estimated loss change by MACs "
-                         f"({', '.join(sorted(LOSS_CHANGE_CRITERIA))}); {criterion!r} is not one: drop "
-                         f"flops_normalize or use one of those criteria")
+    check_flops_normalize(criterion, flops_normalize)
     acc = _Accumulator(analysis)
     params = dict(gm.named_parameters())
     if criterion == "random":

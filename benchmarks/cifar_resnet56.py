@@ -109,8 +109,8 @@ def cmd_loop(args, train, test, log) -> None:
         log(f"round {r.round:2d} step {r.step:.2f} {'accept' if r.accepted else 'REJECT'} top1 {r.top1:.2f} "
             f"drop {r.drop:+.2f} MACs {r.macs / 1e6:.1f}M params {r.params / 1e3:.1f}K")
 
-    config = HQPConfig(delta_max=args.delta_max, steps=tuple(args.steps), criterion=args.criterion, align=8,
-                       target_macs=args.target_macs)
+    config = HQPConfig(delta_max=args.delta_max, steps=tuple(args.steps), criterion=args.criterion,
+                       align=args.align, target_macs=args.target_macs)
     start = time.time()
     res = prune_loop(model, EXAMPLE, calibration=calib, finetune_fn=ft, evaluate_fn=ev, config=config,
                      checkpoint_dir=Path(args.out) / "checkpoints", resume=args.resume, on_round=on_round)
@@ -119,7 +119,7 @@ def cmd_loop(args, train, test, log) -> None:
     summary = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "criterion": args.criterion, "finetune_epochs_per_round": args.finetune_epochs, "delta_max": args.delta_max,
-        "distill": args.distill, "temperature": args.temperature, "steps": args.steps,
+        "distill": args.distill, "temperature": args.temperature, "steps": args.steps, "align": args.align,
         "baseline_top1": res.baseline["top1"], "final_top1": final["top1"], "drop": res.baseline["top1"] - final["top1"],
         "baseline_macs": res.baseline_macs, "final_macs": macs, "macs_reduction": res.baseline_macs / macs,
         "baseline_params": res.baseline_params, "final_params": hqp_fx.count_params(res.model),
@@ -396,6 +396,8 @@ def main() -> None:
     loop.add_argument("--delta-max", type=float, default=1.0)
     loop.add_argument("--target-macs", type=float, default=0.5)
     loop.add_argument("--steps", type=float, nargs="+", default=[0.05, 0.02, 0.01])
+    loop.add_argument("--align", type=int, default=8, help="channel multiple; 16 matches ONNX Runtime's int8 "
+                      "convolution blocks on x86 (see benchmarks/ort_channel_steps.py)")
     loop.add_argument("--resume", action="store_true", help="continue an interrupted run from --out's checkpoints")
     loop.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the dense model "
                       "while fine-tuning (0: labels only)")

@@ -136,13 +136,15 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, ev
     from .compress import CompressConfig, compress, remove_checkpoints
     from .deploy import stage_output
     from .hqp import HQPConfig
+    from .passes.align import engine_alignment
     from .passes.quantize import QuantConfig
     from .train import FinetuneConfig
 
     steps = tuple(s for s in (args.step, 0.02, 0.01) if s <= args.step)
+    align = engine_alignment(args.backend) if args.align == "auto" else args.align
     config = CompressConfig(
         prune=HQPConfig(delta_max=args.delta_max, steps=steps, criterion=args.criterion,
-                        flops_normalize=args.flops_normalize, align=args.align,
+                        flops_normalize=args.flops_normalize, align=align,
                         target_macs=args.target_macs, target_latency=args.target_latency,
                         ignore=tuple(args.ignore or ()), seed=args.seed, max_rounds=args.max_rounds),
         finetune=FinetuneConfig(epochs=args.finetune_epochs, lr=lr, distill=args.distill,
@@ -200,6 +202,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _align_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive channel multiple such as 8, 16 or 32, "
+                                         f"got {text!r}")
+    return int(text)
+
+
 def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--out", required=not demo, default="hqp_demo" if demo else None,
                    help="output folder (must not exist or be empty)")
@@ -210,7 +221,8 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--distill", type=float, default=0.0, help="fine-tune with this weight on distillation from the "
                    "dense model (e.g. 0.9; the rest on the labels); 0: labels only")
     c.add_argument("--temperature", type=float, default=4.0, help="distillation temperature")
-    c.add_argument("--align", type=int, default=8, help="round kept channels to this multiple")
+    c.add_argument("--align", type=_align_arg, default="auto", help="round kept channels to this multiple; auto "
+                   "(default): the block width of the --backend's INT8 convolutions (16 for every backend: hqp_fx.passes.align.ENGINE_ALIGNMENT says why)")
     c.add_argument("--criterion", default="fisher", choices=("fisher", "group-fisher", "taylor", "l1", "l2", "random"))
     c.add_argument("--flops-normalize", action="store_true", help="taylor / group-fisher: rank channels by "
                    "estimated loss change per MAC they cost")

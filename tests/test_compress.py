@@ -41,6 +41,10 @@ def test_demo_writes_every_output_and_a_valid_sidecar(demo_run):
     assert report["compression"]["macs"][1] < report["compression"]["macs"][0]
     assert report["within_delta_max"] == (report["accuracy"]["final_drop"] <= report["delta_max"])
     assert report["config"]["finetune"]["distill"] == 0.9 and report["config"]["finetune"]["temperature"] == 4.0
+    # --align auto: the onnxruntime backend's 16-channel int8 blocks, and every layer the loop narrowed honours them
+    assert report["config"]["prune"]["align"] == 16
+    narrowed = {n: kept for n, (dense, kept) in report["channels"].items() if kept < dense}
+    assert narrowed and all(kept % 16 == 0 for kept in narrowed.values()), report["channels"]
     assert report["tensorrt"]["ran"] is False and "TensorRT: not run" in (demo_run / "report.md").read_text()
     for png in ("accuracy_vs_macs.png", "channels_per_layer.png", "latency_size.png"):
         with Image.open(demo_run / png) as img:
@@ -85,6 +89,14 @@ def test_compress_refusals_leave_nothing_behind(tmp_path, monkeypatch, capsys, e
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["data"]
+
+
+def test_compress_refuses_a_bad_alignment(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["compress", "cifar:resnet20", "--data", "unused", "--out", "unused", "--align", "eight"])
+    assert exit_.value.code == 2
+    assert "--align: expected 'auto' or a positive channel multiple such as 8, 16 or 32, got 'eight'" in \
+        capsys.readouterr().err
 
 
 def test_compress_refuses_mismatched_or_empty_data(tmp_path, monkeypatch, capsys):

@@ -152,6 +152,15 @@ def test_align_uses_scores_and_never_exceeds_size():
     assert gm.meta[meta.ALIGN]["plan"] == {} and gm.meta[meta.ALIGN]["rounding"]["conv1"] == (6, 5, 6)
 
 
+def test_engine_alignment_covers_every_backend():
+    from hqp_fx.passes.align import engine_alignment
+    from hqp_fx.passes.quantize import BACKENDS
+
+    assert {b: engine_alignment(b) for b in BACKENDS} == {"tensorrt": 16, "onnxruntime": 16, "x86-inductor": 16}
+    with pytest.raises(ValueError, match=r"no channel alignment known for backend 'openvino'.*explicit multiple"):
+        engine_alignment("openvino")
+
+
 def test_align_rejects_bad_input():
     gm, _, _ = analyse(Chain())
     with pytest.raises(ValueError, match="multiple must be a positive int"):

@@ -1,7 +1,7 @@
 """AlignChannelsPass: round a prune plan so every pruned group keeps a multiple of 8/16/32 channels.
 
-Tensor cores and INT8 kernels (TensorRT, oneDNN) run fastest on channel counts that are
-multiples of 8 or 32; a 61-channel layer is often slower than a 64-channel one.
+INT8 kernels compute output channels in fixed-width blocks and pad the last one: a layer whose width is not a
+multiple of the block pays for the padding. ``engine_alignment`` names the multiple each deployment backend needs.
 """
 from __future__ import annotations
 
@@ -15,7 +15,27 @@ from .. import meta
 from ..core import GraphPass, PassResult
 from .prune import validate_plan
 
-__all__ = ["AlignChannelsPass", "aligned_keep"]
+__all__ = ["AlignChannelsPass", "aligned_keep", "engine_alignment", "ENGINE_ALIGNMENT"]
+
+ENGINE_ALIGNMENT = {
+    # ONNX Runtime's x86 int8 convolution (MLAS) computes output channels 16 at a time: measured on AVX2 by
+    # benchmarks/ort_channel_steps.py, C -> 8 costs what C -> 16 costs and C -> 24 what C -> 32 costs.
+    "onnxruntime": 16,
+    # NVIDIA's tensor-core guidance asks INT8 layers for channel counts in multiples of 16 (16 bytes). Not
+    # measured here: no TensorRT or GPU on these machines.
+    "tensorrt": 16,
+    # torch.compile's x86 int8 convolutions go through oneDNN, whose blocked layouts are 16 channels wide on
+    # AVX-512 (8 on AVX2); 16 serves both. Not measured here.
+    "x86-inductor": 16,
+}
+
+
+def engine_alignment(backend: str) -> int:
+    """The channel multiple that ``backend``'s INT8 convolutions compute in (what ``--align auto`` uses)."""
+    if backend not in ENGINE_ALIGNMENT:
+        raise ValueError(f"no channel alignment known for backend {backend!r}; choose one of "
+                         f"{', '.join(ENGINE_ALIGNMENT)} or pass an explicit multiple such as 8")
+    return ENGINE_ALIGNMENT[backend]
 
 
 def aligned_keep(size: int, keep: int, multiple: int) -> int:

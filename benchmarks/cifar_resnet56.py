@@ -6,6 +6,7 @@
                                                 [--round-images 6000] [--final-images 20000] [--seed 0] [--out DIR]
     python benchmarks/cifar_resnet56.py deploy  --pruned DIR/fisher.hqp [--delta-max 1.0] [--batch-sizes 1 32]
                                                 [--out DIR]
+    python benchmarks/cifar_resnet56.py widths  --pruned DIR/model.hqp [--multiple 16] [--out DIR]
 
 ``loop``: ``hqp_fx.hqp.prune_loop`` under delta_max (each round fine-tunes ``--finetune-epochs`` and validates
 on all 10,000 test images; rejected rounds roll back and shrink the step). ``--distill w`` fine-tunes with
@@ -34,6 +35,11 @@ quantize-only (ORT ``quantize_static``, QDQ per-channel, with and without reduce
 prune-only FP32 and HQP INT8, every file with a dynamic batch dimension. ONNX Runtime CPU latency at each
 ``--batch-sizes`` (default 1 and 32; ``measure_onnx``: fresh process, 2 threads, 10 warm-ups, median of 100,
 3 interleaved rounds), size and top-1 (in ONNX Runtime) on the 10,000 test images, all in one run.
+
+``widths``: does a pruned model pay for widths off ONNX Runtime's channel grid? The pruned model is timed (hqp_fx
+``onnxruntime`` preset INT8, same protocol as ``deploy``) beside the dense net cut to the pruned model's group
+widths rounded up, and rounded down, to ``--multiple``, and the dense net itself. The rounded nets keep each
+group's first channels: they are shapes for timing, their accuracy is not measured.
 """
 from __future__ import annotations
 
@@ -55,7 +61,8 @@ from hqp_fx.data import BatchLoader
 from hqp_fx.deploy import machine_description, versions, write_json
 from hqp_fx.hqp import HQPConfig, prune_loop
 from hqp_fx.passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels, select_channels
-from hqp_fx.passes.quantize import take_samples
+from hqp_fx.passes.onnx import export_onnx
+from hqp_fx.passes.quantize import QuantConfig, quantize, take_samples
 from hqp_fx.train import FinetuneConfig, evaluate, finetune
 from quantize_speed import (  # same folder: the model, data, ORT-quantizer baseline and latency protocol
     accuracy,
@@ -384,6 +391,64 @@ def cmd_deploy(args, train, test, log) -> None:
     print(json.dumps(results["hqp"], indent=1))
 
 
+# --------------------------------------------------------------------------------------------------- widths
+
+
+def rounded_widths(dense, pruned, multiple: int, up: bool) -> torch.nn.Module:
+    """The dense net cut to every group width of ``pruned`` rounded up (or down) to ``multiple``.
+
+    Timing only: it keeps each group's first channels, so its accuracy means nothing; ORT's kernel time depends
+    on the shapes, not on the values.
+    """
+    widths = {g.id: g.size for g in meta.channel_groups(ChannelDependencyPass()(hqp_fx.trace(pruned, EXAMPLE)).graph_module)}
+    gm = ChannelDependencyPass()(hqp_fx.trace(dense, EXAMPLE)).graph_module
+    plan = {}
+    for g in meta.channel_groups(gm):
+        blocks = (widths[g.id] + (multiple - 1 if up else 0)) // multiple
+        keep = min(max(blocks, 1) * multiple, g.size)
+        if keep < g.size:
+            plan[g.id] = list(range(keep, g.size))
+    return PruneChannelsPass(plan)(gm).graph_module
+
+
+def cmd_widths(args, train, test, log) -> None:
+    dense, pruned = dense_model(), hqp_fx.load(args.pruned)
+    models = {"dense": dense, "pruned": pruned,
+              f"pruned-up-{args.multiple}": rounded_widths(dense, pruned, args.multiple, up=True),
+              f"pruned-down-{args.multiple}": rounded_widths(dense, pruned, args.multiple, up=False)}
+    samples = take_samples(BatchLoader(train, 64, shuffle=True, seed=0), 128)
+    folder = Path(args.out) / "widths"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    paths, results = {}, {"date": time.strftime("%Y-%m-%d"), "machine": machine_description(), "versions": versions(),
+                          "pruned_model": str(args.pruned), "multiple": args.multiple, "load_before": load_average(),
+                          "models": {}}
+    for name, model in models.items():
+        log(f"{name}: quantize (hqp_fx onnxruntime preset) and export")
+        result = quantize(model, EXAMPLE, samples, QuantConfig(backend="onnxruntime", calibration="histogram",
+                                                                num_samples=128))
+        paths[name] = folder / f"{name}.onnx"
+        export_onnx(result.model, (EXAMPLE,), paths[name], dynamic_batch=True)
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        results["models"][name] = {"macs": hqp_fx.count_macs(model, EXAMPLE), "params": hqp_fx.count_params(model),
+                                   "widths_not_multiple": sum(m.out_channels % args.multiple != 0 for m in convs)}
+    results["latency"] = {}
+    for batch in args.batch_sizes:
+        log(f"latency at batch {batch}")
+        results["latency"][str(batch)] = measure_variants(paths, (batch, 3, 32, 32), args, log)
+    results["load_after"] = load_average()
+    write_json(Path(args.out) / "widths.json", results)
+    print(f"\n| model | MACs M | convs off the {args.multiple} grid | "
+          + " | ".join(f"batch {b} ms | vs dense" for b in args.batch_sizes) + " |")
+    print("|---|---|---|" + "---|---|" * len(args.batch_sizes))
+    for name, info in results["models"].items():
+        cells = []
+        for b in args.batch_sizes:
+            lat = results["latency"][str(b)]
+            cells.append(f"{lat[name]['median_ms']:.2f} | {lat['dense']['median_ms'] / lat[name]['median_ms']:.2f}x")
+        print(f"| {name} | {info['macs'] / 1e6:.1f} | {info['widths_not_multiple']} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="/tmp/cifar_full", help="folder with CIFAR-10 train/ and test/ (else ../shared)")
@@ -417,11 +482,18 @@ def main() -> None:
     deploy.add_argument("--runs", type=int, default=100)
     deploy.add_argument("--rounds", type=int, default=3)
     deploy.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    widths = sub.add_parser("widths", help="time a pruned model against its widths rounded to a channel multiple")
+    widths.add_argument("--pruned", required=True, help="a .hqp model written by `loop` or `compare`")
+    widths.add_argument("--multiple", type=int, default=16)
+    widths.add_argument("--runs", type=int, default=100)
+    widths.add_argument("--rounds", type=int, default=3)
+    widths.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     log = logger()
     train, test = cifar_splits(Path(args.data))
-    {"loop": cmd_loop, "compare": cmd_compare, "deploy": cmd_deploy}[args.cmd](args, train, test, log)
+    commands = {"loop": cmd_loop, "compare": cmd_compare, "deploy": cmd_deploy, "widths": cmd_widths}
+    commands[args.cmd](args, train, test, log)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ histogram calibration on 512 training images) and every variant is lowered to ON
 quantize-only (ORT ``quantize_static``, QDQ per-channel, with and without reduce_range; hqp_fx's own preset),
 prune-only FP32 and HQP INT8, every file with a dynamic batch dimension. ONNX Runtime CPU latency at each
 ``--batch-sizes`` (default 1 and 32; ``measure_onnx``: fresh process, 2 threads, 10 warm-ups, median of 100,
-3 interleaved rounds), size and top-1 (in ONNX Runtime) on the 10,000 test images, all in one run.
+3 interleaved rounds), size and top-1 (in ONNX Runtime) on the 10,000 test images, all in one run. When the
+HQP INT8 model breaks ``--delta-max``, the hybrid fallback (what ``hqp compress`` ships then) is built and timed too.
 
 ``widths``: does a pruned model pay for widths off ONNX Runtime's channel grid? The pruned model is timed (hqp_fx
 ``onnxruntime`` preset INT8, same protocol as ``deploy``) beside the dense net cut to the pruned model's group
@@ -58,11 +59,11 @@ import hqp_fx
 from hqp_fx import meta
 from hqp_fx.core import atomic_write_text
 from hqp_fx.data import BatchLoader
-from hqp_fx.deploy import machine_description, versions, write_json
+from hqp_fx.deploy import OrtModel, machine_description, versions, write_json
 from hqp_fx.hqp import HQPConfig, prune_loop
 from hqp_fx.passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels, select_channels
 from hqp_fx.passes.onnx import export_onnx
-from hqp_fx.passes.quantize import QuantConfig, quantize, take_samples
+from hqp_fx.passes.quantize import QuantConfig, hybrid_quantize, quantize, take_samples
 from hqp_fx.train import FinetuneConfig, evaluate, finetune
 from quantize_speed import (  # same folder: the model, data, ORT-quantizer baseline and latency protocol
     accuracy,
@@ -355,6 +356,19 @@ def cmd_deploy(args, train, test, log) -> None:
         paths.update({f"{tag}/{k}": v for k, v in p.items()})
     timed = ["dense/fp32", "dense/ort-qdq", "dense/ort-qdq-rr", "dense/hqp-onnxruntime", "pruned/fp32",
              "pruned/hqp-onnxruntime"]
+    log("accuracy on the test set (ONNX Runtime; FP32 also in PyTorch)")
+    results["accuracy"] = {}
+    for tag, model in (("dense", dense), ("pruned", pruned)):
+        names = [k.split("/", 1)[1] for k in timed if k.startswith(tag + "/")] + (["hqp-tensorrt"] if tag == "pruned" else [])
+        acc = accuracy(model, {k: paths[f"{tag}/{k}"] for k in names}, {}, test, args.threads, log)
+        results["accuracy"].update({f"{tag}/{k}": v for k, v in acc.items()})
+    dense_top1 = results["accuracy"]["dense/fp32-pytorch"]["top1"]
+    shipped = "pruned/hqp-onnxruntime"
+    if dense_top1 - results["accuracy"][f"{shipped}-ort"]["top1"] > args.delta_max:
+        shipped = hybrid_variant(pruned, x, samples, test, dense_top1, args, folder, results, log)
+        paths[shipped] = folder / "pruned" / "hqp-onnxruntime-hybrid.onnx"
+        timed.append(shipped)
+    hqp_top1 = results["accuracy"][f"{shipped}-ort"]["top1"]
     results["latency"], results["speedup_vs_dense_fp32"], results["speedup_vs_ort_quantize_static_rr"] = {}, {}, {}
     for batch in args.batch_sizes:  # batch 1 is latency-bound; larger batches show where the MACs go
         log(f"latency at batch {batch}")
@@ -363,21 +377,12 @@ def cmd_deploy(args, train, test, log) -> None:
         results["latency"][str(batch)] = lat
         results["speedup_vs_dense_fp32"][str(batch)] = {k: base / v["median_ms"] for k, v in lat.items()}
         results["speedup_vs_ort_quantize_static_rr"][str(batch)] = {k: quant_only / v["median_ms"] for k, v in lat.items()}
-    log("accuracy on the test set (ONNX Runtime; FP32 also in PyTorch)")
-    results["accuracy"] = {}
-    for tag, model in (("dense", dense), ("pruned", pruned)):
-        names = [k.split("/", 1)[1] for k in timed if k.startswith(tag + "/")] + (["hqp-tensorrt"] if tag == "pruned" else [])
-        acc = accuracy(model, {k: paths[f"{tag}/{k}"] for k in names}, {}, test, args.threads, log)
-        results["accuracy"].update({f"{tag}/{k}": v for k, v in acc.items()})
-    dense_top1 = results["accuracy"]["dense/fp32-pytorch"]["top1"]
-    hqp_top1 = results["accuracy"]["pruned/hqp-onnxruntime-ort"]["top1"]
-    results["hqp"] = {"macs_reduction": results["dense_macs"] / results["pruned_macs"],
+    results["hqp"] = {"shipped": shipped, "macs_reduction": results["dense_macs"] / results["pruned_macs"],
                       "params_reduction": results["dense_params"] / results["pruned_params"],
                       "int8_top1_ort": hqp_top1, "drop": dense_top1 - hqp_top1, "delta_max": args.delta_max,
                       "honours_delta_max": dense_top1 - hqp_top1 <= args.delta_max,
-                      "speedup_vs_dense_fp32": {b: v["pruned/hqp-onnxruntime"]
-                                                for b, v in results["speedup_vs_dense_fp32"].items()},
-                      "speedup_vs_quantize_only": {b: v["pruned/hqp-onnxruntime"]
+                      "speedup_vs_dense_fp32": {b: v[shipped] for b, v in results["speedup_vs_dense_fp32"].items()},
+                      "speedup_vs_quantize_only": {b: v[shipped]
                                                    for b, v in results["speedup_vs_ort_quantize_static_rr"].items()}}
     results["load_after"] = load_average()
     write_json(Path(args.out) / "deploy.json", results)
@@ -389,6 +394,26 @@ def cmd_deploy(args, train, test, log) -> None:
             print(f"| {k} | {v['median_ms']:.3f} | {results['speedup_vs_dense_fp32'][batch][k]:.2f}x | "
                   f"{results['speedup_vs_ort_quantize_static_rr'][batch][k]:.2f}x | {v['size_mb']:.2f} | {top1:.2f} |")
     print(json.dumps(results["hqp"], indent=1))
+
+
+def hybrid_variant(pruned, x, samples, test, dense_top1, args, folder, results, log) -> str:
+    """Plain INT8 broke delta_max: keep the fewest most sensitive layers in FP32 until it holds (what ``hqp
+    compress`` ships in this case), judged on the test set like the loop's rounds; returns the variant's key."""
+    budget = args.delta_max - (dense_top1 - results["accuracy"]["pruned/fp32-pytorch"]["top1"])
+    log(f"INT8 breaks delta_max: hybrid fallback, {budget:.2f} points left for quantization")
+    loader = BatchLoader(test, 500)
+    config = QuantConfig(backend="onnxruntime", calibration="histogram", num_samples=sum(len(s) for s in samples))
+    result = hybrid_quantize(pruned, x, samples, config, max_drop=max(budget, 0.0),
+                             evaluate=lambda m: evaluate(m, loader, num_classes=10)["top1"])
+    path = folder / "pruned" / "hqp-onnxruntime-hybrid.onnx"
+    export_onnx(result.model, (x,), path, dynamic_batch=True)
+    key = "pruned/hqp-onnxruntime-hybrid"
+    results["pruned_variants"]["hqp-onnxruntime-hybrid"] = {"float_layers": dict(result.float_layers),
+                                                            "budget": result.budget}
+    results["accuracy"][f"{key}-ort"] = evaluate(OrtModel(path, args.threads), loader, num_classes=10)
+    log(f"  hybrid: {len(result.float_layers)} layer(s) in FP32, top-1 (ORT) "
+        f"{results['accuracy'][f'{key}-ort']['top1']:.2f}; {result.budget}")
+    return key
 
 
 # --------------------------------------------------------------------------------------------------- widths

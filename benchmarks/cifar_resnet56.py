@@ -1,7 +1,8 @@
 """HQP on the real CIFAR-10 ResNet-56 (``../shared``): the delta_max loop, the criteria comparison, INT8 deployment.
 
-    python benchmarks/cifar_resnet56.py loop    [--criterion fisher] [--finetune-epochs 0.2] [--delta-max 1.0]
-                                                [--target-macs 0.5] [--distill 0.9] [--resume] [--out DIR]
+    python benchmarks/cifar_resnet56.py loop    [--criterion fisher] [--flops-normalize] [--finetune-epochs 0.2]
+                                                [--delta-max 1.0] [--target-macs 0.5] [--align 8] [--ignore conv1]
+                                                [--distill 0.9] [--resume] [--out DIR]
     python benchmarks/cifar_resnet56.py compare [--methods ...] [--target-macs 0.5] [--rounds 4]
                                                 [--round-images 6000] [--final-images 20000] [--seed 0] [--out DIR]
     python benchmarks/cifar_resnet56.py deploy  --pruned DIR/fisher.hqp [--delta-max 1.0] [--batch-sizes 1 32]
@@ -11,6 +12,8 @@
 ``loop``: ``hqp_fx.hqp.prune_loop`` under delta_max (each round fine-tunes ``--finetune-epochs`` and validates
 on all 10,000 test images; rejected rounds roll back and shrink the step). ``--distill w`` fine-tunes with
 weight w on distillation from the dense checkpoint (temperature ``--temperature``), 1 - w on the labels.
+``--align`` rounds kept widths (16 suits ONNX Runtime's int8 kernels: see ``widths`` below); ``--ignore conv1``
+keeps the residual stream whole (its group contains the stem conv).
 
 ``compare``: every method prunes the same checkpoint to the same MACs target with the same schedule and the
 same fine-tune budget, so only the choice of channels differs. ``--rounds`` rounds, round k pruning to
@@ -118,7 +121,8 @@ def cmd_loop(args, train, test, log) -> None:
             f"drop {r.drop:+.2f} MACs {r.macs / 1e6:.1f}M params {r.params / 1e3:.1f}K")
 
     config = HQPConfig(delta_max=args.delta_max, steps=tuple(args.steps), criterion=args.criterion,
-                       align=args.align, target_macs=args.target_macs)
+                       flops_normalize=args.flops_normalize, align=args.align, target_macs=args.target_macs,
+                       ignore=tuple(args.ignore))
     start = time.time()
     res = prune_loop(model, EXAMPLE, calibration=calib, finetune_fn=ft, evaluate_fn=ev, config=config,
                      checkpoint_dir=Path(args.out) / "checkpoints", resume=args.resume, on_round=on_round)
@@ -128,6 +132,7 @@ def cmd_loop(args, train, test, log) -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "criterion": args.criterion, "finetune_epochs_per_round": args.finetune_epochs, "delta_max": args.delta_max,
         "distill": args.distill, "temperature": args.temperature, "steps": args.steps, "align": args.align,
+        "flops_normalize": args.flops_normalize, "ignore": args.ignore,
         "baseline_top1": res.baseline["top1"], "final_top1": final["top1"], "drop": res.baseline["top1"] - final["top1"],
         "baseline_macs": res.baseline_macs, "final_macs": macs, "macs_reduction": res.baseline_macs / macs,
         "baseline_params": res.baseline_params, "final_params": hqp_fx.count_params(res.model),
@@ -488,6 +493,10 @@ def main() -> None:
     loop.add_argument("--steps", type=float, nargs="+", default=[0.05, 0.02, 0.01])
     loop.add_argument("--align", type=int, default=8, help="channel multiple; 16 matches ONNX Runtime's int8 "
                       "convolution blocks on x86 (see benchmarks/ort_channel_steps.py)")
+    loop.add_argument("--flops-normalize", action="store_true", help="taylor / group-fisher: rank by loss change "
+                      "per MAC")
+    loop.add_argument("--ignore", nargs="*", default=[], help="modules never pruned; conv1 (the "
+                      "stem, whose group is the residual stream) keeps the stream whole")
     loop.add_argument("--resume", action="store_true", help="continue an interrupted run from --out's checkpoints")
     loop.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the dense model "
                       "while fine-tuning (0: labels only)")

@@ -227,8 +227,9 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--flops-normalize", action="store_true", help="taylor / group-fisher: rank channels by "
                    "estimated loss change per MAC they cost")
     c.add_argument("--target-macs", type=float, help="stop once MACs <= this fraction of the dense model")
-    c.add_argument("--target-latency", type=float, help="stop once the FP32 ONNX Runtime CPU latency <= this "
-                   "fraction of the dense model's (measured every accepted round)")
+    c.add_argument("--target-latency", type=float, help="stop once the ONNX Runtime CPU latency <= this fraction "
+                   "of the dense model's, measured every accepted round on the INT8 model (--backend onnxruntime) or "
+                   "on the FP32 one (other backends, whose engines ORT does not run)")
     c.add_argument("--ignore", action="append", help="module never pruned (repeatable)")
     c.add_argument("--max-rounds", type=int, default=12 if demo else 100)
     c.add_argument("--backend", default="onnxruntime" if demo else "tensorrt", choices=BACKENDS)

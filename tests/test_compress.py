@@ -6,15 +6,18 @@ import json
 
 import jsonschema
 import numpy as np
+import onnx
 import pytest
+import torch
 from PIL import Image
 
 import hqp_fx
 from hqp_fx.cli import main
-from hqp_fx.compress import HQP_JSON_SCHEMA
+from hqp_fx.compress import HQP_JSON_SCHEMA, onnx_latency
 from hqp_fx.data import BatchLoader
 from hqp_fx.demo import digits
 from hqp_fx.deploy import OrtModel
+from hqp_fx.passes.quantize import QuantConfig
 from hqp_fx.train import evaluate
 
 OUTPUTS = ["accuracy_vs_macs.png", "channels_per_layer.png", "hqp.json", "latency_size.png", "model_dense_fp32.onnx",
@@ -62,6 +65,26 @@ def test_demo_reported_accuracies_remeasure_the_same(demo_run):
     widths = report["channels"]
     assert widths["head"] == [10, 10]  # the classifier's outputs are never pruned
     assert pruned.get_submodule("stem.0").out_channels == widths["stem.0"][1]
+
+
+def test_onnx_latency_times_the_int8_file_when_given_a_quant_config(monkeypatch):
+    timed = []
+
+    def fake_measure(path, shape, threads, runs):
+        timed.append({node.op_type for node in onnx.load(path).graph.node})
+        return {"median_ms": 1.5}
+
+    monkeypatch.setattr(hqp_fx.compress, "measure_onnx", fake_measure)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    example = torch.randn(1, 3, 8, 8)
+    calibration = [(torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)) for _ in range(2)]
+    quant = QuantConfig(backend="onnxruntime", num_samples=8)
+    assert onnx_latency(example)(model) == 1.5
+    assert onnx_latency(example, quant=quant, calibration=calibration)(model) == 1.5
+    assert "QuantizeLinear" not in timed[0] and {"QuantizeLinear", "DequantizeLinear"} <= timed[1]
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        onnx_latency(example, quant=quant)
 
 
 def _folder(root, classes, per_class=2, size=32):

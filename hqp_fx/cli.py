@@ -222,7 +222,8 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
                    "dense model (e.g. 0.9; the rest on the labels); 0: labels only")
     c.add_argument("--temperature", type=float, default=4.0, help="distillation temperature")
     c.add_argument("--align", type=_align_arg, default="auto", help="round kept channels to this multiple; auto "
-                   "(default): the block width of the --backend's INT8 convolutions (16 for every backend: hqp_fx.passes.align.ENGINE_ALIGNMENT says why)")
+                   "(default): the block width of the --backend's INT8 convolutions, 16 for every backend "
+                   "(hqp_fx.passes.align.ENGINE_ALIGNMENT says why)")
     c.add_argument("--criterion", default="fisher", choices=("fisher", "group-fisher", "taylor", "l1", "l2", "random"))
     c.add_argument("--flops-normalize", action="store_true", help="taylor / group-fisher: rank channels by "
                    "estimated loss change per MAC they cost")

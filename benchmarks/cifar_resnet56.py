@@ -370,8 +370,7 @@ def cmd_deploy(args, train, test, log) -> None:
     dense_top1 = results["accuracy"]["dense/fp32-pytorch"]["top1"]
     shipped = "pruned/hqp-onnxruntime"
     if dense_top1 - results["accuracy"][f"{shipped}-ort"]["top1"] > args.delta_max:
-        shipped = hybrid_variant(pruned, x, samples, test, dense_top1, args, folder, results, log)
-        paths[shipped] = folder / "pruned" / "hqp-onnxruntime-hybrid.onnx"
+        shipped, paths[shipped] = hybrid_variant(pruned, x, samples, test, dense_top1, args, folder, results, log)
         timed.append(shipped)
     hqp_top1 = results["accuracy"][f"{shipped}-ort"]["top1"]
     results["latency"], results["speedup_vs_dense_fp32"], results["speedup_vs_ort_quantize_static_rr"] = {}, {}, {}
@@ -401,9 +400,9 @@ def cmd_deploy(args, train, test, log) -> None:
     print(json.dumps(results["hqp"], indent=1))
 
 
-def hybrid_variant(pruned, x, samples, test, dense_top1, args, folder, results, log) -> str:
+def hybrid_variant(pruned, x, samples, test, dense_top1, args, folder, results, log) -> tuple[str, Path]:
     """Plain INT8 broke delta_max: keep the fewest most sensitive layers in FP32 until it holds (what ``hqp
-    compress`` ships in this case), judged on the test set like the loop's rounds; returns the variant's key."""
+    compress`` ships in this case), judged on the test set like the loop's rounds; returns (key, ONNX path)."""
     budget = args.delta_max - (dense_top1 - results["accuracy"]["pruned/fp32-pytorch"]["top1"])
     log(f"INT8 breaks delta_max: hybrid fallback, {budget:.2f} points left for quantization")
     loader = BatchLoader(test, 500)
@@ -418,7 +417,7 @@ def hybrid_variant(pruned, x, samples, test, dense_top1, args, folder, results, 
     results["accuracy"][f"{key}-ort"] = evaluate(OrtModel(path, args.threads), loader, num_classes=10)
     log(f"  hybrid: {len(result.float_layers)} layer(s) in FP32, top-1 (ORT) "
         f"{results['accuracy'][f'{key}-ort']['top1']:.2f}; {result.budget}")
-    return key
+    return key, path
 
 
 # --------------------------------------------------------------------------------------------------- widths

@@ -55,7 +55,7 @@ def conv_chain(precision: str, C: int, c: int, S: int):
     prev = "x"
     if precision == "int8":
         scale, zero = const("scale", np.array(0.05, np.float32)), const("zero", np.array(0, np.uint8))
-    for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
+    for i, (cin, cout) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
         name = out = f"conv{i}_{cin}_{cout}"  # fp32 nodes come back named after their output ("..._nchwc")
         if precision == "int8":
             w = const(f"w{i}", rng.integers(-64, 64, (cout, cin, 3, 3)).astype(np.int8))

@@ -87,15 +87,14 @@ def node_times(model, x: np.ndarray, threads: int, runs: int, tmp: str) -> dict[
     path = session.end_profiling()
     events = json.loads(Path(path).read_text())
     os.remove(path)
-    per_node = collections.defaultdict(list)
+    per_node = collections.defaultdict(list)  # (node name, (in, out)) -> kernel times in ms
     for e in events:  # ORT renames fused/layout-converted nodes "<name>_token_<k>"; the first 5 runs are warm-ups
         m = re.match(r"conv\d+_(\d+)_(\d+)", e.get("name", ""))
         if e.get("cat") == "Node" and m and e["name"].endswith("_kernel_time"):
-            per_node[e["name"]].append(e["dur"] / 1000)
+            per_node[(e["name"], (int(m[1]), int(m[2])))].append(e["dur"] / 1000)
     by_pair = collections.defaultdict(list)
-    for name, durations in per_node.items():
-        m = re.match(r"conv\d+_(\d+)_(\d+)", name)
-        by_pair[(int(m[1]), int(m[2]))].append(statistics.median(durations[5:]))
+    for (_, pair), durations in per_node.items():
+        by_pair[pair].append(statistics.median(durations[5:]))
     return {pair: statistics.median(v) for pair, v in by_pair.items()}
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/cifar_resnet56.py loop    [--criterion fisher] [--flops-normalize] [--finetune-epochs 0.2]
                                                 [--delta-max 1.0] [--target-macs 0.5] [--align 8] [--ignore conv1]
-                                                [--distill 0.9] [--resume] [--out DIR]
+                                                [--distill 0.9] [--remove-branches] [--resume] [--out DIR]
     python benchmarks/cifar_resnet56.py compare [--methods ...] [--target-macs 0.5] [--rounds 4]
                                                 [--round-images 6000] [--final-images 20000] [--seed 0] [--out DIR]
     python benchmarks/cifar_resnet56.py deploy  --pruned DIR/fisher.hqp [--delta-max 1.0] [--batch-sizes 1 32]
@@ -122,7 +122,7 @@ def cmd_loop(args, train, test, log) -> None:
 
     config = HQPConfig(delta_max=args.delta_max, steps=tuple(args.steps), criterion=args.criterion,
                        flops_normalize=args.flops_normalize, align=args.align, target_macs=args.target_macs,
-                       ignore=tuple(args.ignore))
+                       ignore=tuple(args.ignore), remove_branches=args.remove_branches)
     start = time.time()
     res = prune_loop(model, EXAMPLE, calibration=calib, finetune_fn=ft, evaluate_fn=ev, config=config,
                      checkpoint_dir=Path(args.out) / "checkpoints", resume=args.resume, on_round=on_round)
@@ -132,7 +132,7 @@ def cmd_loop(args, train, test, log) -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "criterion": args.criterion, "finetune_epochs_per_round": args.finetune_epochs, "delta_max": args.delta_max,
         "distill": args.distill, "temperature": args.temperature, "steps": args.steps, "align": args.align,
-        "flops_normalize": args.flops_normalize, "ignore": args.ignore,
+        "flops_normalize": args.flops_normalize, "ignore": args.ignore, "remove_branches": args.remove_branches,
         "baseline_top1": res.baseline["top1"], "final_top1": final["top1"], "drop": res.baseline["top1"] - final["top1"],
         "baseline_macs": res.baseline_macs, "final_macs": macs, "macs_reduction": res.baseline_macs / macs,
         "baseline_params": res.baseline_params, "final_params": hqp_fx.count_params(res.model),
@@ -496,6 +496,8 @@ def main() -> None:
                       "per MAC")
     loop.add_argument("--ignore", nargs="*", default=[], help="modules never pruned; conv1 (the "
                       "stem, whose group is the residual stream) keeps the stream whole")
+    loop.add_argument("--remove-branches", action="store_true", help="a residual block's inner group may go whole, "
+                      "taking the block with it (depth pruning)")
     loop.add_argument("--resume", action="store_true", help="continue an interrupted run from --out's checkpoints")
     loop.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the dense model "
                       "while fine-tuning (0: labels only)")

@@ -146,7 +146,8 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, ev
         prune=HQPConfig(delta_max=args.delta_max, steps=steps, criterion=args.criterion,
                         flops_normalize=args.flops_normalize, align=align,
                         target_macs=args.target_macs, target_latency=args.target_latency,
-                        ignore=tuple(args.ignore or ()), seed=args.seed, max_rounds=args.max_rounds),
+                        ignore=tuple(args.ignore or ()), remove_branches=args.remove_branches, seed=args.seed,
+                        max_rounds=args.max_rounds),
         finetune=FinetuneConfig(epochs=args.finetune_epochs, lr=lr, distill=args.distill,
                                 temperature=args.temperature),
         quant=QuantConfig(backend=args.backend, calibration=args.calibration, num_samples=args.samples),
@@ -232,6 +233,8 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
                    "of the dense model's, measured every accepted round on the INT8 model (--backend onnxruntime) or "
                    "on the FP32 one (other backends, whose engines ORT does not run)")
     c.add_argument("--ignore", action="append", help="module never pruned (repeatable)")
+    c.add_argument("--remove-branches", action="store_true", help="depth pruning: all inner channels of a residual "
+                   "block (or an SE gate) may go, and the block with them; ranked with the channel blocks")
     c.add_argument("--max-rounds", type=int, default=12 if demo else 100)
     c.add_argument("--backend", default="onnxruntime" if demo else "tensorrt", choices=BACKENDS)
     c.add_argument("--calibration", default="histogram", choices=CALIBRATIONS)

@@ -173,12 +173,12 @@ def _lat(stats: dict) -> dict:
 
 
 def _channels_per_layer(dense: nn.Module, pruned: nn.Module) -> dict[str, list[int]]:
-    """Output channels of every conv/linear layer: [dense, pruned]."""
+    """Output channels of every conv/linear layer: [dense, pruned]; 0 for a layer removed with its branch."""
     def widths(m: nn.Module) -> dict[str, int]:
         return {n: (x.out_channels if isinstance(x, nn.modules.conv._ConvNd) else x.out_features)
                 for n, x in m.named_modules() if isinstance(x, (nn.modules.conv._ConvNd, nn.Linear))}
     before, after = widths(dense), widths(pruned)
-    return {n: [before[n], after[n]] for n in before if n in after}
+    return {n: [before[n], after.get(n, 0)] for n in before}
 
 
 def render_report(r: dict) -> str:

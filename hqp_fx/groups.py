@@ -57,6 +57,7 @@ class ChannelAnalysis:
     gathers: dict[str, str]  # end node of a multi-dim channel permutation -> its single-dim source node
     spread: set[str]  # nodes inside such permutations (channels over several dims); replaced when pruned
     groups: list["ChannelGroup"] = field(default_factory=list)
+    branches: dict = field(default_factory=dict)  # group id -> passes.branch.Branch, for removable groups
 
     def labels(self, node: str):
         """Full-shape label tensor(s) of a node's output."""
@@ -95,6 +96,7 @@ class ChannelGroup:
     layers: tuple[str, ...]  # node names that produce the group's channels, topological order
     record_ids: tuple[int, ...]
     analysis: ChannelAnalysis = field(repr=False)
+    removable: bool = False  # all channels may go: the branch they feed then becomes a constant (passes.branch)
 
     def check_indices(self, indices: Iterable[int]) -> torch.Tensor:
         """Validate channel indices for this group; ValueError names the group and the problem."""
@@ -125,6 +127,7 @@ class ChannelGroup:
 
     def __str__(self) -> str:
         state = "prunable" if self.prunable else f"unprunable ({self.reason})"
+        state += ", removable as a whole" if self.removable else ""
         cc = ", cross-channel" if self.cross_channel else ""
         return f"{self.id}: {self.size} ch, {len(self.layers)} layer(s), {state}{cc}"
 

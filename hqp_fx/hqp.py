@@ -43,6 +43,7 @@ class HQPConfig:
     flops_normalize: bool = False  # taylor / group-fisher: rank by loss change per MAC the channel costs
     align: int = 8
     min_keep: int | None = None  # per group; defaults to ``align``
+    remove_branches: bool = False  # a removable group (a residual block's inner channels) may go whole: depth pruning
     max_rounds: int = 100
     target_macs: float | None = None  # stop once MACs <= this fraction of the baseline
     target_params: float | None = None
@@ -100,11 +101,13 @@ def _analysed(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _floor(gm: fx.GraphModule, min_keep: int, ignore: Sequence[str], example) -> tuple[int, int]:
-    """MACs and params with every eligible group pruned down to ``min_keep``: the most pruning can do."""
+def _floor(gm: fx.GraphModule, min_keep: int, config: HQPConfig, example) -> tuple[int, int]:
+    """MACs and params with every eligible group pruned down to ``min_keep`` (or away, with remove_branches):
+    the most pruning can do."""
     groups = meta.channel_groups(gm)
     scores = {g.id: torch.arange(g.size, dtype=torch.float64) for g in groups if g.prunable}
-    plan = select_channels(groups, scores, 0.999999, min_keep=min_keep, ignore=ignore)
+    plan = select_channels(groups, scores, 0.999999, min_keep=min_keep, ignore=config.ignore,
+                           remove_branches=config.remove_branches)
     smallest = PruneChannelsPass(plan)(gm).graph_module if plan else gm
     return count_macs(smallest, example), count_params(smallest)
 
@@ -177,7 +180,7 @@ def prune_loop(
         scores = score_channels(current, config.criterion, calibration, num_batches=config.calib_batches,
                                 flops_normalize=config.flops_normalize, seed=config.seed * 1000 + rnd)
         plan = select_channels(meta.channel_groups(current), scores, step, min_keep=min_keep, unit=config.align,
-                               ignore=config.ignore)
+                               ignore=config.ignore, remove_branches=config.remove_branches)
         AlignChannelsPass(plan, config.align, scores)(current)
         aligned = current.meta[meta.ALIGN]["plan"]
         if not aligned:
@@ -219,7 +222,7 @@ def prune_loop(
 def _check_targets(gm, config: HQPConfig, min_keep: int, example, base_macs: int, base_params: int) -> None:
     if config.target_macs is None and config.target_params is None:
         return
-    floor_macs, floor_params = _floor(gm, min_keep, config.ignore, example)
+    floor_macs, floor_params = _floor(gm, min_keep, config, example)
     if config.target_macs is not None and floor_macs > config.target_macs * base_macs:
         raise ValueError(f"target_macs={config.target_macs} is unreachable: keeping {min_keep} channels per group "
                          f"leaves at least {floor_macs / base_macs:.3f} of the dense MACs; lower min_keep/align or raise the target")

@@ -99,6 +99,7 @@ def _folder(root, classes, per_class=2, size=32):
 @pytest.mark.parametrize("extra, message", [
     (["--delta-max", "-1"], "--delta-max must be >= 0"),
     (["--target-macs", "0.001"], "target_macs=0.001 is unreachable"),
+    (["--target-macs", "0.001", "--remove-branches"], "target_macs=0.001 is unreachable"),  # stem + head stay
     (["--target-latency", "1.5"], "target_latency is a fraction of the dense model"),
     (["--resume"], "--resume needs"),
     (["--distill", "1.5"], "distill is a weight in [0, 1]"),

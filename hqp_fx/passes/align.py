@@ -76,7 +76,7 @@ class AlignChannelsPass(GraphPass):
                 continue
             size = groups[gid].size
             keep = size - len(indices)
-            target = aligned_keep(size, keep, self.multiple)
+            target = 0 if keep == 0 else aligned_keep(size, keep, self.multiple)  # 0: a removable group goes whole
             n_remove = size - target
             chosen = list(indices[:n_remove])
             if n_remove > len(chosen):

@@ -26,6 +26,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from .. import meta
 from ..core import GraphPass, PassError, PassResult
 from ..groups import ChannelAnalysis, ChannelGroup, SliceRecord
+from .branch import find_branches
 
 __all__ = ["ChannelDependencyPass", "analyze_channels"]
 
@@ -894,6 +895,9 @@ def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
             rec_groups[g].append(rid)
     for gi, g in enumerate(analysis.groups):
         g.record_ids = tuple(rec_groups.get(gi, ()))
+    analysis.branches = find_branches(gm, analysis)
+    for g in analysis.groups:
+        g.removable = g.id in analysis.branches
     return analysis
 
 

@@ -4,7 +4,9 @@ The only pass that changes shapes. It works from the element labels the dependen
 stored: a parameter dimension keeps the entries whose element survives; a view/split/pad/
 getitem constant is recomputed from how many labelled positions survive along the dim it
 acts on; a channel permutation spread over several dims (channel shuffle) becomes one
-``index_select`` with the surviving order. The result is re-shape-propagated and linted.
+``index_select`` with the surviving order. A plan that takes every channel of a removable
+group removes the branch it feeds (``branch.remove_branches``). The result is
+re-shape-propagated and linted.
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ import torch.nn as nn
 
 from .. import meta
 from ..core import GraphPass, PassError, PassResult
-from ..groups import ChannelAnalysis
+from ..groups import ChannelAnalysis, SliceRecord
 from ..trace import propagate_shapes
+from .branch import remove_branches
 from .dependency import _PAD_FUNCTIONS, _arg, is_data_movement
 
 __all__ = ["PruneChannelsPass", "validate_plan"]
@@ -91,8 +94,9 @@ def validate_plan(groups, plan: Mapping[str, Sequence[int]]) -> dict[str, list[i
             continue
         if not g.prunable:
             raise ValueError(f"group {gid!r} is not prunable: {g.reason}")
-        if len(idx) >= g.size:
-            raise ValueError(f"group {gid!r}: the plan removes all {g.size} channels; keep at least one")
+        if len(idx) >= g.size and not g.removable:
+            raise ValueError(f"group {gid!r}: the plan removes all {g.size} channels, but its channels do not only "
+                             "feed a branch that meets the rest of the net in an add or mul; keep at least one")
         clean[gid] = sorted(idx.tolist())
     return clean
 
@@ -214,6 +218,9 @@ class PruneChannelsPass(GraphPass):
         removed = analysis.removed_elements(plan)
         kept = _Kept(analysis, removed)
         new = _copy_module(graph_module)
+        sizes = {g.id: g.size for g in analysis.groups}
+        whole = [analysis.branches[gid] for gid, idx in plan.items() if len(idx) == sizes[gid]]
+        constants = remove_branches(new, whole, analysis, meta.example_inputs(new)) if whole else []
         modules = dict(new.named_modules())
         for node in new.graph.nodes:  # fail before touching anything when a node would be irregular
             if node.name in analysis.node_labels and isinstance(analysis.node_labels[node.name], torch.Tensor):
@@ -221,7 +228,7 @@ class PruneChannelsPass(GraphPass):
                 if info is not None and info[0] < 0:
                     raise PassError(f"PruneChannelsPass: cannot express the pruned layout of node {node.format_node()}; "
                                     "this is a bug in hqp_fx's dependency analysis, please report it with the model")
-        self._own_tensors(new, analysis, removed)
+        self._own_tensors(new, analysis.records + constants, removed)
         self._rewrite_nodes(new, modules, analysis, kept)
         self._verify_data_movement(new, modules, analysis, kept)
         new.graph.eliminate_dead_code()
@@ -235,10 +242,10 @@ class PruneChannelsPass(GraphPass):
 
     # ----- parameters ----------------------------------------------------------------
     @staticmethod
-    def _own_tensors(new: fx.GraphModule, analysis: ChannelAnalysis, removed: torch.Tensor) -> None:
+    def _own_tensors(new: fx.GraphModule, records: list[SliceRecord], removed: torch.Tensor) -> None:
         """Give ``new`` its own tensors: the surviving entries of sliced ones, clones of the rest."""
         keep: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
-        for rec in analysis.records:
+        for rec in records:
             mask = ~removed[rec.labels]
             prev = keep[rec.param].get(rec.dim)
             keep[rec.param][rec.dim] = mask if prev is None else prev & mask

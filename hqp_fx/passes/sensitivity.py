@@ -322,6 +322,7 @@ def select_channels(
     min_keep: int = 8,
     unit: int = 1,
     ignore: Iterable[str] = (),
+    remove_branches: bool = False,
 ) -> dict[str, list[int]]:
     """Globally rank channels and pick the lowest-scoring ``fraction`` of all eligible channels.
 
@@ -330,8 +331,10 @@ def select_channels(
     channels (or all of them when it has fewer). With ``unit`` > 1 channels are taken in blocks of
     ``unit`` (each group's least sensitive ``unit`` channels first, ranked globally by their mean
     score), so a later AlignChannelsPass to that multiple does not round a small removal away; at
-    least one block is taken whenever ``fraction`` > 0. Returns a plan in priority order (least
-    sensitive first) for AlignChannelsPass / PruneChannelsPass.
+    least one block is taken whenever ``fraction`` > 0. With ``remove_branches``, a group that is
+    ``removable`` (its channels feed only a residual or gating branch) may also lose its last channels
+    (the last block, when its size is a multiple of ``unit``): the branch then goes as a whole.
+    Returns a plan in priority order (least sensitive first) for AlignChannelsPass / PruneChannelsPass.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
@@ -347,6 +350,8 @@ def select_channels(
     for gi, g in enumerate(eligible):
         order = torch.argsort(scores[g.id].to(torch.float64), stable=True)
         n_blocks = max(g.size - min_keep, 0) // unit
+        if remove_branches and g.removable and g.size % unit == 0:
+            n_blocks = g.size // unit
         if n_blocks:
             chans = order[: n_blocks * unit].view(n_blocks, unit)
             block_group.append(torch.full((n_blocks,), gi, dtype=torch.long))
@@ -361,7 +366,7 @@ def select_channels(
         n_take = max(n_take, 1) if fraction > 0 else 0
         taken = torch.argsort(bs, stable=True)[:n_take]
         chosen[(offsets[bg[taken]].view(-1, 1) + bc[taken]).flatten()] = True
-    _keep_every_tensor(eligible, values, chosen, min_keep)
+    _keep_every_tensor(eligible, values, chosen, min_keep, remove_branches)
     group_idx = torch.cat([torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(eligible)])
     chan_idx = torch.cat([torch.arange(g.size) for g in eligible])
     picked = torch.argsort(values, stable=True)
@@ -372,14 +377,17 @@ def select_channels(
     return plan
 
 
-def _keep_every_tensor(eligible: list[ChannelGroup], values: torch.Tensor, chosen: torch.Tensor, min_keep: int) -> None:
+def _keep_every_tensor(eligible: list[ChannelGroup], values: torch.Tensor, chosen: torch.Tensor, min_keep: int,
+                       remove_branches: bool) -> None:
     """Un-choose the most sensitive picks where a tensor would keep fewer than ``min_keep`` channels.
 
     One group can span tensors of different widths (an option-A residual stream: stage 1 holds
-    16 of the stream's 64 channels), so a per-group minimum alone can still empty a tensor.
+    16 of the stream's 64 channels), so a per-group minimum alone can still empty a tensor. With
+    ``remove_branches``, a tensor of a removable group may also lose every channel.
     """
     analysis = eligible[0].analysis
     entry_class = torch.cat([g.classes for g in eligible])
+    whole = torch.cat([g.classes for g in eligible if g.removable] + [torch.zeros(0, dtype=torch.long)])
     seen: set[tuple[int, ...]] = set()
     for lab in analysis.node_labels.values():
         for t in (lab if isinstance(lab, tuple) else (lab,)):
@@ -392,6 +400,8 @@ def _keep_every_tensor(eligible: list[ChannelGroup], values: torch.Tensor, chose
             seen.add(key)
             inside = torch.isin(entry_class, present)
             picked = (inside & chosen).nonzero().flatten()
+            if remove_branches and len(picked) == len(present) and bool(torch.isin(present, whole).all()):
+                continue  # the whole branch goes
             excess = len(picked) - (len(present) - min(min_keep, len(present)))
             if excess > 0:  # give back the most sensitive of the picks in this tensor
                 chosen[picked[torch.argsort(values[picked], descending=True, stable=True)[:excess]]] = False

@@ -1,0 +1,193 @@
+"""Whole-group removal: a group whose every channel goes takes its branch with it (depth pruning).
+
+Channel pruning alone cannot make a layer cheaper than one block of the engine's kernel (16 channels for ONNX
+Runtime's int8 convolutions), so on a deep net of narrow stages the time stops falling long before the MACs do.
+Removing *all* channels of a residual block's inner group removes the block: the layers that consumed the group
+now see no input, so their output is a constant (the consumer's bias, carried through its BatchNorm), and the
+branch collapses to ``x + constant``. The same holds for an SE gate (``x * constant``).
+
+A group qualifies (``find_branch``) when the tensors holding only its channels feed nothing but convolutions or
+linear layers, and everything computed from those layers alone meets the live network only in an elementwise
+add, sub or mul. ``remove_branches`` then replaces each such meeting point's constant operand by a buffer
+holding its value, computed once with the group's tensors set to zero (eval mode: a BatchNorm inside the branch
+contributes its running-statistics shift). Pruning all channels of the group in the original model (its producing
+slices zeroed) computes the same function.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..core import PassError
+from ..groups import ChannelAnalysis, SliceRecord
+
+__all__ = ["Branch", "find_branches", "remove_branches"]
+
+_CONSUMER_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
+_CONSUMER_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                       F.linear}
+# a constant operand of these can be replaced by its broadcastable value
+_MEETING_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+                      torch.add, torch.sub, torch.mul}
+_MEETING_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
+
+
+@dataclass(frozen=True)
+class Branch:
+    """The nodes that go with a group: ``zero`` hold only its channels, ``constant`` are computed from those
+    alone, and each ``meeting`` pair is (constant node, live node that combines it with the rest of the net)."""
+
+    group: str
+    zero: frozenset[str]
+    constant: frozenset[str]
+    meeting: tuple[tuple[str, str], ...]
+
+
+def _inputs(node: fx.Node) -> list[fx.Node]:
+    return list(node.all_input_nodes)
+
+
+def _is_consumer(node: fx.Node, modules: dict[str, nn.Module], zero: set[str]) -> bool:
+    """A layer that reduces over the group's channels: with none of them left, its output is its bias."""
+    if node.op == "call_module":
+        ok = isinstance(modules.get(node.target), _CONSUMER_MODULES)
+    else:
+        ok = node.op == "call_function" and node.target in _CONSUMER_FUNCTIONS
+    return ok and bool(node.args) and isinstance(node.args[0], fx.Node) and node.args[0].name in zero and not any(
+        n.name in zero for n in _inputs(node)[1:])
+
+
+def _is_meeting(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _MEETING_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _MEETING_METHODS)
+
+
+def _shape(node: fx.Node):
+    tm = node.meta.get("tensor_meta")
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+
+
+def find_branches(gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, Branch]:
+    """{group id: the branch that removing all its channels takes away} for every prunable group that has one."""
+    only: dict[int, set[str]] = {}  # group index -> nodes whose output holds that group's channels and nothing else
+    for name, lab in analysis.node_labels.items():
+        if isinstance(lab, torch.Tensor) and lab.numel() and bool((lab > 0).all()):
+            owners = torch.unique(analysis.group_of[lab])
+            if len(owners) == 1 and owners.item() >= 0:
+                only.setdefault(int(owners.item()), set()).add(name)
+    modules = dict(gm.named_modules())
+    nodes = list(gm.graph.nodes)
+    found = {}
+    for gi, zero in only.items():
+        group = analysis.groups[gi]
+        if group.prunable and not zero & (analysis.spread | set(analysis.gathers)):
+            branch = _branch(group.id, zero, modules, nodes)
+            if branch is not None:
+                found[group.id] = branch
+    return found
+
+
+def _branch(group: str, zero: set[str], modules: dict[str, nn.Module], nodes: list[fx.Node]) -> Branch | None:
+    """None when the group's channels reach anything but layers whose outputs only meet the live net in
+    add/sub/mul."""
+    constant: set[str] = set()
+    for node in nodes:
+        if node.name in zero:
+            if node.op == "placeholder":
+                return None
+            for user in node.users:
+                if user.name not in zero and not _is_consumer(user, modules, zero):
+                    return None
+        elif node.op in ("call_module", "call_function", "call_method"):
+            ins = _inputs(node)
+            fixed = [n.name in zero or n.name in constant or n.op == "get_attr" for n in ins]
+            if ins and all(fixed) and any(n.name in zero or n.name in constant for n in ins):
+                constant.add(node.name)
+    if not constant:
+        return None
+    meeting = []
+    for node in (n for n in nodes if n.name in constant):
+        for user in node.users:
+            if user.name in constant or user.name in zero:  # inside the branch (an SE gate scaling it): goes too
+                continue
+            live = [n for n in _inputs(user) if n.name not in constant and n.name not in zero and n.op != "get_attr"]
+            # replacing the constant by a smaller broadcastable tensor must not change the result's shape
+            if not _is_meeting(user) or len(live) != 1 or _shape(live[0]) is None or _shape(live[0]) != _shape(user):
+                return None
+            meeting.append((node.name, user.name))
+    return Branch(group, frozenset(zero), frozenset(constant), tuple(meeting))
+
+
+def remove_branches(gm: fx.GraphModule, branches: list[Branch], analysis: ChannelAnalysis,
+                    example_inputs) -> list[SliceRecord]:
+    """Replace every branch's constant operands by buffers, in place on ``gm`` (a private copy), and drop the
+    branch's nodes. Returns slice records for the new buffers, whose channels follow the live tensor's groups."""
+    zero = set().union(*(b.zero for b in branches))
+    gone = zero | set().union(*(b.constant for b in branches))
+    wanted = {c for b in branches for c, user in b.meeting if user not in gone}
+    values = _constant_values(gm, zero, wanted, example_inputs)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    records = []
+    for b in branches:
+        for const_name, user_name in b.meeting:
+            if user_name in gone:
+                continue  # the meeting point lies inside another removed branch: it goes too
+            value = values[const_name]
+            reduced = value[tuple(slice(None) if d == 1 else slice(0, 1) for d in range(value.ndim))]
+            if value.ndim < 2 or not torch.allclose(value, reduced.expand_as(value), rtol=1e-6, atol=1e-7):
+                raise PassError(f"PruneChannelsPass: removing all channels of group {b.group!r} leaves "
+                                f"{const_name!r} with a value that varies over batch or space, so it cannot become "
+                                "one constant per channel; keep at least one channel of this group")
+            attr = _free_attr(gm, f"{const_name}_constant")
+            gm.register_buffer(attr, reduced.detach().clone())
+            user = nodes[user_name]
+            with gm.graph.inserting_before(user):
+                getter = gm.graph.get_attr(attr)
+            user.replace_input_with(nodes[const_name], getter)
+            lab = analysis.labels(const_name)
+            channel_labels = lab[tuple(slice(None) if d == 1 else 0 for d in range(lab.ndim))]
+            records.append(SliceRecord(attr, 1, channel_labels.clone(), "out", const_name))
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    return records
+
+
+def _free_attr(gm: fx.GraphModule, base: str) -> str:
+    name, k = base, 1
+    while hasattr(gm, name):
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+def _constant_values(gm: fx.GraphModule, zero: set[str], wanted: set[str], example_inputs) -> dict[str, torch.Tensor]:
+    """Run ``gm`` once in eval mode with the removed groups' tensors set to zero; keep the ``wanted`` values.
+
+    Eval mode: the parameters and buffers may still be shared with the caller's model, and a BatchNorm in train
+    mode would update its running statistics.
+    """
+    values: dict[str, torch.Tensor] = {}
+
+    class _ZeroedRun(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in zero:
+                out = torch.zeros_like(out)
+            if n.name in wanted:
+                values[n.name] = out
+            return out
+
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()
+    try:
+        with torch.no_grad():
+            _ZeroedRun(gm).run(*example_inputs)
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+    return values

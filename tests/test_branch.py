@@ -1,0 +1,121 @@
+"""Whole-group removal (depth pruning): a group whose every channel goes takes its residual or gating branch."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import hqp_fx
+from hqp_fx import meta
+from hqp_fx.compress import _channels_per_layer
+from hqp_fx.hqp import HQPConfig, _floor
+from hqp_fx.passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, select_channels
+from hqp_fx.passes.quantize import BACKENDS, QuantConfig, QuantizePass
+
+from helpers import assert_close, build_zoo_model, layer_macs, masked_copy, onnx_roundtrip, random_plan
+from test_quantize import _calibration, check_layers_within_one_step, folded_weights
+
+
+def _analysed(name):
+    model, x = build_zoo_model(name)
+    gm = ChannelDependencyPass()(hqp_fx.trace(model, x)).graph_module
+    return gm, x
+
+
+# every residual block's inner group; MobileNetV3's SE hidden groups and the expansions of its residual blocks
+@pytest.mark.parametrize("name, removable", [
+    ("cifar:resnet20", [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]),
+    ("resnet18", [f"layer{s}.{b}.conv1" for s in (1, 2, 3, 4) for b in range(2)]),
+    ("mobilenet_v3_small", None),
+])
+def test_removing_whole_groups_equals_the_masked_original(name, removable):
+    gm, x = _analysed(name)
+    groups = meta.channel_groups(gm)
+    found = [g.id for g in groups if g.removable]
+    if removable is not None:
+        assert found == removable
+    else:  # SE hidden layers (fc1) and residual-block expansions, never a block without a residual add
+        assert {g.split(".block.")[1] for g in found} == {"1.fc1", "2.fc1", "0.0"}
+        assert "features.2.block.0.0" not in found  # stride-2 block: no residual add, so nothing to fall back to
+    whole = {gid: list(range(next(g.size for g in groups if g.id == gid))) for gid in found[::2]}
+    partial = random_plan(groups, 0.3, seed=0, include=lambda g: g.id not in whole and not g.cross_channel)
+    plan = {**partial, **whole}
+    pruned = PruneChannelsPass(plan)(gm).graph_module
+    pruned.graph.lint()
+    with torch.no_grad():
+        assert_close(pruned(x), masked_copy(gm, plan)(x), 1e-4, f"{name}: pruned vs masked")
+    modules = dict(pruned.named_modules())
+    for gid in whole:  # the producing layer is gone, not narrowed to nothing
+        assert gid not in modules and not any(n.target == gid for n in pruned.graph.nodes)
+    assert layer_macs(pruned, x) < layer_macs(PruneChannelsPass(partial)(gm).graph_module, x)
+
+
+def test_removed_branch_saves_exports_and_quantizes(tmp_path):
+    gm, x = _analysed("cifar:resnet20")
+    plan = {"layer1.1.conv1": list(range(16)), "layer2.0.conv1": list(range(32)), "layer3.2.conv1": list(range(64))}
+    pruned = PruneChannelsPass(plan)(gm).graph_module
+    widths = _channels_per_layer(gm, pruned)  # what report.md and the channel plot show
+    assert widths["layer1.1.conv1"] == widths["layer1.1.conv2"] == [16, 0] and widths["layer1.0.conv1"] == [16, 16]
+    constants = [n.target for n in pruned.graph.nodes if n.op == "get_attr"]
+    assert len(constants) == 3 and all(getattr(pruned, c).shape[2:] == (1, 1) for c in constants)
+    with torch.no_grad():
+        out = pruned(x)
+    hqp_fx.save(pruned, tmp_path / "m.hqp")
+    with torch.no_grad():
+        assert torch.equal(hqp_fx.load(tmp_path / "m.hqp")(x), out)
+    assert_close(onnx_roundtrip(pruned, x, tmp_path), out, 1e-4, "ONNX Runtime vs PyTorch")
+    calib = _calibration(x)
+    weights = folded_weights(pruned, x)
+    for backend in BACKENDS:
+        converted = QuantizePass([calib], QuantConfig(backend=backend, calibration="minmax"))(pruned).graph_module
+        assert check_layers_within_one_step(converted, weights, calib) == len(weights)
+
+
+def test_a_group_with_no_branch_to_fall_back_to_is_refused():
+    gm, _ = _analysed("cifar:resnet20")
+    stream = next(g for g in meta.channel_groups(gm) if g.id == "conv1")  # the residual stream itself
+    assert stream.prunable and not stream.removable
+    with pytest.raises(ValueError, match="the plan removes all 64 channels, but its channels do not only feed a branch"):
+        PruneChannelsPass({"conv1": list(range(64))})(gm)
+
+
+class _UnevenBranch(nn.Module):
+    """The branch's constant varies over space (an average pool counting zero padding), so it cannot be one
+    value per channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return x + nn.functional.avg_pool2d(self.b(torch.relu(self.a(x))), 3, 1, 1, count_include_pad=True)
+
+
+def test_a_branch_whose_constant_varies_over_space_is_refused_by_name():
+    gm = ChannelDependencyPass()(hqp_fx.trace(_UnevenBranch().eval(), torch.randn(1, 4, 6, 6))).graph_module
+    assert next(g for g in meta.channel_groups(gm) if g.id == "a").removable
+    with pytest.raises(hqp_fx.PassError, match="removing all channels of group 'a' leaves 'avg_pool2d' with a value "
+                                                "that varies over batch or space"):
+        PruneChannelsPass({"a": [0, 1, 2, 3]})(gm)
+
+
+def test_selection_empties_a_removable_group_only_when_asked():
+    gm, _ = _analysed("cifar:resnet20")
+    groups = meta.channel_groups(gm)
+    # layer1.1's inner group is by far the least important: every channel below every other group's channels
+    scores = {g.id: torch.ones(g.size) * (1e-3 if g.id == "layer1.1.conv1" else 1.0) for g in groups if g.prunable}
+    fraction = 16 / sum(g.size for g in groups if g.prunable)
+    kept = select_channels(groups, scores, fraction, min_keep=16, unit=16)
+    assert "layer1.1.conv1" not in kept  # at its minimum already: 16 channels, min_keep 16
+    plan = select_channels(groups, scores, fraction, min_keep=16, unit=16, remove_branches=True)
+    assert plan == {"layer1.1.conv1": list(range(16))}
+    AlignChannelsPass(plan, 16, scores)(gm)
+    assert gm.meta[meta.ALIGN]["plan"] == plan  # alignment keeps a whole removal at zero
+
+
+def test_remove_branches_lowers_the_reachable_floor():
+    gm, x = _analysed("cifar:resnet20")
+    dense = hqp_fx.count_macs(gm, x)
+    channels_only, _ = _floor(gm, 16, HQPConfig(align=16), x)
+    with_branches, _ = _floor(gm, 16, HQPConfig(align=16, remove_branches=True), x)
+    assert with_branches < channels_only < dense

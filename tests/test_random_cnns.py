@@ -14,7 +14,7 @@ from hqp_fx.passes import ChannelDependencyPass, PruneChannelsPass
 
 from helpers import assert_close, expected_counts, layer_macs, masked_copy, random_plan, realistic_random
 
-KINDS = ["conv", "dw", "group", "res", "cat", "split", "se", "shuffle", "pad", "gn", "ln", "pool"]
+KINDS = ["conv", "dw", "group", "res", "res2", "cat", "split", "se", "shuffle", "pad", "gn", "ln", "pool"]
 
 
 class Block(nn.Module):
@@ -33,6 +33,9 @@ class Block(nn.Module):
             self.conv, self.bn, self.out_channels = nn.Conv2d(c, w, 1, groups=2), nn.BatchNorm2d(w), w
         elif kind == "res":
             self.conv, self.bn, self.out_channels = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), c
+        elif kind == "res2":  # a basic block: its inner group may go whole (depth pruning)
+            self.conv, self.conv2, self.bn, self.out_channels = (nn.Conv2d(c, w, 3, padding=1), nn.Conv2d(w, c, 1),
+                                                                 nn.BatchNorm2d(c), c)
         elif kind == "cat":
             self.a, self.b, self.out_channels = nn.Conv2d(c, w, 1), nn.Conv2d(c, 3, 3, padding=1), w + 3
         elif kind == "split":
@@ -55,6 +58,8 @@ class Block(nn.Module):
             return F.relu(self.bn(self.conv(x)))
         if k == "res":
             return F.relu(x + self.bn(self.conv(x)))
+        if k == "res2":
+            return F.relu(x + self.bn(self.conv2(F.relu(self.conv(x)))))
         if k == "cat":
             return torch.cat([self.a(x), torch.tanh(self.b(x))], 1)  # zero-preserving, so masking = removing
         if k == "split":
@@ -127,6 +132,12 @@ def test_random_cnn_equivalence(kinds, widths, flatten_head, seed):
         if exact:
             pruned = prune_or_explain(gm, exact)
             assert_close(pruned(x), masked_copy(gm, exact)(x), 1e-4, f"{kinds}: pruned vs masked")
+        whole = {g.id: list(range(g.size)) for g in groups if g.removable and not g.cross_channel}
+        if whole:  # every removable branch goes, the other groups lose their random share
+            plan = {**{k: v for k, v in exact.items() if k not in whole}, **whole}
+            pruned = prune_or_explain(gm, plan)
+            assert_close(pruned(x), masked_copy(gm, plan)(x), 1e-4, f"{kinds}: branches removed vs masked")
+            assert not any(n.target in whole for n in pruned.graph.nodes)
         plan = random_plan(groups, 0.3, seed)
         if plan:
             pruned = prune_or_explain(gm, plan)

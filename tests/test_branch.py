@@ -57,7 +57,8 @@ def test_removed_branch_saves_exports_and_quantizes(tmp_path):
     widths = _channels_per_layer(gm, pruned)  # what report.md and the channel plot show
     assert widths["layer1.1.conv1"] == widths["layer1.1.conv2"] == [16, 0] and widths["layer1.0.conv1"] == [16, 16]
     constants = [n.target for n in pruned.graph.nodes if n.op == "get_attr"]
-    assert len(constants) == 3 and all(getattr(pruned, c).shape[2:] == (1, 1) for c in constants)
+    # full shape at the traced resolution (ONNX Runtime's int8 add is slow on per-channel broadcasts)
+    assert [tuple(getattr(pruned, c).shape) for c in constants] == [(1, 16, 32, 32), (1, 32, 16, 16), (1, 64, 8, 8)]
     with torch.no_grad():
         out = pruned(x)
     hqp_fx.save(pruned, tmp_path / "m.hqp")
@@ -80,8 +81,7 @@ def test_a_group_with_no_branch_to_fall_back_to_is_refused():
 
 
 class _UnevenBranch(nn.Module):
-    """The branch's constant varies over space (an average pool counting zero padding), so it cannot be one
-    value per channel."""
+    """The branch's constant varies over space (an average pool counting zero padding)."""
 
     def __init__(self):
         super().__init__()
@@ -91,12 +91,15 @@ class _UnevenBranch(nn.Module):
         return x + nn.functional.avg_pool2d(self.b(torch.relu(self.a(x))), 3, 1, 1, count_include_pad=True)
 
 
-def test_a_branch_whose_constant_varies_over_space_is_refused_by_name():
-    gm = ChannelDependencyPass()(hqp_fx.trace(_UnevenBranch().eval(), torch.randn(1, 4, 6, 6))).graph_module
-    assert next(g for g in meta.channel_groups(gm) if g.id == "a").removable
-    with pytest.raises(hqp_fx.PassError, match="removing all channels of group 'a' leaves 'avg_pool2d' with a value "
-                                                "that varies over batch or space"):
-        PruneChannelsPass({"a": [0, 1, 2, 3]})(gm)
+def test_a_constant_that_varies_over_space_is_kept_whole():
+    x = torch.randn(3, 4, 6, 6)
+    gm = ChannelDependencyPass()(hqp_fx.trace(_UnevenBranch().eval(), x[:1])).graph_module
+    plan = {"a": [0, 1, 2, 3]}
+    pruned = PruneChannelsPass(plan)(gm).graph_module
+    constant = pruned.get_buffer("avg_pool2d_constant")
+    assert constant.shape == (1, 4, 6, 6) and not torch.equal(constant[..., 0, 0], constant[..., 2, 2])
+    with torch.no_grad():
+        assert_close(pruned(x), masked_copy(gm, plan)(x), 1e-5, "uneven constant vs masked")
 
 
 def test_selection_empties_a_removable_group_only_when_asked():

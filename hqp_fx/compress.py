@@ -193,7 +193,9 @@ def render_report(r: dict) -> str:
         f"{comp['params'][0] / 1e3:.1f}K → {comp['params'][1] / 1e3:.1f}K ({comp['params_reduction']:.2f}×), "
         f"file {comp['size_mb'][0]:.2f} MB → {comp['size_mb'][1]:.2f} MB",
         f"- Pruning: {len(r['rounds'])} rounds ({sum(x['accepted'] for x in r['rounds'])} accepted), criterion "
-        f"`{r['criterion']}`, kept channels multiples of {r['config']['prune']['align']}; stopped: {r['stop_reason']}",
+        f"`{r['criterion']}`, kept channels multiples of {r['config']['prune']['align']}"
+        + (f", layers removed with their branches: {sum(kept == 0 for _, kept in r['channels'].values())}"
+           if r["config"]["prune"]["remove_branches"] else "") + f"; stopped: {r['stop_reason']}",
         f"- Quantization: backend `{r['quantization']['backend']}`, calibration `{r['quantization']['calibration']}` "
         f"({r['quantization']['samples']} samples), layers kept in FP: "
         + (", ".join(f"`{k}` ({v})" for k, v in r["quantization"]["float_layers"].items()) or "none"),

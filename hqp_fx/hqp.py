@@ -223,11 +223,12 @@ def _check_targets(gm, config: HQPConfig, min_keep: int, example, base_macs: int
     if config.target_macs is None and config.target_params is None:
         return
     floor_macs, floor_params = _floor(gm, min_keep, config, example)
+    also = " (removing every removable branch)" if config.remove_branches else ""
     if config.target_macs is not None and floor_macs > config.target_macs * base_macs:
-        raise ValueError(f"target_macs={config.target_macs} is unreachable: keeping {min_keep} channels per group "
+        raise ValueError(f"target_macs={config.target_macs} is unreachable: keeping {min_keep} channels per group{also} "
                          f"leaves at least {floor_macs / base_macs:.3f} of the dense MACs; lower min_keep/align or raise the target")
     if config.target_params is not None and floor_params > config.target_params * base_params:
-        raise ValueError(f"target_params={config.target_params} is unreachable: keeping {min_keep} channels per group "
+        raise ValueError(f"target_params={config.target_params} is unreachable: keeping {min_keep} channels per group{also} "
                          f"leaves at least {floor_params / base_params:.3f} of the dense params; lower min_keep/align or raise the target")
 
 

@@ -67,6 +67,27 @@ def test_demo_reported_accuracies_remeasure_the_same(demo_run):
     assert pruned.get_submodule("stem.0").out_channels == widths["stem.0"][1]
 
 
+def test_demo_with_depth_pruning_ships_a_model_without_the_removed_blocks(tmp_path):
+    out = tmp_path / "out"
+    # a 90% step accepted whatever it costs: the other groups stop at 16 channels, so the demo net's two residual
+    # blocks (inner widths 32 and 64) must go whole
+    assert main(["demo", "--out", str(out), "--max-rounds", "1", "--step", "0.9", "--delta-max", "100",
+                 "--finetune-epochs", "0.2",
+                 "--samples", "64", "--threads", "1", "--remove-branches"]) == 0
+    report = json.loads((out / "hqp.json").read_text())
+    jsonschema.validate(report, HQP_JSON_SCHEMA)
+    assert report["config"]["prune"]["remove_branches"] is True
+    removed = sorted(n for n, (_, kept) in report["channels"].items() if kept == 0)
+    assert removed, report["channels"]
+    assert f"layers removed with their branches: {len(removed)}" in (out / "report.md").read_text()
+    pruned = hqp_fx.load(out / "model_pruned.hqp")
+    assert not any(n in dict(pruned.named_modules()) for n in removed)
+    _, test = digits()
+    loader = list(BatchLoader(test, 500))
+    int8 = evaluate(OrtModel(out / "model_int8.onnx"), loader)["top1"]
+    assert int8 == pytest.approx(report["accuracy"]["hqp_int8_onnxruntime"]["top1"])
+
+
 def test_onnx_latency_times_the_int8_file_when_given_a_quant_config(monkeypatch):
     timed = []
 
@@ -99,7 +120,8 @@ def _folder(root, classes, per_class=2, size=32):
 @pytest.mark.parametrize("extra, message", [
     (["--delta-max", "-1"], "--delta-max must be >= 0"),
     (["--target-macs", "0.001"], "target_macs=0.001 is unreachable"),
-    (["--target-macs", "0.001", "--remove-branches"], "target_macs=0.001 is unreachable"),  # stem + head stay
+    (["--target-macs", "0.001", "--remove-branches"],  # the stem and the head stay
+     "target_macs=0.001 is unreachable: keeping 16 channels per group (removing every removable branch)"),
     (["--target-latency", "1.5"], "target_latency is a fraction of the dense model"),
     (["--resume"], "--resume needs"),
     (["--distill", "1.5"], "distill is a weight in [0, 1]"),

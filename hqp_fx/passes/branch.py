@@ -20,6 +20,7 @@ one that only broadcasts over the batch runs at full speed: a ResNet-56 with fiv
 """
 from __future__ import annotations
 
+import heapq
 import operator
 from dataclasses import dataclass
 
@@ -82,46 +83,58 @@ def find_branches(gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[str, Br
     only: dict[int, set[str]] = {}  # group index -> nodes whose output holds that group's channels and nothing else
     for name, lab in analysis.node_labels.items():
         if isinstance(lab, torch.Tensor) and lab.numel() and bool((lab > 0).all()):
-            owners = torch.unique(analysis.group_of[lab])
-            if len(owners) == 1 and owners.item() >= 0:
-                only.setdefault(int(owners.item()), set()).add(name)
+            owners = analysis.group_of[lab]
+            lo, hi = int(owners.min()), int(owners.max())
+            if lo == hi >= 0:
+                only.setdefault(lo, set()).add(name)
     modules = dict(gm.named_modules())
-    nodes = list(gm.graph.nodes)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    order = {name: i for i, name in enumerate(nodes)}
+    skip = analysis.spread | set(analysis.gathers)
     found = {}
     for gi, zero in only.items():
         group = analysis.groups[gi]
-        if group.prunable and not zero & (analysis.spread | set(analysis.gathers)):
-            branch = _branch(group.id, zero, modules, nodes)
+        if group.prunable and not zero & skip:
+            branch = _branch(group.id, zero, modules, nodes, order)
             if branch is not None:
                 found[group.id] = branch
     return found
 
 
-def _branch(group: str, zero: set[str], modules: dict[str, nn.Module], nodes: list[fx.Node]) -> Branch | None:
+def _branch(group: str, zero: set[str], modules: dict[str, nn.Module], nodes: dict[str, fx.Node],
+            order: dict[str, int]) -> Branch | None:
     """None when the group's channels reach anything but layers whose outputs only meet the live net in
-    add/sub/mul."""
+    add/sub/mul. Walks only the nodes downstream of the group, in graph order."""
+    pending: list[tuple[int, str]] = []
+    queued: set[str] = set()
+
+    def queue_users(node: fx.Node) -> None:
+        for user in node.users:
+            if user.name not in zero and user.name not in queued:
+                queued.add(user.name)
+                heapq.heappush(pending, (order[user.name], user.name))
+
+    for name in zero:
+        node = nodes[name]
+        if node.op == "placeholder" or any(u.name not in zero and not _is_consumer(u, modules, zero) for u in node.users):
+            return None
+        queue_users(node)
     constant: set[str] = set()
-    for node in nodes:
-        if node.name in zero:
-            if node.op == "placeholder":
-                return None
-            for user in node.users:
-                if user.name not in zero and not _is_consumer(user, modules, zero):
-                    return None
-        elif node.op in ("call_module", "call_function", "call_method"):
-            ins = _inputs(node)
-            fixed = [n.name in zero or n.name in constant or n.op == "get_attr" for n in ins]
-            if ins and all(fixed) and any(n.name in zero or n.name in constant for n in ins):
-                constant.add(node.name)
+    while pending:
+        node = nodes[heapq.heappop(pending)[1]]
+        if node.op in ("call_module", "call_function", "call_method") and all(
+                n.name in zero or n.name in constant or n.op == "get_attr" for n in _inputs(node)):
+            constant.add(node.name)
+            queue_users(node)
     if not constant:
         return None
     meeting = []
-    for node in (n for n in nodes if n.name in constant):
+    for node in sorted((nodes[c] for c in constant), key=lambda n: order[n.name]):
         for user in node.users:
             if user.name in constant or user.name in zero:  # inside the branch (an SE gate scaling it): goes too
                 continue
             live = [n for n in _inputs(user) if n.name not in constant and n.name not in zero and n.op != "get_attr"]
-            # replacing the constant by a smaller broadcastable tensor must not change the result's shape
+            # the live operand has the result's shape, so the stored batch-1 constant broadcasts to the same result
             if not _is_meeting(user) or len(live) != 1 or _shape(live[0]) is None or _shape(live[0]) != _shape(user):
                 return None
             meeting.append((node.name, user.name))

@@ -24,19 +24,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
-import os
 import re
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from hqp_fx.deploy import machine_description, versions, write_json
+from ort_profile import kernel_times  # same folder
 
 STAGES = ((16, 32), (32, 16), (64, 8))  # (stream channels C, spatial size S) of the CIFAR ResNet-56 stages
 PAIRS = 4
@@ -75,26 +71,13 @@ def conv_chain(precision: str, C: int, c: int, S: int):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def node_times(model, x: np.ndarray, threads: int, runs: int, tmp: str) -> dict[tuple[int, int], float]:
+def node_times(model, x: np.ndarray, threads: int, runs: int) -> dict[tuple[int, int], float]:
     """Median kernel time (ms) per (in, out) channel pair, from ORT's per-node profile."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.enable_profiling = True
-    options.profile_file_prefix = os.path.join(tmp, "profile")
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    for _ in range(5 + runs):
-        session.run(None, {"x": x})
-    path = session.end_profiling()
-    events = json.loads(Path(path).read_text())
-    os.remove(path)
-    per_node = collections.defaultdict(list)  # (node name, (in, out)) -> kernel times in ms
-    for e in events:  # ORT renames fused/layout-converted nodes "<name>_token_<k>"; the first 5 runs are warm-ups
-        m = re.match(r"conv\d+_(\d+)_(\d+)", e.get("name", ""))
-        if e.get("cat") == "Node" and m and e["name"].endswith("_kernel_time"):
-            per_node[(e["name"], (int(m[1]), int(m[2])))].append(e["dur"] / 1000)
     by_pair = collections.defaultdict(list)
-    for (_, pair), durations in per_node.items():
-        by_pair[pair].append(statistics.median(durations[5:]))
+    for name, _, durations in kernel_times(model.SerializeToString(), {"x": x}, threads, runs):
+        m = re.match(r"conv\d+_(\d+)_(\d+)", name)
+        if m:
+            by_pair[(int(m[1]), int(m[2]))].append(statistics.median(durations))
     return {pair: statistics.median(v) for pair, v in by_pair.items()}
 
 
@@ -112,15 +95,14 @@ def main() -> None:
                for c in range(8, C + 1, 8)]
     rounds: dict[tuple, list[dict]] = collections.defaultdict(list)
     start = time.time()
-    with tempfile.TemporaryDirectory(prefix="ort_channel_steps_") as tmp:
-        for r in range(args.rounds):
-            order = configs[r % len(configs):] + configs[:r % len(configs)]  # rotate so no config always goes first
-            for precision, batch, C, c, S in order:
-                dtype = np.uint8 if precision == "int8" else np.float32
-                x = np.random.default_rng(r).integers(0, 255, (batch, C, S, S)).astype(dtype)
-                t = node_times(conv_chain(precision, C, c, S), x, args.threads, args.runs, tmp)
-                rounds[(precision, batch, C, c, S)].append({"down": t[(C, c)], "up": t[(c, C)]})
-            print(f"round {r + 1}/{args.rounds} done after {time.time() - start:.0f} s", flush=True)
+    for r in range(args.rounds):
+        order = configs[r % len(configs):] + configs[:r % len(configs)]  # rotate so no config always goes first
+        for precision, batch, C, c, S in order:
+            dtype = np.uint8 if precision == "int8" else np.float32
+            x = np.random.default_rng(r).integers(0, 255, (batch, C, S, S)).astype(dtype)
+            t = node_times(conv_chain(precision, C, c, S), x, args.threads, args.runs)
+            rounds[(precision, batch, C, c, S)].append({"down": t[(C, c)], "up": t[(c, C)]})
+        print(f"round {r + 1}/{args.rounds} done after {time.time() - start:.0f} s", flush=True)
 
     rows = []
     for (precision, batch, C, c, S), rs in rounds.items():

@@ -15,8 +15,8 @@ slices zeroed) computes the same function.
 
 The buffer keeps the value's full shape at the traced resolution (batch 1): ``[1, C, H, W]``, not the per-channel
 ``[1, C, 1, 1]`` it usually is. ONNX Runtime's int8 add broadcasts a per-channel operand on a slow path, while
-one that only broadcasts over the batch runs at full speed: a ResNet-56 with five blocks removed spent 10.7 ms of a
-36.6 ms batch-32 run in its adds with per-channel constants, 1.6 ms with full-shape ones. The price: the pruned model runs at the traced input size only.
+one that only broadcasts over the batch runs at full speed: a ResNet-56 with five blocks removed spent 10.3 of its
+36.3 ms (batch 32) in its adds with per-channel constants, 1.6 of 26.5 ms with full-shape ones (benchmarks/RESULTS.md). The price: the pruned model runs at the traced input size only.
 """
 from __future__ import annotations
 

@@ -37,10 +37,10 @@ __all__ = ["Branch", "find_branches", "remove_branches"]
 _CONSUMER_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
 _CONSUMER_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
                        F.linear}
-# a constant operand of these can be replaced by its broadcastable value
-_MEETING_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-                      torch.add, torch.sub, torch.mul}
-_MEETING_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
+# a constant operand of these can be replaced by a stored tensor; in-place forms are left out, since they would
+# write into the stored constant when it is their first operand
+_MEETING_FUNCTIONS = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
+_MEETING_METHODS = {"add", "sub", "mul"}
 
 
 @dataclass(frozen=True)

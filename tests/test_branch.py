@@ -122,3 +122,20 @@ def test_remove_branches_lowers_the_reachable_floor():
     channels_only, _ = _floor(gm, 16, HQPConfig(align=16), x)
     with_branches, _ = _floor(gm, 16, HQPConfig(align=16, remove_branches=True), x)
     assert with_branches < channels_only < dense
+
+
+class _InPlaceBranch(nn.Module):
+    """The branch meets the stream in an in-place add whose first operand is the branch itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))).add_(x)
+
+
+def test_an_in_place_meeting_point_is_not_removable():
+    gm = ChannelDependencyPass()(hqp_fx.trace(_InPlaceBranch().eval(), torch.randn(1, 4, 6, 6))).graph_module
+    group = next(g for g in meta.channel_groups(gm) if g.id == "a")
+    assert group.prunable and not group.removable  # a stored constant would be written into on every call

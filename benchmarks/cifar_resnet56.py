@@ -62,7 +62,7 @@ import hqp_fx
 from hqp_fx import meta
 from hqp_fx.core import atomic_write_text
 from hqp_fx.data import BatchLoader
-from hqp_fx.deploy import OrtModel, machine_description, versions, write_json
+from hqp_fx.deploy import OrtModel, machine_description, onnxruntime_top1, versions, write_json
 from hqp_fx.hqp import HQPConfig, prune_loop
 from hqp_fx.passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels, select_channels
 from hqp_fx.passes.onnx import export_onnx
@@ -402,13 +402,14 @@ def cmd_deploy(args, train, test, log) -> None:
 
 def hybrid_variant(pruned, x, samples, test, dense_top1, args, folder, results, log) -> tuple[str, Path]:
     """Plain INT8 broke delta_max: keep the fewest most sensitive layers in FP32 until it holds (what ``hqp
-    compress`` ships in this case), judged on the test set like the loop's rounds; returns (key, ONNX path)."""
+    compress`` ships in this case), judged in ONNX Runtime on the test set like the loop's rounds; returns (key,
+    ONNX path)."""
     budget = args.delta_max - (dense_top1 - results["accuracy"]["pruned/fp32-pytorch"]["top1"])
     log(f"INT8 breaks delta_max: hybrid fallback, {budget:.2f} points left for quantization")
     loader = BatchLoader(test, 500)
     config = QuantConfig(backend="onnxruntime", calibration="histogram", num_samples=sum(len(s) for s in samples))
     result = hybrid_quantize(pruned, x, samples, config, max_drop=max(budget, 0.0),
-                             evaluate=lambda m: evaluate(m, loader, num_classes=10)["top1"])
+                             evaluate=onnxruntime_top1(x, loader, args.threads, dynamic_batch=True))
     path = folder / "pruned" / "hqp-onnxruntime-hybrid.onnx"
     export_onnx(result.model, (x,), path, dynamic_batch=True)
     key = "pruned/hqp-onnxruntime-hybrid"

@@ -140,6 +140,23 @@ def _verification_dict(v) -> dict:
             "rtol": v.rtol, "top1_agreement": v.top1_agreement, "samples": v.samples, "summary": v.summary()}
 
 
+def onnxruntime_top1(example: torch.Tensor, evaluation: Iterable, threads: int = 2,
+                     dynamic_batch: bool = False) -> Callable[[torch.nn.Module], float]:
+    """Top-1 of a model exported to ONNX and run in ONNX Runtime: how the hybrid fallback judges a candidate.
+
+    PyTorch's reference INT8 model is not what ships: on a ResNet-56 it scored 88.38 where ORT ran the same
+    file at 88.28 (benchmarks/RESULTS.md), enough to let an over-budget model through.
+    """
+    evaluation = [(x, y) for x, y in evaluation]
+
+    def top1(model: torch.nn.Module) -> float:
+        with tempfile.TemporaryDirectory(prefix="hqp_candidate_") as tmp:
+            path = Path(tmp) / "candidate.onnx"
+            export_onnx(model, (example,), path, dynamic_batch=dynamic_batch)
+            return evaluate(OrtModel(path, threads), evaluation)["top1"]
+    return top1
+
+
 def ship_quantized(model: torch.nn.Module, example: torch.Tensor, calibration: Iterable, evaluation: Iterable,
                    config: QuantConfig, stage: Path, *, max_drop: float | None = None,
                    dynamic_batch: bool = False, threads: int = 2, runs: int = 100,
@@ -147,7 +164,8 @@ def ship_quantized(model: torch.nn.Module, example: torch.Tensor, calibration: I
     """Quantize ``model`` and write model_fp32.onnx, model_int8.onnx (+ engine) and measurements into ``stage``.
 
     ``max_drop`` (top-1 points) turns on the hybrid fallback: the most sensitive layers stay in floating point
-    until the PyTorch INT8 top-1 on ``evaluation`` is within ``max_drop`` of FP32.
+    until the INT8 top-1 on ``evaluation``, run in ONNX Runtime like the shipped file, is within ``max_drop`` of
+    FP32.
     """
     model = model.eval()
     calibration = take_samples(calibration, config.num_samples)
@@ -157,7 +175,7 @@ def ship_quantized(model: torch.nn.Module, example: torch.Tensor, calibration: I
     progress(f"calibrating ({config.calibration}, {config.num_samples} samples, backend {config.backend})")
     if max_drop is not None:
         result = hybrid_quantize(model, example, calibration, config, max_drop=max_drop,
-                                 evaluate=lambda m: evaluate(m, evaluation)["top1"])
+                                 evaluate=onnxruntime_top1(example, evaluation, threads, dynamic_batch))
     else:
         result = quantize(model, example, calibration, config)
     progress("exporting ONNX (FP32 and INT8 Q/DQ)")

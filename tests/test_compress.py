@@ -108,6 +108,39 @@ def test_onnx_latency_times_the_int8_file_when_given_a_quant_config(monkeypatch)
         onnx_latency(example, quant=quant)
 
 
+def test_hybrid_fallback_judges_candidates_in_onnxruntime(monkeypatch, tmp_path):
+    """The fallback's budget is checked on the file that ships, run in ONNX Runtime, not on PyTorch's reference."""
+    judged = []
+
+    class SpyOrtModel(OrtModel):
+        def __init__(self, path, threads=2):
+            judged.append({node.op_type for node in onnx.load(path).graph.node})
+            super().__init__(path, threads)
+
+    judges = []
+
+    def capture(model, example, calibration, config, *, max_drop, evaluate):
+        judges.append(evaluate)
+        return hqp_fx.deploy.quantize(model, example, calibration, config)
+
+    monkeypatch.setattr(hqp_fx.deploy, "OrtModel", SpyOrtModel)
+    monkeypatch.setattr(hqp_fx.deploy, "hybrid_quantize", capture)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    example = torch.randn(1, 3, 8, 8)
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))) for _ in range(2)]
+    config = QuantConfig(backend="onnxruntime", num_samples=8)
+    hqp_fx.deploy.ship_quantized(model, example, batches, batches, config, tmp_path, max_drop=0.5, threads=1, runs=2)
+    (judge,) = judges
+    judged.clear()
+    int8 = hqp_fx.deploy.quantize(model, example, batches, config).model
+    with torch.no_grad():
+        expected = (int8(torch.cat([x for x, _ in batches])).argmax(1) == torch.cat([y for _, y in batches]))
+    score = judge(int8)
+    assert judged and {"QuantizeLinear", "DequantizeLinear"} <= judged[0], "the candidate was not run in ORT"
+    assert score == pytest.approx(100 * expected.float().mean().item(), abs=100 / 8 + 1e-6)  # one image at most
+
+
 def _folder(root, classes, per_class=2, size=32):
     for split in ("train", "test"):
         for c in classes:

@@ -6,7 +6,7 @@ Removing *all* channels of a residual block's inner group removes the block: the
 now see no input, so their output is a constant (the consumer's bias, carried through its BatchNorm), and the
 branch collapses to ``x + constant``. The same holds for an SE gate (``x * constant``).
 
-A group qualifies (``find_branch``) when the tensors holding only its channels feed nothing but convolutions or
+A group qualifies (``find_branches``) when the tensors holding only its channels feed nothing but convolutions or
 linear layers, and everything computed from those layers alone meets the live network only in an elementwise
 add, sub or mul. ``remove_branches`` then replaces each such meeting point's constant operand by a buffer
 holding its value, computed once with the group's tensors set to zero (eval mode: a BatchNorm inside the branch
@@ -16,7 +16,8 @@ slices zeroed) computes the same function.
 The buffer keeps the value's full shape at the traced resolution (batch 1): ``[1, C, H, W]``, not the per-channel
 ``[1, C, 1, 1]`` it usually is. ONNX Runtime's int8 add broadcasts a per-channel operand on a slow path, while
 one that only broadcasts over the batch runs at full speed: a ResNet-56 with five blocks removed spent 10.3 of its
-36.3 ms (batch 32) in its adds with per-channel constants, 1.6 of 26.5 ms with full-shape ones (benchmarks/RESULTS.md). The price: the pruned model runs at the traced input size only.
+36.3 ms (batch 32) in its adds with per-channel constants, 1.6 of 26.5 ms with full-shape ones
+(benchmarks/RESULTS.md). The price: the pruned model runs at the traced input size only.
 """
 from __future__ import annotations
 

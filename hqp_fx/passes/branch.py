@@ -55,10 +55,6 @@ class Branch:
     meeting: tuple[tuple[str, str], ...]
 
 
-def _inputs(node: fx.Node) -> list[fx.Node]:
-    return list(node.all_input_nodes)
-
-
 def _is_consumer(node: fx.Node, modules: dict[str, nn.Module], zero: set[str]) -> bool:
     """A layer that reduces over the group's channels: with none of them left, its output is its bias."""
     if node.op == "call_module":
@@ -66,7 +62,7 @@ def _is_consumer(node: fx.Node, modules: dict[str, nn.Module], zero: set[str]) -
     else:
         ok = node.op == "call_function" and node.target in _CONSUMER_FUNCTIONS
     return ok and bool(node.args) and isinstance(node.args[0], fx.Node) and node.args[0].name in zero and not any(
-        n.name in zero for n in _inputs(node)[1:])
+        n.name in zero for n in node.all_input_nodes[1:])
 
 
 def _is_meeting(node: fx.Node) -> bool:
@@ -117,14 +113,15 @@ def _branch(group: str, zero: set[str], modules: dict[str, nn.Module], nodes: di
 
     for name in zero:
         node = nodes[name]
-        if node.op == "placeholder" or any(u.name not in zero and not _is_consumer(u, modules, zero) for u in node.users):
+        if node.op == "placeholder" or any(u.name not in zero and not _is_consumer(u, modules, zero)
+                                           for u in node.users):
             return None
         queue_users(node)
     constant: set[str] = set()
     while pending:
         node = nodes[heapq.heappop(pending)[1]]
         if node.op in ("call_module", "call_function", "call_method") and all(
-                n.name in zero or n.name in constant or n.op == "get_attr" for n in _inputs(node)):
+                n.name in zero or n.name in constant or n.op == "get_attr" for n in node.all_input_nodes):
             constant.add(node.name)
             queue_users(node)
     if not constant:
@@ -134,7 +131,8 @@ def _branch(group: str, zero: set[str], modules: dict[str, nn.Module], nodes: di
         for user in node.users:
             if user.name in constant or user.name in zero:  # inside the branch (an SE gate scaling it): goes too
                 continue
-            live = [n for n in _inputs(user) if n.name not in constant and n.name not in zero and n.op != "get_attr"]
+            live = [n for n in user.all_input_nodes
+                    if n.name not in constant and n.name not in zero and n.op != "get_attr"]
             # the live operand has the result's shape, so the stored batch-1 constant broadcasts to the same result
             if not _is_meeting(user) or len(live) != 1 or _shape(live[0]) is None or _shape(live[0]) != _shape(user):
                 return None

@@ -14,7 +14,24 @@ from typing import Iterable, Literal, Sequence
 
 import torch
 
-__all__ = ["ParamSlice", "ChannelGroup", "ChannelAnalysis", "SliceRecord"]
+__all__ = ["ParamSlice", "ChannelGroup", "ChannelAnalysis", "SliceRecord", "labels_vary", "labels_along"]
+
+_NO_LABEL = torch.iinfo(torch.long).max  # above every element id: ignored by a min over labels
+
+
+def labels_vary(lab: torch.Tensor, dim: int) -> bool:
+    """True when the non-zero labels of a label tensor differ along ``dim`` (zeros are constants: padding,
+    scalars)."""
+    if lab.shape[dim] <= 1:
+        return False
+    mx = lab.amax(dim)
+    mn = torch.where(lab > 0, lab, _NO_LABEL).amin(dim)
+    return bool(((mx > 0) & (mn != mx)).any())
+
+
+def labels_along(lab: torch.Tensor, dim: int) -> torch.Tensor:
+    """The element ids along ``dim`` of a tensor whose channels lie along that dim only (a new tensor)."""
+    return lab.movedim(dim, 0).reshape(lab.shape[dim], -1)[:, 0].clone()
 
 
 @dataclass(frozen=True)

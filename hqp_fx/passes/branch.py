@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core import PassError
-from ..groups import ChannelAnalysis, SliceRecord
+from ..groups import ChannelAnalysis, SliceRecord, labels_along, labels_vary
 
 __all__ = ["Branch", "find_branches", "remove_branches"]
 
@@ -144,7 +144,6 @@ def remove_branches(gm: fx.GraphModule, branches: list[Branch], analysis: Channe
                     example_inputs) -> list[SliceRecord]:
     """Replace every branch's constant operands by buffers, in place on ``gm`` (a private copy), and drop the
     branch's nodes. Returns slice records for the new buffers, whose channels follow the live tensor's groups."""
-    from .dependency import _varies  # dependency imports this module to mark removable groups
     zero = set().union(*(b.zero for b in branches))
     gone = zero | set().union(*(b.constant for b in branches))
     wanted = {c for b in branches for c, user in b.meeting if user not in gone}
@@ -158,7 +157,7 @@ def remove_branches(gm: fx.GraphModule, branches: list[Branch], analysis: Channe
             value = values[const_name]
             first = value[:1] if value.ndim else value
             lab = analysis.labels(const_name)
-            channel_dims = [d for d in range(lab.ndim) if _varies(lab, d)]
+            channel_dims = [d for d in range(lab.ndim) if labels_vary(lab, d)]
             if (value.ndim and not torch.equal(value, first.expand_as(value))) or len(channel_dims) > 1:
                 raise PassError(f"PruneChannelsPass: removing all channels of group {b.group!r} leaves "
                                 f"{const_name!r} with a value that varies over the batch or holds channels along "
@@ -172,8 +171,7 @@ def remove_branches(gm: fx.GraphModule, branches: list[Branch], analysis: Channe
             user.replace_input_with(nodes[const_name], getter)
             if channel_dims:
                 d = channel_dims[0]
-                records.append(SliceRecord(attr, d, lab.movedim(d, 0).reshape(lab.shape[d], -1)[:, 0].clone(), "out",
-                                           const_name))
+                records.append(SliceRecord(attr, d, labels_along(lab, d), "out", const_name))
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     return records

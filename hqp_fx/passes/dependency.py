@@ -25,7 +25,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .. import meta
 from ..core import GraphPass, PassError, PassResult
-from ..groups import ChannelAnalysis, ChannelGroup, SliceRecord
+from ..groups import ChannelAnalysis, ChannelGroup, SliceRecord, labels_along, labels_vary
 from .branch import find_branches
 
 __all__ = ["ChannelDependencyPass", "analyze_channels"]
@@ -119,15 +119,6 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
 
 def _is_tensor_meta(tm) -> bool:
     return isinstance(tm, TensorMetadata)
-
-
-def _varies(lab: torch.Tensor, dim: int) -> bool:
-    """True when the non-zero labels differ along ``dim`` (zeros are constants: padding, scalars)."""
-    if lab.shape[dim] <= 1:
-        return False
-    mx = lab.amax(dim)
-    mn = torch.where(lab > 0, lab, _BIG).amin(dim)
-    return bool(((mx > 0) & (mn != mx)).any())
 
 
 def _compact(lab: torch.Tensor) -> torch.Tensor:
@@ -334,7 +325,8 @@ class _Propagator:
         kept = []
         for i, (lab, ts) in enumerate(operands):
             broadcast_over_channels = any(
-                ts[d] == 1 and out_shape[d] > 1 and any(_varies(o, d) for j, (o, _) in enumerate(operands) if j != i)
+                ts[d] == 1 and out_shape[d] > 1
+                and any(labels_vary(o, d) for j, (o, _) in enumerate(operands) if j != i)
                 for d in range(nd)
             )
             if not broadcast_over_channels:
@@ -385,7 +377,7 @@ class _Propagator:
         shape = self.shape_of(x)
         nd = len(shape)
         if norm_dims:
-            varying = [d for d in range(nd - norm_dims, nd) if _varies(lab, d)]
+            varying = [d for d in range(nd - norm_dims, nd) if labels_vary(lab, d)]
             if varying:
                 self.mark_cross(lab)
             if len(varying) > 1:
@@ -413,7 +405,7 @@ class _Propagator:
     def _spatial(self, node: fx.Node, x: fx.Node) -> torch.Tensor:
         lab = self.value(x)
         nd = lab.ndim
-        if any(_varies(lab, d) for d in range(2, nd)):
+        if any(labels_vary(lab, d) for d in range(2, nd)):
             self.pin(lab, f"{node.name} ({_describe(node, self.modules)}) works over dims that carry channels")
         return lab.amax(dim=tuple(range(2, nd)), keepdim=True) if nd > 2 else lab
 
@@ -432,7 +424,7 @@ class _Propagator:
             dims = tuple(range(lab.ndim))
         else:
             return self._unknown(node, f"reduction {node.name} with non-constant dims")
-        over_channels = any(_varies(lab, d) for d in dims)
+        over_channels = any(labels_vary(lab, d) for d in dims)
         if over_channels:
             self.mark_cross(lab)
         out = lab.amax(dim=dims, keepdim=keepdim) if dims else lab
@@ -445,7 +437,7 @@ class _Propagator:
 
     def _softmax(self, node: fx.Node, x: fx.Node, dim: int | None) -> torch.Tensor:
         lab = self.value(x)
-        if dim is None or not isinstance(dim, int) or _varies(lab, dim % lab.ndim):
+        if dim is None or not isinstance(dim, int) or labels_vary(lab, dim % lab.ndim):
             self.mark_cross(lab)
         return lab
 
@@ -461,7 +453,7 @@ class _Propagator:
         for k in range(len(pad) // 2):
             d = nd - 1 - k
             left, right = int(pad[2 * k]), int(pad[2 * k + 1])
-            if (left == 0 and right == 0) or not _varies(lab, d):
+            if (left == 0 and right == 0) or not labels_vary(lab, d):
                 continue
             if mode != "constant" or left < 0 or right < 0:
                 self.pin(lab, f"{node.name} pads the channel dim with mode {mode!r} or a negative amount")
@@ -713,7 +705,7 @@ def _components(num: int, edges: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _multi_dim(lab: torch.Tensor) -> bool:
-    return sum(_varies(lab, d) for d in range(lab.ndim)) > 1
+    return sum(labels_vary(lab, d) for d in range(lab.ndim)) > 1
 
 
 def _find_gathers(p: _Propagator) -> tuple[dict[str, str], set[str]]:
@@ -747,8 +739,8 @@ def _find_gathers(p: _Propagator) -> tuple[dict[str, str], set[str]]:
             if source is not None and is_data_movement(user, p.modules) and _single_input_move(user, p):
                 s_shape, e_shape = p.shape_of(source), p.shape_of(user)
                 s_lab, e_lab = p.value(source), ulab
-                cdims = [d for d in range(len(s_shape)) if _varies(s_lab, d)]
-                if s_shape == e_shape and len(cdims) == 1 and _varies(e_lab, cdims[0]):
+                cdims = [d for d in range(len(s_shape)) if labels_vary(s_lab, d)]
+                if s_shape == e_shape and len(cdims) == 1 and labels_vary(e_lab, cdims[0]):
                     d = cdims[0]
                     s_vec = p.read_dim(s_lab, d, s_shape[d], nodes[source.name])
                     e_vec = p.read_dim(e_lab, d, e_shape[d], user)
@@ -809,15 +801,14 @@ def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
         dims = [d for d in range(lab.ndim) if lab.shape[d] > 1]
         chosen = None
         for d in dims:
-            if all(not _varies(cls, o) for o in range(lab.ndim) if o != d):
+            if all(not labels_vary(cls, o) for o in range(lab.ndim) if o != d):
                 chosen = d
                 break
         if chosen is None and lab.numel() > 1:
             p.pin(lab, f"parameter {name} couples channels along several dims")
             continue
         if chosen is not None:
-            vec = lab.movedim(chosen, 0).reshape(lab.shape[chosen], -1)[:, 0]
-            p.records.append(SliceRecord(name, chosen, vec.clone(), "out", node_name))
+            p.records.append(SliceRecord(name, chosen, labels_along(lab, chosen), "out", node_name))
 
     # owner of every element, then groups = classes linked through a shared owner
     counts = torch.tensor([c for c, _ in p.owner_chunks], dtype=torch.long)

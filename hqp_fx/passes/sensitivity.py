@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import meta
 from ..core import GraphPass, PassResult
-from ..groups import ChannelAnalysis, ChannelGroup
+from ..groups import ChannelAnalysis, ChannelGroup, labels_along
 
 __all__ = ["CRITERIA", "SensitivityPass", "score_channels", "select_channels"]
 
@@ -102,7 +102,7 @@ def _producer_channels(gm: fx.GraphModule, analysis: ChannelAnalysis) -> dict[st
             dim = 1
         else:
             continue
-        out[node.name] = (dim, lab.movedim(dim, 0).reshape(lab.shape[dim], -1)[:, 0].clone())
+        out[node.name] = (dim, labels_along(lab, dim))
     return out
 
 

@@ -120,12 +120,18 @@ def cmd_loop(args, train, test, log) -> None:
         log(f"round {r.round:2d} step {r.step:.2f} {'accept' if r.accepted else 'REJECT'} top1 {r.top1:.2f} "
             f"drop {r.drop:+.2f} MACs {r.macs / 1e6:.1f}M params {r.params / 1e3:.1f}K")
 
+    def recover(m):
+        log(f"recovery fine-tune: {args.recover_epochs:g} epoch(s)")
+        finetune_images(m, train, args.recover_epochs * len(train), seed=999, teacher=teacher, distill=args.distill,
+                        temperature=args.temperature)
+
     config = HQPConfig(delta_max=args.delta_max, steps=tuple(args.steps), criterion=args.criterion,
                        flops_normalize=args.flops_normalize, align=args.align, target_macs=args.target_macs,
                        ignore=tuple(args.ignore), remove_branches=args.remove_branches)
     start = time.time()
     res = prune_loop(model, EXAMPLE, calibration=calib, finetune_fn=ft, evaluate_fn=ev, config=config,
-                     checkpoint_dir=Path(args.out) / "checkpoints", resume=args.resume, on_round=on_round)
+                     checkpoint_dir=Path(args.out) / "checkpoints", resume=args.resume, on_round=on_round,
+                     recover_fn=recover if args.recover_epochs > 0 else None)
     final = ev(res.model)
     macs = hqp_fx.count_macs(res.model)
     summary = {
@@ -137,6 +143,7 @@ def cmd_loop(args, train, test, log) -> None:
         "baseline_macs": res.baseline_macs, "final_macs": macs, "macs_reduction": res.baseline_macs / macs,
         "baseline_params": res.baseline_params, "final_params": hqp_fx.count_params(res.model),
         "rounds": len(res.history), "stop_reason": res.stop_reason,
+        "recover_epochs": args.recover_epochs, "recovery": res.recovery,
         "seconds_this_process": time.time() - start,  # after --resume: the resumed part only
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -503,6 +510,9 @@ def main() -> None:
     loop.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the dense model "
                       "while fine-tuning (0: labels only)")
     loop.add_argument("--temperature", type=float, default=4.0)
+    loop.add_argument("--recover-epochs", type=float, default=0.0, help="after the last round, fine-tune the final "
+                      "model this many epochs more, kept if top-1 does not fall; with --resume, a finished run gets it "
+                      "without running its rounds again")
     compare = sub.add_parser("compare")
     compare.add_argument("--methods", nargs="+", default=list(HQP_METHODS + TP_METHODS),
                          choices=HQP_METHODS + TP_METHODS)

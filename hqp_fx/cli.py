@@ -150,6 +150,7 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, ev
                         max_rounds=args.max_rounds),
         finetune=FinetuneConfig(epochs=args.finetune_epochs, lr=lr, distill=args.distill,
                                 temperature=args.temperature),
+        recover_epochs=args.recover_epochs,
         quant=QuantConfig(backend=args.backend, calibration=args.calibration, num_samples=args.samples),
         batch_size=args.batch_size, augment=augment, ablation=args.ablation, hybrid=not args.no_hybrid,
         threads=args.threads)
@@ -218,6 +219,8 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--delta-max", type=float, default=1.0, help="largest allowed top-1 drop in points")
     c.add_argument("--step", type=float, default=0.05, help="fraction of channels pruned per round (then 2%%, 1%%)")
     c.add_argument("--finetune-epochs", type=float, default=1.0 if demo else 2.0)
+    c.add_argument("--recover-epochs", type=float, default=0.0, help="after the last round, fine-tune the pruned "
+                   "model this many epochs more (kept only if top-1 does not fall); 0: no recovery fine-tune")
     c.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate (1/10 of the base rate)")
     c.add_argument("--distill", type=float, default=0.0, help="fine-tune with this weight on distillation from the "
                    "dense model (e.g. 0.9; the rest on the labels); 0: labels only")

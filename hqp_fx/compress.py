@@ -9,7 +9,7 @@ import copy
 import json
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -37,6 +37,7 @@ HQP_JSON_SCHEMA = json.loads(resources.files("hqp_fx").joinpath("hqp.schema.json
 class CompressConfig:
     prune: HQPConfig = field(default_factory=HQPConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    recover_epochs: float = 0.0  # a final, longer fine-tune of the pruned model (same optimizer settings); 0: none
     quant: QuantConfig = field(default_factory=QuantConfig)
     batch_size: int = 128
     augment: bool = True  # random crop + flip while fine-tuning
@@ -45,6 +46,10 @@ class CompressConfig:
     hybrid: bool = True  # keep sensitive layers in FP when INT8 would break delta_max
     threads: int = 2
     latency_runs: int = 100
+
+    def __post_init__(self):
+        if self.recover_epochs < 0:
+            raise ValueError(f"recover_epochs must be >= 0 (0: no recovery fine-tune), got {self.recover_epochs}")
 
 
 def onnx_latency(example: torch.Tensor, threads: int = 2, runs: int = 100, *, quant: QuantConfig | None = None,
@@ -91,6 +96,12 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluatio
     def evaluate_fn(m: nn.Module) -> dict:
         return evaluate(m, eval_loader, num_classes=len(evaluation.classes))
 
+    def recover_fn(m: nn.Module) -> None:
+        progress(f"recovery: fine-tuning the pruned model {config.recover_epochs:g} epoch(s)")
+        loader = BatchLoader(train, config.batch_size, shuffle=True, augment=config.augment,
+                             seed=config.prune.seed * 1000 + config.prune.max_rounds)  # a seed no round uses
+        finetune(m, loader, replace(config.finetune, epochs=config.recover_epochs), teacher=teacher)
+
     # a latency target is judged on the INT8 file when ORT is the deployment engine; the other backends' engines
     # (TensorRT, inductor) are not what ORT measures, so their rounds are timed as FP32 in ORT, a proxy
     latency_quant = config.quant if config.quant.backend == "onnxruntime" else None
@@ -98,6 +109,7 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluatio
     pruned: PruneResult = prune_loop(model, example, calibration=calibration, finetune_fn=finetune_fn,
                                      evaluate_fn=evaluate_fn, config=config.prune, checkpoint_dir=checkpoint_dir,
                                      resume=resume, on_round=on_round,
+                                     recover_fn=recover_fn if config.recover_epochs > 0 else None,
                                      latency_fn=onnx_latency(example, config.threads, config.latency_runs,
                                                              quant=latency_quant, calibration=calibration))
     save(pruned.model, stage / "model_pruned.hqp")
@@ -148,13 +160,14 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluatio
         "round_latency": (f"{'INT8 (' + config.quant.backend + ' preset)' if latency_quant else 'FP32'} model in ONNX "
                           "Runtime CPU, ms; measured on accepted rounds when a latency target is set"),
         "stop_reason": pruned.stop_reason,
+        "recovery": pruned.recovery and {**pruned.recovery, "epochs": config.recover_epochs},
         "channels": _channels_per_layer(model, pruned.model),
         "quantization": ship["quantization"],
         "verification": ship["verification"],
         "tensorrt": ship["tensorrt"],
         "tensorrt_rules": ship["tensorrt_rules"],
         "config": {"prune": asdict(config.prune), "finetune": asdict(config.finetune), "quant": asdict(config.quant),
-                   "batch_size": config.batch_size, "augment": config.augment, "ablation": config.ablation},
+                   "recover_epochs": config.recover_epochs, "batch_size": config.batch_size, "augment": config.augment, "ablation": config.ablation},
         "machine": ship["machine"],
         "latency_engine": f"ONNX Runtime CPUExecutionProvider, {config.threads} threads, median of "
                           f"{config.latency_runs} runs after 10 warm-ups, batch {example.shape[0]}",
@@ -196,6 +209,9 @@ def render_report(r: dict) -> str:
         f"`{r['criterion']}`, kept channels multiples of {r['config']['prune']['align']}"
         + (f", layers removed with their branches: {sum(kept == 0 for _, kept in r['channels'].values())}"
            if r["config"]["prune"]["remove_branches"] else "") + f"; stopped: {r['stop_reason']}",
+        *([f"- Recovery fine-tune ({rec['epochs']:g} epoch(s)): top-1 {rec['top1_before']:.2f}% → "
+           f"{rec['top1_after']:.2f}%, " + ("kept" if rec["kept"] else "discarded (it lowered top-1)")]
+          if (rec := r.get("recovery")) else []),
         f"- Quantization: backend `{r['quantization']['backend']}`, calibration `{r['quantization']['calibration']}` "
         f"({r['quantization']['samples']} samples), layers kept in FP: "
         + (", ".join(f"`{k}` ({v})" for k, v in r["quantization"]["float_layers"].items()) or "none"),

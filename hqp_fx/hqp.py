@@ -4,14 +4,18 @@ Each round removes the least sensitive ``step`` fraction of all prunable channel
 ranked), fine-tunes briefly and re-validates. A round whose top-1 drop against the dense
 baseline exceeds ``delta_max`` is rolled back and retried with the next smaller step
 (5% -> 2% -> 1%); the loop stops when the step would fall below its floor, when a MACs,
-parameter or measured-latency target is reached, or when nothing is left to prune. Every round
-is checkpointed atomically, and ``resume=True`` continues after an interruption with the same decisions
-(fine-tuning and scoring are seeded by round, not by wall-clock state).
+parameter or measured-latency target is reached, or when nothing is left to prune. An optional recovery
+fine-tune (``recover_fn``, typically longer than a round's) then trains the accepted model once more, the usual
+last step of a pruning schedule; it is validated like a round and kept only when top-1 does not fall. Every
+round is checkpointed atomically, and ``resume=True`` continues after an interruption with the same decisions
+(fine-tuning and scoring are seeded by round, not by wall-clock state); resuming a finished run returns its
+result.
 
 Quantization, export and reporting (the rest of HQP) come after this loop.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -94,6 +98,7 @@ class PruneResult:
     history: list[RoundRecord] = field(default_factory=list)
     stop_reason: str = ""
     baseline_latency: float | None = None
+    recovery: dict | None = None  # {"top1_before", "top1_after", "kept"} when recover_fn ran
 
 
 def _analysed(gm: fx.GraphModule) -> fx.GraphModule:
@@ -124,6 +129,7 @@ def prune_loop(
     resume: bool = False,
     on_round: Callable[[RoundRecord], None] | None = None,
     latency_fn: Callable[[nn.Module], float] | None = None,
+    recover_fn: Callable[[nn.Module], Any] | None = None,
 ) -> PruneResult:
     """Run the HQP pruning loop on a copy of ``model``.
 
@@ -132,7 +138,8 @@ def prune_loop(
     ``(inputs, targets)`` batches for the sensitivity criterion. ``latency_fn(model)`` measures what
     ``config.target_latency`` is a fraction of (any unit, ideally on the deployment engine; e.g.
     ``hqp_fx.compress.onnx_latency``, ms in ONNX Runtime); it is called on the dense model and on every
-    accepted candidate.
+    accepted candidate. ``recover_fn(model)`` fine-tunes the final model in place once the rounds stop (not when
+    none was accepted); the result replaces it only when its top-1 is at least the last accepted round's.
     """
     if config.target_latency is not None and latency_fn is None:
         raise ValueError("target_latency needs latency_fn: pass a callable that measures a model's latency "
@@ -159,11 +166,13 @@ def prune_loop(
         base_latency = state.get("baseline_latency")
         history = [RoundRecord(**r) for r in state["history"]]
         step_index, next_round = state["step_index"], state["next_round"]
+        if "stop_reason" in state:  # the rounds had finished: resuming returns that result
+            next_round = config.max_rounds
 
     current_macs, current_params = count_macs(current, example), count_params(current)
     accepted_top1 = next((r.top1 for r in reversed(history) if r.accepted), baseline["top1"])
     current_latency = next((r.latency for r in reversed(history) if r.accepted), base_latency)
-    stop = ""
+    stop = state.get("stop_reason", "") if state else ""
     for rnd in range(next_round, config.max_rounds):
         if config.target_macs is not None and current_macs <= config.target_macs * base_macs:
             stop = f"MACs target reached ({current_macs / base_macs:.3f} of dense <= {config.target_macs})"
@@ -208,15 +217,30 @@ def prune_loop(
         else:
             stop = f"round {rnd} broke delta_max ({drop:.2f} > {config.delta_max}) at the smallest step; rolled back"
         if ckpt is not None:
-            _write_state(ckpt, current, baseline, base_macs, base_params, base_latency, history, step_index, rnd + 1)
+            _write_state(ckpt, current, baseline, base_macs, base_params, base_latency, history, step_index, rnd + 1,
+                         **({"stop_reason": stop} if stop else {}))  # a stop here is not re-derived on resume
         if on_round is not None:
             on_round(record)
         if stop:
             break
     else:
-        stop = f"max_rounds ({config.max_rounds}) reached"
+        stop = stop or f"max_rounds ({config.max_rounds}) reached"
+    recovery = state.get("recovery") if state else None
+    if recovery is not None and recovery["kept"]:  # resumed after the recovery: its model is the loaded one
+        accepted_top1 = recovery["top1_after"]
+    elif recover_fn is not None and recovery is None and any(r.accepted for r in history):
+        candidate = copy.deepcopy(current)
+        torch.manual_seed(config.seed * 1000 + history[-1].round + 1)  # the seed of the round it stands in for
+        recover_fn(candidate)
+        top1 = evaluate_fn(candidate)["top1"]
+        recovery = {"top1_before": accepted_top1, "top1_after": top1, "kept": top1 >= accepted_top1}
+        if recovery["kept"]:
+            current, accepted_top1 = _analysed(candidate), top1
+    if ckpt is not None:  # the finished state: a later resume returns this result without training again
+        _write_state(ckpt, current, baseline, base_macs, base_params, base_latency, history, step_index,
+                     history[-1].round + 1 if history else 0, stop_reason=stop, recovery=recovery)
     final = {"top1": accepted_top1}
-    return PruneResult(current, baseline, final, base_macs, base_params, history, stop, base_latency)
+    return PruneResult(current, baseline, final, base_macs, base_params, history, stop, base_latency, recovery)
 
 
 def _check_targets(gm, config: HQPConfig, min_keep: int, example, base_macs: int, base_params: int) -> None:
@@ -239,12 +263,13 @@ def _read_state(ckpt: Path | None) -> dict | None:
 
 
 def _write_state(ckpt: Path, model, baseline, base_macs, base_params, base_latency, history, step_index,
-                 next_round) -> None:
-    """Model file first, then the state that points at it: a kill between the two loses nothing."""
+                 next_round, **finished) -> None:
+    """Model file first, then the state that points at it: a kill between the two loses nothing. ``finished``
+    (stop_reason, recovery) marks a run whose rounds are over; its model is the final one."""
     ckpt.mkdir(parents=True, exist_ok=True)
-    name = f"round_{next_round - 1:03d}.hqp"
+    name = "final.hqp" if finished else f"round_{next_round - 1:03d}.hqp"
     save(model, ckpt / name)
     state = {"model": name, "baseline": baseline, "baseline_macs": base_macs, "baseline_params": base_params,
              "baseline_latency": base_latency, "history": [asdict(r) for r in history], "step_index": step_index,
-             "next_round": next_round}
+             "next_round": next_round, **finished}
     atomic_write_text(ckpt / STATE_FILE, json.dumps(state, indent=1))

@@ -40,6 +40,7 @@ def test_demo_writes_every_output_and_a_valid_sidecar(demo_run):
     report = json.loads((demo_run / "hqp.json").read_text())
     jsonschema.validate(report, HQP_JSON_SCHEMA)
     assert len(report["rounds"]) == 3 and report["stop_reason"].startswith("max_rounds")
+    assert report["recovery"] is None and report["config"]["recover_epochs"] == 0
     assert set(report["variants"]) == {"dense_fp32", "prune_only_fp32", "hqp_int8", "quantize_only_int8"}
     assert report["compression"]["macs"][1] < report["compression"]["macs"][0]
     assert report["within_delta_max"] == (report["accuracy"]["final_drop"] <= report["delta_max"])
@@ -72,11 +73,17 @@ def test_demo_with_depth_pruning_ships_a_model_without_the_removed_blocks(tmp_pa
     # a 90% step accepted whatever it costs: the other groups stop at 16 channels, so the demo net's two residual
     # blocks (inner widths 32 and 64) must go whole
     assert main(["demo", "--out", str(out), "--max-rounds", "1", "--step", "0.9", "--delta-max", "100",
-                 "--finetune-epochs", "0.2",
+                 "--finetune-epochs", "0.2", "--recover-epochs", "0.3",
                  "--samples", "64", "--threads", "1", "--remove-branches"]) == 0
     report = json.loads((out / "hqp.json").read_text())
     jsonschema.validate(report, HQP_JSON_SCHEMA)
     assert report["config"]["prune"]["remove_branches"] is True
+    # the recovery fine-tune ran once on the pruned model, and the shipped model is the better of the two
+    rec = report["recovery"]
+    assert rec["epochs"] == 0.3 and rec["top1_before"] == report["rounds"][-1]["top1"]
+    assert report["accuracy"]["pruned_fp32"]["top1"] == pytest.approx(max(rec["top1_before"], rec["top1_after"]))
+    assert rec["kept"] == (rec["top1_after"] >= rec["top1_before"])
+    assert "Recovery fine-tune (0.3 epoch(s))" in (out / "report.md").read_text()
     removed = sorted(n for n, (_, kept) in report["channels"].items() if kept == 0)
     assert removed, report["channels"]
     assert f"layers removed with their branches: {len(removed)}" in (out / "report.md").read_text()
@@ -158,6 +165,7 @@ def _folder(root, classes, per_class=2, size=32):
     (["--target-latency", "1.5"], "target_latency is a fraction of the dense model"),
     (["--resume"], "--resume needs"),
     (["--distill", "1.5"], "distill is a weight in [0, 1]"),
+    (["--recover-epochs", "-1"], "recover_epochs must be >= 0"),
 ])
 def test_compress_refusals_leave_nothing_behind(tmp_path, monkeypatch, capsys, extra, message):
     monkeypatch.setenv("HQP_CACHE", str(tmp_path / "cache"))

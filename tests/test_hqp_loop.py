@@ -44,11 +44,31 @@ class Stubs:
         return {"top1": 90.0 - 10.0 * (1 - hqp_fx.count_params(m) / self.base)}
 
 
-def run(tmp_path=None, stubs=None, resume=False, latency_fn=None, **cfg):
+def run(tmp_path=None, stubs=None, resume=False, latency_fn=None, recover_fn=None, **cfg):
     stubs = stubs or Stubs()
     config = HQPConfig(**{"delta_max": 2.0, "align": 4, "criterion": "fisher", **cfg})
     return prune_loop(model(), X, calibration=CALIB, finetune_fn=stubs.finetune, evaluate_fn=stubs.evaluate,
-                      config=config, checkpoint_dir=tmp_path, resume=resume, latency_fn=latency_fn)
+                      config=config, checkpoint_dir=tmp_path, resume=resume, latency_fn=latency_fn,
+                      recover_fn=recover_fn)
+
+
+class Recovery(Stubs):
+    """A recovery fine-tune that trains one real step and moves the stub accuracy by ``gain`` points."""
+
+    def __init__(self, gain: float, kill: bool = False):
+        super().__init__()
+        self.gain, self.kill, self.calls = gain, kill, 0
+
+    def recover(self, m):
+        self.calls += 1
+        if self.kill:
+            self.kill = False
+            raise KeyboardInterrupt("simulated kill during the recovery")
+        self.finetune(m, 999)
+        m.recovered = True
+
+    def evaluate(self, m):
+        return {"top1": super().evaluate(m)["top1"] + (self.gain if getattr(m, "recovered", False) else 0.0)}
 
 
 def test_loop_honours_delta_max_with_forced_rollback():
@@ -76,6 +96,50 @@ def test_resume_after_kill_gives_the_same_decisions(tmp_path):
            [(r.round, r.step, r.accepted, r.removed, r.params) for r in straight.history]
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_recovery_fine_tune_is_kept_only_when_it_does_not_lower_top1():
+    plain = run(target_params=0.9, delta_max=50.0)
+    for gain, kept in ((0.5, True), (-0.5, False)):
+        rec = Recovery(gain)
+        res = run(stubs=rec, recover_fn=rec.recover, target_params=0.9, delta_max=50.0)
+        assert rec.calls == 1 and [(r.round, r.removed) for r in res.history] == [(r.round, r.removed)
+                                                                                  for r in plain.history]
+        before = plain.final["top1"]
+        assert res.recovery == {"top1_before": before, "top1_after": before + gain, "kept": kept}
+        assert res.final["top1"] == (before + gain if kept else before)
+        assert getattr(res.model, "recovered", False) is kept
+        trained = [not torch.equal(a, b) for a, b in zip(res.model.state_dict().values(),
+                                                         plain.model.state_dict().values())]
+        assert any(trained) is kept  # a rejected recovery leaves the last accepted round's weights
+    nothing = Recovery(1.0)  # nothing accepted: no model of the loop's own to recover
+    res = run(stubs=nothing, recover_fn=nothing.recover, delta_max=0.0, steps=(0.05,))
+    assert not any(r.accepted for r in res.history) and nothing.calls == 0 and res.recovery is None
+
+
+def test_resume_after_a_finished_run_or_a_kill_in_the_recovery(tmp_path):
+    straight_rec = Recovery(0.5)
+    straight = run(tmp_path / "a", straight_rec, recover_fn=straight_rec.recover, target_params=0.9, delta_max=50.0)
+    again = Recovery(0.5)  # a finished run: resume returns its result, training nothing
+    resumed = run(tmp_path / "a", again, resume=True, recover_fn=again.recover, target_params=0.9, delta_max=50.0)
+    assert again.calls == 0 and resumed.final == straight.final and resumed.recovery == straight.recovery
+    assert resumed.stop_reason == straight.stop_reason and resumed.history == straight.history
+    killed = Recovery(0.5, kill=True)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", killed, recover_fn=killed.recover, target_params=0.9, delta_max=50.0)
+    res = run(tmp_path / "b", killed, resume=True, recover_fn=killed.recover, target_params=0.9, delta_max=50.0)
+    assert killed.calls == 2 and res.recovery == straight.recovery and res.history == straight.history
+    for done in (resumed, res):
+        a, b = straight.model.state_dict(), done.model.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stop_at_the_smallest_step_survives_resume(tmp_path):
+    """The delta_max stop is decided by a fine-tuned round, which a resume must not run again."""
+    res = run(tmp_path, steps=(0.05,))
+    assert "broke delta_max" in res.stop_reason
+    resumed = run(tmp_path, resume=True, steps=(0.05,))
+    assert resumed.history == res.history and resumed.stop_reason == res.stop_reason
 
 
 def test_targets_stop_the_loop_and_unreachable_targets_fail_cleanly(tmp_path):

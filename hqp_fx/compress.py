@@ -167,7 +167,8 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluatio
         "tensorrt": ship["tensorrt"],
         "tensorrt_rules": ship["tensorrt_rules"],
         "config": {"prune": asdict(config.prune), "finetune": asdict(config.finetune), "quant": asdict(config.quant),
-                   "recover_epochs": config.recover_epochs, "batch_size": config.batch_size, "augment": config.augment, "ablation": config.ablation},
+                   "recover_epochs": config.recover_epochs, "batch_size": config.batch_size, "augment": config.augment,
+                   "ablation": config.ablation},
         "machine": ship["machine"],
         "latency_engine": f"ONNX Runtime CPUExecutionProvider, {config.threads} threads, median of "
                           f"{config.latency_runs} runs after 10 warm-ups, batch {example.shape[0]}",

@@ -267,7 +267,9 @@ def _write_state(ckpt: Path, model, baseline, base_macs, base_params, base_laten
     """Model file first, then the state that points at it: a kill between the two loses nothing. ``finished``
     (stop_reason, recovery) marks a run whose rounds are over; its model is the final one."""
     ckpt.mkdir(parents=True, exist_ok=True)
-    name = "final.hqp" if finished else f"round_{next_round - 1:03d}.hqp"
+    name = f"round_{next_round - 1:03d}.hqp"
+    if finished:  # a recovered model gets its own file: the state before it may still point at final.hqp
+        name = "recovered.hqp" if (finished.get("recovery") or {}).get("kept") else "final.hqp"
     save(model, ckpt / name)
     state = {"model": name, "baseline": baseline, "baseline_macs": base_macs, "baseline_params": base_params,
              "baseline_latency": base_latency, "history": [asdict(r) for r in history], "step_index": step_index,

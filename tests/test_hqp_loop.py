@@ -1,6 +1,8 @@
 """The HQP pruning loop: delta_max with forced rollback, targets, exact resume after a kill."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,6 +125,7 @@ def test_resume_after_a_finished_run_or_a_kill_in_the_recovery(tmp_path):
     again = Recovery(0.5)  # a finished run: resume returns its result, training nothing
     resumed = run(tmp_path / "a", again, resume=True, recover_fn=again.recover, target_params=0.9, delta_max=50.0)
     assert again.calls == 0 and resumed.final == straight.final and resumed.recovery == straight.recovery
+    assert json.loads((tmp_path / "a" / STATE_FILE).read_text())["model"] == "recovered.hqp"
     assert resumed.stop_reason == straight.stop_reason and resumed.history == straight.history
     killed = Recovery(0.5, kill=True)
     with pytest.raises(KeyboardInterrupt):

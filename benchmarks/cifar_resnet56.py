@@ -122,8 +122,8 @@ def cmd_loop(args, train, test, log) -> None:
 
     def recover(m):
         log(f"recovery fine-tune: {args.recover_epochs:g} epoch(s)")
-        finetune_images(m, train, args.recover_epochs * len(train), seed=999, teacher=teacher, distill=args.distill,
-                        temperature=args.temperature)
+        finetune_images(m, train, args.recover_epochs * len(train), seed=999,  # a seed no round uses
+                        teacher=teacher, distill=args.distill, temperature=args.temperature)
 
     config = HQPConfig(delta_max=args.delta_max, steps=tuple(args.steps), criterion=args.criterion,
                        flops_normalize=args.flops_normalize, align=args.align, target_macs=args.target_macs,

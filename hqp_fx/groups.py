@@ -16,7 +16,7 @@ import torch
 
 __all__ = ["ParamSlice", "ChannelGroup", "ChannelAnalysis", "SliceRecord", "labels_vary", "labels_along"]
 
-_NO_LABEL = torch.iinfo(torch.long).max  # above every element id: ignored by a min over labels
+NO_LABEL = torch.iinfo(torch.long).max  # above every element id: ignored by a min over labels
 
 
 def labels_vary(lab: torch.Tensor, dim: int) -> bool:
@@ -25,7 +25,7 @@ def labels_vary(lab: torch.Tensor, dim: int) -> bool:
     if lab.shape[dim] <= 1:
         return False
     mx = lab.amax(dim)
-    mn = torch.where(lab > 0, lab, _NO_LABEL).amin(dim)
+    mn = torch.where(lab > 0, lab, NO_LABEL).amin(dim)
     return bool(((mx > 0) & (mn != mx)).any())
 
 

@@ -25,12 +25,11 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from .. import meta
 from ..core import GraphPass, PassError, PassResult
-from ..groups import ChannelAnalysis, ChannelGroup, SliceRecord, labels_along, labels_vary
+from ..groups import NO_LABEL, ChannelAnalysis, ChannelGroup, SliceRecord, labels_along, labels_vary
 from .branch import find_branches
 
 __all__ = ["ChannelDependencyPass", "analyze_channels"]
 
-_BIG = torch.iinfo(torch.long).max
 _PAIR = 1 << 31  # element ids stay below this, so (a, b) packs into one int64
 
 # ---------------------------------------------------------------------------------------
@@ -215,7 +214,7 @@ class _Propagator:
         dim = dim % lab.ndim
         rows = lab.movedim(dim, 0).reshape(lab.shape[dim], -1)
         mx = rows.amax(1)
-        mn = torch.where(rows > 0, rows, _BIG).amin(1)
+        mn = torch.where(rows > 0, rows, NO_LABEL).amin(1)
         mixed = (mx > 0) & (mn != mx)
         if mixed.any():
             self.pin(rows[mixed], f"channel dim of {node.name} ({_describe(node, self.modules)}) mixes several channels")
@@ -815,7 +814,7 @@ def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
     owner_ids = torch.tensor([o for _, o in p.owner_chunks], dtype=torch.long)
     elem_owner = torch.cat([torch.tensor([-1]), owner_ids.repeat_interleave(counts)])
     starts = 1 + torch.cumsum(counts, 0) - counts
-    first_elem = torch.full((len(p.owners),), _BIG, dtype=torch.long).scatter_reduce(0, owner_ids, starts, reduce="amin")
+    first_elem = torch.full((len(p.owners),), NO_LABEL, dtype=torch.long).scatter_reduce(0, owner_ids, starts, reduce="amin")
     elems = torch.arange(1, num)
     class_edges = torch.stack([class_of[elems], class_of[first_elem[elem_owner[elems]]]])
     group_root = _components(num, [class_edges])  # indexed by class id

@@ -1,38 +1,47 @@
-"""Save and load a (pruned) GraphModule without pickling code.
+"""Save and load a (pruned) GraphModule without pickling code, and without running any while loading.
 
 ``torch.save(gm)`` pickles the module's classes and its generated ``forward``; loading that
 needs ``weights_only=False``, i.e. running arbitrary code. Instead the file holds only data:
 the graph as plain records (ops, targets by qualified name, args), each leaf module as its
-``torch.nn`` class name plus constructor arguments, and the tensors. Targets and classes are
-resolved on load against an allow-list of namespaces, and the file is read with
+``torch.nn`` class name plus constructor arguments, and the tensors, read with
 ``torch.load(..., weights_only=True)``. ``torch.export.save`` was considered: it serialises
 safely too, but reloads as an ExportedProgram whose module loses the leaf ``nn.Module``s
 (Conv2d, BatchNorm2d, ...) that fine-tuning and further hqp_fx passes rely on.
+
+A file is untrusted input. ``load`` resolves names only through explicit tables built here from the
+objects themselves (``LOADABLE_FUNCTIONS``, ``LOADABLE_METHODS``, ``LOADABLE_MODULES``): never by importing
+or ``getattr``-walking a name from the file, never whole namespaces. Every name that reaches the generated
+Python source (node names, placeholder and attribute targets, keyword names) must be a plain identifier.
+The whole graph is validated before anything is built; the modules are built on the meta device (no
+allocation from the file's numbers), the saved tensors are checked against them, and only then does the
+graph run once, on its saved example input, to attach shapes. ``save`` refuses what ``load`` would refuse.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
+import keyword
+import math
+import operator
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import meta
 from .core import HQPError, atomic_torch_save
+from .passes import dependency as _dep
 from .trace import propagate_shapes
 
-__all__ = ["save", "load"]
+__all__ = ["save", "load", "LOADABLE_FUNCTIONS", "LOADABLE_METHODS", "LOADABLE_MODULES", "LOADABLE_ATTRIBUTES"]
 
 FORMAT = "hqp_fx.graph_module"
 VERSION = 1
-_TARGET_NAMESPACES = ("torch", "_operator", "operator", "math", "builtins", "torchvision.ops")
-_MODULE_NAMESPACES = ("torch.nn.",)
-_SKIP_INIT = {"self", "device", "dtype", "args", "kwargs"}
 
 
 def _qualname(obj: Any) -> str:
@@ -42,20 +51,94 @@ def _qualname(obj: Any) -> str:
     return f"{mod}.{name}"
 
 
-def _resolve(qualname: str, namespaces: tuple[str, ...]) -> Any:
-    if not any(qualname == ns or qualname.startswith(ns + ".") or qualname.startswith(ns) and ns.endswith(".")
-               for ns in namespaces):
-        raise HQPError(f"refusing to load {qualname!r}: only names under {namespaces} are allowed")
-    parts = qualname.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
-            continue
-        for p in parts[cut:]:
-            obj = getattr(obj, p)
-        return obj
-    raise HQPError(f"cannot resolve {qualname!r}")
+def _table(objects) -> dict[str, Any]:
+    return {_qualname(o): o for o in objects}
+
+
+# call_function targets: what the tracer emits for the ops ChannelDependencyPass knows, what the passes insert,
+# and a named set of other pure tensor math. Nothing here reads or writes files, imports, spawns or evaluates.
+_EXTRA_FUNCTIONS = {
+    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.mod, operator.pos,
+    operator.matmul, operator.imatmul, operator.and_, operator.or_, operator.not_, operator.truth,
+    operator.is_, operator.is_not, math.sqrt, math.ceil, math.floor,
+    torch.matmul, torch.bmm, torch.mm, torch.einsum, torch.softmax, torch.log_softmax, torch.index_select,
+    torch.swapaxes, torch.swapdims, torch.sigmoid, torch.argmax,
+    torch._assert, torch.conv2d, torch.batch_norm, torch.layer_norm, torch.group_norm,
+    F.linear, F.layer_norm, F.batch_norm, F.group_norm, F.instance_norm, F.scaled_dot_product_attention,
+    F.embedding, F.unfold, F.fold, F.hardshrink, F.glu, F.logsigmoid, F.softsign, F.prelu,
+}
+_EXTRA_FUNCTIONS |= set(_dep._CONV_FUNCTIONS) | _dep._PAD_FUNCTIONS
+LOADABLE_FUNCTIONS: dict[str, Any] = _table(
+    _dep._MOVE_FUNCTIONS | _dep._ELEMENTWISE_FUNCTIONS | _dep._SPATIAL_FUNCTIONS | _dep._REDUCE_FUNCTIONS
+    | _dep._SOFTMAX | _EXTRA_FUNCTIONS | {getattr})
+
+# ``getattr`` is what fx records for ``x.shape``; it is loadable only on a graph value and for these names
+LOADABLE_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "T", "mT", "is_cuda"})
+
+# call_method targets: public, non-mutating-of-the-world tensor methods, each checked to exist on torch.Tensor
+LOADABLE_METHODS = frozenset(
+    m for m in (_dep._MOVE_METHODS | _dep._ELEMENTWISE_METHODS | _dep._REDUCE_METHODS
+                | {"size", "dim", "numel", "softmax", "log_softmax", "matmul", "bmm", "index_select", "sigmoid",
+                   "argmax", "unfold", "masked_fill_"})
+    - {"type"}  # Tensor.type(str) parses a type name: not needed by any traced model we know
+    if not m.startswith("_") and callable(getattr(torch.Tensor, m, None)))
+
+# leaf module classes: torch.nn layers a traced CNN or transformer keeps as leaves, by name; no containers,
+# no losses, no recurrent or lazy modules, nothing whose constructor takes another module
+_MODULE_NAMES = """
+Conv1d Conv2d Conv3d ConvTranspose1d ConvTranspose2d ConvTranspose3d Linear Bilinear Identity Embedding
+BatchNorm1d BatchNorm2d BatchNorm3d SyncBatchNorm InstanceNorm1d InstanceNorm2d InstanceNorm3d LayerNorm GroupNorm
+RMSNorm LocalResponseNorm CrossMapLRN2d
+ReLU ReLU6 SiLU GELU Sigmoid Tanh Hardswish Hardsigmoid Hardtanh LeakyReLU PReLU RReLU ELU SELU CELU Mish
+Softplus Softsign Softshrink Hardshrink Tanhshrink Threshold GLU LogSigmoid Softmax Softmax2d LogSoftmax Softmin
+Dropout Dropout1d Dropout2d Dropout3d AlphaDropout FeatureAlphaDropout
+MaxPool1d MaxPool2d MaxPool3d AvgPool1d AvgPool2d AvgPool3d AdaptiveAvgPool1d AdaptiveAvgPool2d AdaptiveAvgPool3d
+AdaptiveMaxPool1d AdaptiveMaxPool2d AdaptiveMaxPool3d LPPool1d LPPool2d LPPool3d
+ZeroPad1d ZeroPad2d ZeroPad3d ConstantPad1d ConstantPad2d ConstantPad3d ReflectionPad1d ReflectionPad2d
+ReflectionPad3d ReplicationPad1d ReplicationPad2d ReplicationPad3d CircularPad1d CircularPad2d CircularPad3d
+Upsample UpsamplingNearest2d UpsamplingBilinear2d PixelShuffle PixelUnshuffle ChannelShuffle Flatten Unflatten
+Fold Unfold MultiheadAttention
+"""
+LOADABLE_MODULES: dict[str, type] = _table(getattr(nn, n) for n in _MODULE_NAMES.split() if hasattr(nn, n))
+
+_SKIP_INIT = {"self", "device", "dtype", "args", "kwargs"}
+_DOTTED = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")  # module paths: layer1.0.conv, block1-0 (regnet)
+_OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
+
+
+def _identifier(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not name.isidentifier() or not name.isascii() or keyword.iskeyword(name) \
+            or name.startswith("__"):
+        raise HQPError(f"refusing {what} {name!r}: it must be a plain Python identifier")
+    return name
+
+
+def _dotted(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not _DOTTED.match(name) or any(
+            keyword.iskeyword(p) or p.startswith("__") for p in name.split(".")):
+        raise HQPError(f"refusing {what} {name!r}: it must be a dotted path of names of letters, digits, '_' and '-'")
+    return name
+
+
+def _function(qualname: Any) -> Any:
+    if not isinstance(qualname, str) or qualname not in LOADABLE_FUNCTIONS:
+        raise HQPError(f"refusing to load call target {qualname!r}: it is not one of the tensor operations "
+                       "hqp_fx.serialize.LOADABLE_FUNCTIONS lists (a hqp_fx file never needs anything else)")
+    return LOADABLE_FUNCTIONS[qualname]
+
+
+def _method(name: Any) -> str:
+    if not isinstance(name, str) or name not in LOADABLE_METHODS:
+        raise HQPError(f"refusing to load tensor method {name!r}: it is not one of the methods "
+                       "hqp_fx.serialize.LOADABLE_METHODS lists")
+    return name
+
+
+def _module_class(qualname: Any) -> type:
+    if not isinstance(qualname, str) or qualname not in LOADABLE_MODULES:
+        raise HQPError(f"refusing to load module class {qualname!r}: only the torch.nn layers "
+                       "hqp_fx.serialize.LOADABLE_MODULES lists can be rebuilt from a file")
+    return LOADABLE_MODULES[qualname]
 
 
 def _encode(v: Any) -> Any:
@@ -68,6 +151,8 @@ def _encode(v: Any) -> Any:
     if isinstance(v, list):
         return [_encode(x) for x in v]
     if isinstance(v, dict):
+        if not all(isinstance(k, str) for k in v):
+            raise HQPError(f"cannot serialise a dict argument with non-string keys: {v!r}")
         return {"dict": {k: _encode(x) for k, x in v.items()}}
     if isinstance(v, slice):
         return {"slice": [_encode(v.start), _encode(v.stop), _encode(v.step)]}
@@ -84,43 +169,64 @@ def _encode(v: Any) -> Any:
     raise HQPError(f"cannot serialise argument {v!r} of type {type(v).__name__}")
 
 
-def _decode(v: Any, nodes: dict[str, fx.Node]) -> Any:
-    if isinstance(v, list):
-        return [_decode(x, nodes) for x in v]
-    if not isinstance(v, dict):
+def _torch_constant(name: Any, kind: type, what: str) -> Any:
+    value = getattr(torch, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if not isinstance(value, kind):
+        raise HQPError(f"refusing {what} {name!r}: not a torch {what}")
+    return value
+
+
+def _decode(v: Any, nodes: dict[str, fx.Node] | None, depth: int = 0) -> Any:
+    """A value from its JSON record; ``nodes=None`` means plain data only (module constructor arguments)."""
+    if depth > 64:
+        raise HQPError("argument nesting deeper than 64 levels")
+    if v is None or isinstance(v, (bool, int, float, str)):
         return v
+    if isinstance(v, list):
+        return [_decode(x, nodes, depth + 1) for x in v]
+    if not isinstance(v, dict) or len(v) != 1:
+        raise HQPError(f"unknown encoded value {v!r}")
     (kind, val), = v.items()
-    if kind == "node":
+    if kind == "node" and nodes is not None:
+        if not isinstance(val, str) or val not in nodes:
+            raise HQPError(f"argument names node {val!r}, which no earlier node defines")
         return nodes[val]
-    if kind == "tuple":
-        return tuple(_decode(x, nodes) for x in val)
-    if kind == "dict":
-        return {k: _decode(x, nodes) for k, x in val.items()}
-    if kind == "slice":
-        return slice(*[_decode(x, nodes) for x in val])
-    if kind == "ellipsis":
+    if kind == "tuple" and isinstance(val, list):
+        return tuple(_decode(x, nodes, depth + 1) for x in val)
+    if kind == "dict" and isinstance(val, dict):
+        return {k: _decode(x, nodes, depth + 1) for k, x in val.items()}
+    if kind == "slice" and isinstance(val, list) and len(val) == 3:
+        return slice(*[_decode(x, nodes, depth + 1) for x in val])
+    if kind == "ellipsis" and val is True:
         return Ellipsis
     if kind == "dtype":
-        return getattr(torch, val)
-    if kind == "device":
-        return torch.device(val)
+        return _torch_constant(val, torch.dtype, "dtype")
     if kind == "memory_format":
-        return getattr(torch, val)
-    if kind == "fn":
-        return _resolve(val, _TARGET_NAMESPACES)
+        return _torch_constant(val, torch.memory_format, "memory format")
+    if kind == "device" and isinstance(val, str):
+        try:
+            return torch.device(val)
+        except RuntimeError:
+            raise HQPError(f"refusing device {val!r}: not a torch device") from None
+    if kind == "fn" and nodes is not None:
+        return _function(val)
     raise HQPError(f"unknown encoded value {v!r}")
+
+
+def _init_arguments(cls: type) -> list[str]:
+    return [p for p, param in inspect.signature(cls.__init__).parameters.items()
+            if p not in _SKIP_INIT and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)]
 
 
 def _module_spec(name: str, mod: nn.Module) -> dict:
     cls = type(mod)
     qual = _qualname(cls)
-    if not qual.startswith(_MODULE_NAMESPACES):
-        raise HQPError(f"cannot save leaf module {name!r} of type {qual}: only torch.nn modules can be rebuilt "
-                       "without pickling code; trace without making it a leaf module")
+    if LOADABLE_MODULES.get(qual) is not cls:
+        raise HQPError(f"cannot save leaf module {name!r} of type {qual}: only the torch.nn layers "
+                       "hqp_fx.serialize.LOADABLE_MODULES lists can be rebuilt without pickling code; trace without "
+                       "making it a leaf module")
     init = {}
-    for pname, param in inspect.signature(cls.__init__).parameters.items():
-        if pname in _SKIP_INIT or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
+    for pname in _init_arguments(cls):
         if not hasattr(mod, pname):
             continue
         value = getattr(mod, pname)
@@ -137,15 +243,28 @@ def _module_spec(name: str, mod: nn.Module) -> dict:
     return spec
 
 
-def _build_module(spec: dict) -> nn.Module:
-    cls = _resolve(spec["type"], tuple(ns.rstrip(".") for ns in _MODULE_NAMESPACES))
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise HQPError(f"{spec['type']} is not a torch.nn.Module class")
-    return cls(**{k: _decode(v, {}) for k, v in spec["init"].items()})
+def _build_module(spec: Any) -> nn.Module:
+    """The module a spec describes, built on the meta device: its numbers allocate nothing."""
+    if not isinstance(spec, dict) or set(spec) != {"type", "init"} or not isinstance(spec["init"], dict):
+        raise HQPError(f"malformed module record {spec!r}")
+    cls = _module_class(spec["type"])
+    allowed = set(_init_arguments(cls))
+    unknown = sorted(k for k in spec["init"] if k not in allowed)
+    if unknown:
+        raise HQPError(f"{spec['type']} has no constructor argument(s) {unknown}")
+    kwargs = {k: _decode(v, None) for k, v in spec["init"].items()}
+    try:
+        with torch.device("meta"):
+            return cls(**kwargs)
+    except Exception as exc:  # a constructor refusing its (file-supplied) arguments: data error, not ours
+        raise HQPError(f"cannot build {spec['type']}({kwargs}): {type(exc).__name__}: {exc}") from None
 
 
 def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
-    """Write ``gm`` (graph, leaf modules, parameters, buffers) to one file, atomically."""
+    """Write ``gm`` (graph, leaf modules, parameters, buffers) to one file, atomically.
+
+    Refuses a graph ``load`` would refuse (a call target or method outside the loadable tables, a leaf module
+    that is not a listed torch.nn layer), so a file that saves also loads."""
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"hqp_fx.save expects a torch.fx.GraphModule (from hqp_fx.trace or a pass), got {type(gm).__name__}")
     nodes, modules = [], {}
@@ -153,8 +272,11 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
         target = node.target
         if node.op == "call_function":
             target = _qualname(target)
-            if _resolve(target, _TARGET_NAMESPACES) is not node.target:
-                raise HQPError(f"cannot save node {node.format_node()}: {target} does not resolve back to the same function")
+            if LOADABLE_FUNCTIONS.get(target) is not node.target:
+                raise HQPError(f"cannot save node {node.format_node()}: {target} is not in "
+                               "hqp_fx.serialize.LOADABLE_FUNCTIONS, so the file could not be loaded safely")
+        elif node.op == "call_method":
+            _method(target)
         elif node.op == "call_module" and target not in modules:
             modules[target] = _module_spec(target, gm.get_submodule(target))
         nodes.append({"name": node.name, "op": node.op, "target": target,
@@ -176,44 +298,134 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
 
 
 def load(path: str | os.PathLike) -> fx.GraphModule:
-    """Rebuild a GraphModule written by ``save``; never unpickles code (``weights_only=True``)."""
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    """Rebuild a GraphModule written by ``save``. Never unpickles code (``weights_only=True``) and never calls
+    anything outside the loadable tables; every problem with the file is an ``HQPError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise HQPError(f"{path} is a folder, not a hqp_fx model file" if path.is_dir()
+                       else f"model file {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling failure: not a weights-only torch file, or a damaged one
+        raise HQPError(f"{path} is not a hqp_fx model file, or it is damaged ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise HQPError(f"{path} is not a hqp_fx model file (written by hqp_fx.save)")
-    if payload["version"] > VERSION:
-        raise HQPError(f"{path} was written by a newer hqp_fx (format {payload['version']}); upgrade hqp_fx")
-    spec = json.loads(payload["graph"])
+    try:
+        return _rebuild(payload)
+    except HQPError as exc:
+        raise HQPError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as exc:
+        raise HQPError(f"{path} is damaged: {type(exc).__name__}: {exc}") from None
+
+
+def _typed(payload: dict, key: str, kind, what: str):
+    value = payload.get(key)
+    if not isinstance(value, kind):
+        raise HQPError(f"field {key!r} is missing or not {what}; the file is damaged")
+    return value
+
+
+def _rebuild(payload: dict) -> fx.GraphModule:
+    version = _typed(payload, "version", int, "an integer")
+    if version > VERSION:
+        raise HQPError(f"written by a newer hqp_fx (format {version}); upgrade hqp_fx")
+    params = _typed(payload, "parameters", dict, "a dict of tensors")
+    buffers = _typed(payload, "buffers", dict, "a dict of tensors")
+    examples = _typed(payload, "example_inputs", list, "a list of tensors")
+    grad = set(_typed(payload, "requires_grad", list, "a list of names"))
+    sources = _typed(payload, "source_names", list, "a list of names")
+    training = _typed(payload, "training", bool, "a boolean")
+    class_name = _identifier(payload.get("class_name"), "class name")
+    for name, t in {**params, **buffers}.items():
+        _dotted(name, "tensor name")
+        if not isinstance(t, torch.Tensor):
+            raise HQPError(f"tensor {name!r} is a {type(t).__name__}, not a tensor")
+    if not all(isinstance(t, torch.Tensor) for t in examples) or not all(isinstance(s, str) for s in sources):
+        raise HQPError("example_inputs must be tensors and source_names strings; the file is damaged")
+    spec = json.loads(_typed(payload, "graph", str, "a JSON string"))
+    if not isinstance(spec, dict) or set(spec) != {"nodes", "modules"} or not isinstance(spec["nodes"], list) \
+            or not isinstance(spec["modules"], dict):
+        raise HQPError("the graph record is malformed")
+
+    # 1. validate everything and build the modules on the meta device: nothing runs yet
+    root: dict[str, Any] = {_dotted(q, "module name"): _build_module(m) for q, m in spec["modules"].items()}
+    tensors = {**buffers, **params}
     graph = fx.Graph()
     nodes: dict[str, fx.Node] = {}
-    root: dict[str, Any] = {}
-    for qual, mspec in spec["modules"].items():
-        root[qual] = _build_module(mspec)
-    tensors = {**payload["buffers"], **payload["parameters"]}
     for rec in spec["nodes"]:
-        op, target = rec["op"], rec["target"]
+        if not isinstance(rec, dict) or set(rec) != {"name", "op", "target", "args", "kwargs"}:
+            raise HQPError(f"malformed node record {rec!r}")
+        name, op, target = _identifier(rec["name"], "node name"), rec["op"], rec["target"]
+        if op not in _OPS:
+            raise HQPError(f"node {name!r} has unknown op {op!r}")
+        if name in nodes:
+            raise HQPError(f"node name {name!r} appears twice")
         args, kwargs = _decode(rec["args"], nodes), _decode(rec["kwargs"], nodes)
-        if op == "call_function":
-            target = _resolve(target, _TARGET_NAMESPACES)
-        if op == "get_attr":
-            root[target] = nn.Parameter(tensors[target]) if target in payload["parameters"] else tensors[target]
-        node = graph.create_node(op, target, tuple(args), kwargs, name=rec["name"])
-        nodes[rec["name"]] = node
-    gm = fx.GraphModule(root, graph, class_name=payload["class_name"])
-    grad = set(payload["requires_grad"])
-    current = dict(gm.named_parameters())
-    current_buffers = dict(gm.named_buffers())
-    if set(current) != set(payload["parameters"]) or set(current_buffers) != set(payload["buffers"]):
-        raise HQPError(f"{path}: the saved tensors do not match the rebuilt modules; the file is damaged")
+        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+            raise HQPError(f"node {name!r}: args must be a tuple and kwargs a dict")
+        for key in kwargs:
+            _identifier(key, f"keyword argument of node {name!r}")
+        if op == "placeholder":
+            _identifier(target, "input name")
+            if args or kwargs:
+                raise HQPError(f"input {name!r} carries a default value; hqp_fx never writes one")
+        elif op == "output":
+            if target != "output" or len(args) != 1 or kwargs:
+                raise HQPError(f"malformed output node {name!r}")
+        elif op == "get_attr":
+            if _dotted(target, "attribute") not in tensors:
+                raise HQPError(f"node {name!r} reads {target!r}, which the file holds no tensor for")
+            root[target] = nn.Parameter(tensors[target]) if target in params else tensors[target]
+        elif op == "call_module":
+            if _dotted(target, "module") not in spec["modules"]:
+                raise HQPError(f"node {name!r} calls module {target!r}, which the file does not describe")
+        elif op == "call_method":
+            _method(target)
+            if not args or not isinstance(args[0], fx.Node):
+                raise HQPError(f"node {name!r} calls .{target}() on something that is not a graph value")
+        else:  # call_function
+            target = _function(target)
+            if target is getattr and (len(args) != 2 or kwargs or not isinstance(args[0], fx.Node)
+                                      or args[1] not in LOADABLE_ATTRIBUTES):
+                raise HQPError(f"node {name!r}: getattr is loadable only as a graph value's "
+                               f"{sorted(LOADABLE_ATTRIBUTES)}, not getattr{args!r}")
+        node = graph.create_node(op, target, args, kwargs, name=name)
+        if node.name != name:
+            raise HQPError(f"node name {name!r} clashes with a reserved name")
+        nodes[name] = node
+    outputs = [n for n in graph.nodes if n.op == "output"]
+    if len(outputs) != 1 or outputs[0] is not list(graph.nodes)[-1]:
+        raise HQPError("the graph must end in exactly one output node")
+    try:
+        graph.lint()
+    except Exception as exc:
+        raise HQPError(f"the graph is inconsistent: {exc}") from None
+
+    # 2. the saved tensors must be exactly the rebuilt modules' (and get_attr's) tensors, shape for shape
+    gm = fx.GraphModule(root, graph, class_name=class_name)
+    expected = {k: tuple(v.shape) for k, v in (*gm.named_parameters(), *gm.named_buffers())}
+    saved = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != saved:
+        wrong = sorted(set(expected) ^ set(saved)) or [k for k in expected if expected[k] != saved[k]]
+        raise HQPError(f"the saved tensors do not match the rebuilt modules (e.g. {wrong[:3]}); the file is damaged")
     for name, t in tensors.items():
         owner_name, _, attr = name.rpartition(".")
         owner = gm.get_submodule(owner_name) if owner_name else gm
-        if name in payload["parameters"]:
+        if name in params:
+            if not t.is_floating_point():
+                raise HQPError(f"parameter {name!r} is not floating point; the file is damaged")
             setattr(owner, attr, nn.Parameter(t.clone(), requires_grad=name in grad))
         else:
             owner._buffers[attr] = t.clone()
-    gm.train(payload["training"])
-    if payload["example_inputs"]:
-        gm.meta[meta.EXAMPLE_INPUTS] = tuple(payload["example_inputs"])
-        propagate_shapes(gm, gm.meta[meta.EXAMPLE_INPUTS])
-    gm.meta[meta.SOURCE_NAMES] = tuple(payload["source_names"])
+    gm.train(training)
+
+    # 3. only now run the validated graph, once, to attach shapes
+    if examples:
+        gm.meta[meta.EXAMPLE_INPUTS] = tuple(examples)
+        try:
+            propagate_shapes(gm, gm.meta[meta.EXAMPLE_INPUTS])
+        except HQPError as exc:
+            raise HQPError(f"the graph does not run on its saved example input: {exc}") from None
+    gm.meta[meta.SOURCE_NAMES] = tuple(sources)
     return gm

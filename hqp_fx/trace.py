@@ -1,7 +1,9 @@
 """Symbolic tracing plus shape propagation, with errors a user can act on."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import linecache
 import os
 import traceback
@@ -78,8 +80,8 @@ _INPUT_HINT = "Check that example_inputs have the shape and dtype the model expe
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], hint: str = _INPUT_HINT) -> None:
     """Run torch's ShapeProp so every node carries ``tensor_meta``; errors name the node."""
-    try:
-        with torch.no_grad():
+    try:  # ShapeProp prints a full traceback before re-raising; the error below says what matters
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*example_inputs)
     except Exception as exc:  # torch raises RuntimeError wrapping the node; keep only the cause
         cause = exc.__cause__ or exc

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -95,8 +96,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     config = QuantConfig(backend=args.backend, calibration=args.calibration, num_samples=args.samples,
                          percentile=args.percentile, on_bad_range=args.on_bad_range,
                          keep_float=tuple(args.keep_float or ()))
-    if args.max_drop is not None and args.max_drop < 0:
-        raise ValueError(f"--max-drop must be >= 0 (top-1 points), got {args.max_drop}")
     spec, size, example, train, evaluation = _model_and_data(args)
     if args.eval_samples:
         evaluation = evaluation.subset(max(1, args.eval_samples // len(evaluation.classes)))
@@ -130,9 +129,22 @@ def _progress():
                     TimeElapsedColumn(), console=Console(stderr=True), transient=False)
 
 
+def _checkpoint_folder(args: argparse.Namespace) -> Path:
+    """``<out>.checkpoints``, checked against ``--resume`` before any work: resume needs a state there, and a fresh
+    run must not silently replace an interrupted one's rounds."""
+    checkpoints = Path(str(args.out).rstrip("/") + ".checkpoints")
+    if args.resume and not (checkpoints / "hqp_state.json").is_file():
+        raise FileNotFoundError(f"--resume needs {checkpoints}/hqp_state.json from an interrupted run with the same --out")
+    if not args.resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise HQPError(f"{checkpoints} holds the checkpoints of an interrupted run; add --resume to continue it, or "
+                       "remove the folder to start over")
+    return checkpoints
+
+
 def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, evaluation, *, augment: bool,
-                  lr: float) -> dict:
-    """Shared by ``hqp compress`` and ``hqp demo``: stage, run with progress, summarise."""
+                  lr: float, identity: dict) -> dict:
+    """Shared by ``hqp compress`` and ``hqp demo``: stage, run with progress, summarise. ``identity`` joins the
+    checkpoints' run fingerprint (what a resume must share: the model spec, ...)."""
     from .compress import CompressConfig, compress, remove_checkpoints
     from .deploy import stage_output
     from .hqp import HQPConfig
@@ -154,9 +166,7 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, ev
         quant=QuantConfig(backend=args.backend, calibration=args.calibration, num_samples=args.samples),
         batch_size=args.batch_size, augment=augment, ablation=args.ablation, hybrid=not args.no_hybrid,
         threads=args.threads)
-    checkpoints = Path(str(args.out).rstrip("/") + ".checkpoints")
-    if args.resume and not (checkpoints / "hqp_state.json").is_file():
-        raise FileNotFoundError(f"--resume needs {checkpoints}/hqp_state.json from an interrupted run with the same --out")
+    checkpoints = _checkpoint_folder(args)
     with stage_output(args.out) as stage, _progress() as bar:
         phase = bar.add_task("starting", total=None)
         rounds = bar.add_task("pruning rounds", total=args.max_rounds)
@@ -168,10 +178,15 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, ev
 
         report = compress(model, example, train, evaluation, config, stage, checkpoint_dir=checkpoints,
                           resume=args.resume, progress=lambda msg: bar.update(phase, description=msg),
-                          on_round=on_round)
+                          on_round=on_round, leaf_modules=tuple(getattr(args, "leaf", None) or ()),
+                          fingerprint=identity)
         bar.update(rounds, total=len(report["rounds"]))
     remove_checkpoints(checkpoints)
     return report
+
+
+def _times(speedup: float) -> str:
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
 
 
 def _summarise(report: dict, out: str) -> None:
@@ -179,15 +194,15 @@ def _summarise(report: dict, out: str) -> None:
     print(f"top-1 {acc['dense_fp32']['top1']:.2f}% -> INT8 {acc['hqp_int8_onnxruntime']['top1']:.2f}% "
           f"(drop {acc['final_drop']:.2f}, delta_max {report['delta_max']}: "
           f"{'ok' if report['within_delta_max'] else 'BROKEN'}) | MACs {comp['macs_reduction']:.2f}x fewer | "
-          f"ORT latency {var['hqp_int8']['speedup']:.2f}x faster than dense FP32 | {report['tensorrt']['reason']}")
+          f"ORT latency {_times(var['hqp_int8']['speedup'])} than dense FP32 | {report['tensorrt']['reason']}")
     print(f"wrote {out} (report.md, hqp.json, ONNX models, plots)")
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    if args.delta_max < 0:
-        raise ValueError(f"--delta-max must be >= 0 (top-1 points), got {args.delta_max}")
-    spec, _, example, train, evaluation = _model_and_data(args)
-    report = _run_compress(args, spec.model, example, train, evaluation, augment=True, lr=args.lr)
+    _checkpoint_folder(args)
+    spec, size, example, train, evaluation = _model_and_data(args)
+    report = _run_compress(args, spec.model, example, train, evaluation, augment=True, lr=args.lr,
+                           identity={"model spec": args.model, "input size": size})
     _summarise(report, args.out)
     return 0
 
@@ -195,60 +210,87 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import digits, train_demo_model
 
+    _checkpoint_folder(args)
     train, evaluation = digits()
     print(f"demo: scikit-learn handwritten digits ({len(train)} train / {len(evaluation)} test images, 8x8), "
           "training a small CNN on the spot ...", flush=True)
     model = train_demo_model(train, seed=args.seed)
-    report = _run_compress(args, model, torch.randn(1, 3, 8, 8), train, evaluation, augment=False, lr=args.lr)
+    report = _run_compress(args, model, torch.randn(1, 3, 8, 8), train, evaluation, augment=False, lr=args.lr,
+                           identity={"model spec": "demo"})
     _summarise(report, args.out)
     return 0
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, *, open_low: bool = False,
+            open_high: bool = False):
+    """An argparse type: an int or a finite float within bounds, refused up front with the value named."""
+    bounds = " and ".join(b for b in (
+        low is not None and f"{'>' if open_low else '>='} {low:g}", high is not None and f"{'<' if open_high else '<='} {high:g}") if b)
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}"
+                                             f"{' ' + bounds if bounds else ''}, got {text!r}") from None
+        if not math.isfinite(value) or (low is not None and (value < low or (open_low and value == low))) or (
+                high is not None and (value > high or (open_high and value == high))):
+            raise argparse.ArgumentTypeError(f"expected a finite number {bounds}, got {text!r}")
+        return value
+    return parse
+
+
+_COUNT = _number(int, 1)  # threads, batch size, samples, rounds, pixels
+_NON_NEGATIVE = _number(float, 0)
+_FRACTION = _number(float, 0, 1, open_low=True, open_high=True)
 
 
 def _align_arg(text: str) -> int | str:
     if text == "auto":
         return text
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive channel multiple such as 8, 16 or 32, "
-                                         f"got {text!r}")
+    if not text.isdigit() or int(text) < 1 or int(text) & (int(text) - 1):
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto' or a power-of-two channel multiple (1 for none, 8, 16, 32), got {text!r}: engines' INT8 "
+            "kernels compute channels in power-of-two blocks, so any other multiple costs the next block's time")
     return int(text)
 
 
 def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--out", required=not demo, default="hqp_demo" if demo else None,
                    help="output folder (must not exist or be empty)")
-    c.add_argument("--delta-max", type=float, default=1.0, help="largest allowed top-1 drop in points")
-    c.add_argument("--step", type=float, default=0.05, help="fraction of channels pruned per round (then 2%%, 1%%)")
-    c.add_argument("--finetune-epochs", type=float, default=1.0 if demo else 2.0)
-    c.add_argument("--recover-epochs", type=float, default=0.0, help="after the last round, fine-tune the pruned "
+    c.add_argument("--delta-max", type=_NON_NEGATIVE, default=1.0, help="largest allowed top-1 drop in points")
+    c.add_argument("--step", type=_FRACTION, default=0.05, help="fraction of channels pruned per round (then 2%%, 1%%)")
+    c.add_argument("--finetune-epochs", type=_NON_NEGATIVE, default=1.0 if demo else 2.0)
+    c.add_argument("--recover-epochs", type=_NON_NEGATIVE, default=0.0, help="after the last round, fine-tune the pruned "
                    "model this many epochs more (kept only if top-1 does not fall); 0: no recovery fine-tune")
-    c.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate (1/10 of the base rate)")
-    c.add_argument("--distill", type=float, default=0.0, help="fine-tune with this weight on distillation from the "
+    c.add_argument("--lr", type=_number(float, 0, open_low=True), default=0.01, help="fine-tune learning rate (1/10 of the base rate)")
+    c.add_argument("--distill", type=_number(float, 0, 1), default=0.0, help="fine-tune with this weight on distillation from the "
                    "dense model (e.g. 0.9; the rest on the labels); 0: labels only")
-    c.add_argument("--temperature", type=float, default=4.0, help="distillation temperature")
+    c.add_argument("--temperature", type=_number(float, 0, open_low=True), default=4.0, help="distillation temperature")
     c.add_argument("--align", type=_align_arg, default="auto", help="round kept channels to this multiple; auto "
                    "(default): the block width of the --backend's INT8 convolutions, 16 for every backend "
                    "(hqp_fx.passes.align.ENGINE_ALIGNMENT says why)")
     c.add_argument("--criterion", default="fisher", choices=("fisher", "group-fisher", "taylor", "l1", "l2", "random"))
     c.add_argument("--flops-normalize", action="store_true", help="taylor / group-fisher: rank channels by "
                    "estimated loss change per MAC they cost")
-    c.add_argument("--target-macs", type=float, help="stop once MACs <= this fraction of the dense model")
-    c.add_argument("--target-latency", type=float, help="stop once the ONNX Runtime CPU latency <= this fraction "
+    c.add_argument("--target-macs", type=_FRACTION, help="stop once MACs <= this fraction of the dense model")
+    c.add_argument("--target-latency", type=_FRACTION, help="stop once the ONNX Runtime CPU latency <= this fraction "
                    "of the dense model's, measured every accepted round on the INT8 model (--backend onnxruntime) or "
                    "on the FP32 one (other backends, whose engines ORT does not run)")
     c.add_argument("--ignore", action="append", help="module never pruned (repeatable)")
     c.add_argument("--remove-branches", action="store_true", help="depth pruning: all inner channels of a residual "
                    "block (or an SE gate) may go, and the block with them; ranked with the channel blocks")
-    c.add_argument("--max-rounds", type=int, default=12 if demo else 100)
+    c.add_argument("--max-rounds", type=_COUNT, default=12 if demo else 100)
     c.add_argument("--backend", default="onnxruntime" if demo else "tensorrt", choices=BACKENDS)
     c.add_argument("--calibration", default="histogram", choices=CALIBRATIONS)
-    c.add_argument("--samples", type=int, default=256 if demo else 512, help="calibration images")
+    c.add_argument("--samples", type=_COUNT, default=256 if demo else 512, help="calibration images")
     c.add_argument("--no-hybrid", action="store_true", help="never keep layers in FP to honour delta_max")
     c.add_argument("--ablation", action="store_true", default=demo,
                    help="also measure quantize-only (dense INT8); dense FP32 and prune-only are always measured")
-    c.add_argument("--batch-size", type=int, default=64 if demo else 128)
-    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--batch-size", type=_COUNT, default=64 if demo else 128)
+    c.add_argument("--threads", type=_COUNT, default=2)
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.checkpoints")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=_number(int, 0), default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print the traced graph, its coupled channel groups, MACs and params")
     p.add_argument("model", help="torchvision:NAME | cifar:resnet20|32|44|56|110 | path/to/file.py:factory")
     p.add_argument("--weights", help="local checkpoint (state dict); for torchvision also a hub weights name")
-    p.add_argument("--input-size", type=int, help="square input resolution (default: the model's own)")
+    p.add_argument("--input-size", type=_COUNT, help="square input resolution (default: the model's own)")
     p.add_argument("--leaf", action="append", help="module name to keep opaque while tracing (repeatable)")
     p.add_argument("--details", action="store_true", help="list every parameter slice of every group")
     p.add_argument("--summary-only", action="store_true", help="skip the per-node graph printout")
@@ -271,25 +313,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--backend", default="tensorrt", choices=BACKENDS)
     q.add_argument("--calibration", default="histogram", choices=CALIBRATIONS,
                    help="activation range: minmax, histogram (MSE-optimal clipping) or percentile")
-    q.add_argument("--percentile", type=float, default=99.99)
-    q.add_argument("--samples", type=int, default=512, help="calibration images")
+    q.add_argument("--percentile", type=_number(float, 0, 100, open_low=True), default=99.99)
+    q.add_argument("--samples", type=_COUNT, default=512, help="calibration images")
     q.add_argument("--on-bad-range", default="error", choices=("error", "fallback"),
                    help="NaN/Inf, unseen or collapsed ranges: stop, or keep those layers in floating point")
     q.add_argument("--keep-float", action="append", help="layer to keep in floating point (repeatable)")
-    q.add_argument("--max-drop", type=float, help="hybrid fallback: keep the most sensitive layers in FP until "
+    q.add_argument("--max-drop", type=_NON_NEGATIVE, help="hybrid fallback: keep the most sensitive layers in FP until "
                    "the INT8 top-1 drop is at most this many points")
-    q.add_argument("--eval-samples", type=int, help="evaluate on about this many images (default: all)")
-    q.add_argument("--input-size", type=int, help="square input resolution (default: the model's own)")
+    q.add_argument("--eval-samples", type=_COUNT, help="evaluate on about this many images (default: all)")
+    q.add_argument("--input-size", type=_COUNT, help="square input resolution (default: the model's own)")
     q.add_argument("--dynamic-batch", action="store_true", help="export ONNX with a dynamic batch dimension")
-    q.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads for evaluation and latency")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=_COUNT, default=2, help="ONNX Runtime threads for evaluation and latency")
+    q.add_argument("--seed", type=_number(int, 0), default=0)
     q.set_defaults(func=cmd_quantize)
 
     c = sub.add_parser("compress", help="HQP end to end: prune under delta_max, quantize, export, verify, report")
     c.add_argument("model", help="torchvision:NAME | cifar:resnet20|32|44|56|110 | path/to/file.py:factory")
     c.add_argument("--weights", help="local checkpoint (state dict); for torchvision also a hub weights name")
     c.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ or test/")
-    c.add_argument("--input-size", type=int, help="square input resolution (default: the model's own)")
+    c.add_argument("--input-size", type=_COUNT, help="square input resolution (default: the model's own)")
+    c.add_argument("--leaf", action="append", help="module name to keep opaque while tracing (repeatable)")
     _add_compress_options(c, demo=False)
     c.set_defaults(func=cmd_compress)
 
@@ -303,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (HQPError, ValueError, FileNotFoundError, TypeError) as exc:
+    except (HQPError, ValueError, FileNotFoundError) as exc:  # what we raise on bad input; anything else is a bug
         print(f"hqp {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -76,11 +76,14 @@ def onnx_latency(example: torch.Tensor, threads: int = 2, runs: int = 100, *, qu
 def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluation: ImageSet, config: CompressConfig,
              stage: Path, *, checkpoint_dir: Path | None = None, resume: bool = False,
              progress: Callable[[str], None] = lambda msg: None,
-             on_round: Callable[[RoundRecord], None] | None = None) -> dict:
+             on_round: Callable[[RoundRecord], None] | None = None, leaf_modules: tuple = (),
+             fingerprint: dict | None = None) -> dict:
     """Run HQP on ``model`` and write every artifact into ``stage``; returns the ``hqp.json`` content.
 
     ``model`` itself is left untouched (its mode included): a frozen copy is exported as the dense baseline
-    and, with ``config.finetune.distill`` > 0, is the teacher of every fine-tuning round.
+    and, with ``config.finetune.distill`` > 0, is the teacher of every fine-tuning round. ``leaf_modules`` are kept
+    opaque while tracing (``hqp_fx.trace``). The checkpoints' run fingerprint covers the data and the fine-tune
+    settings besides what ``prune_loop`` records, plus the caller's ``fingerprint`` entries (e.g. the model spec).
     """
     dense = copy.deepcopy(model).eval().requires_grad_(False)
     teacher = dense if config.finetune.distill > 0 else None
@@ -105,10 +108,16 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluatio
     # a latency target is judged on the INT8 file when ORT is the deployment engine; the other backends' engines
     # (TensorRT, inductor) are not what ORT measures, so their rounds are timed as FP32 in ORT, a proxy
     latency_quant = config.quant if config.quant.backend == "onnxruntime" else None
+    identity = {"data.train": train.digest(), "data.evaluation": evaluation.digest(),
+                **{f"finetune.{k}": v for k, v in asdict(config.finetune).items()}, "batch_size": config.batch_size,
+                "augment": config.augment, "calib_images_per_class": config.calib_images_per_class,
+                **({"latency.quant": asdict(latency_quant) if latency_quant else None, "latency.threads": config.threads}
+                   if config.prune.target_latency is not None else {}), **(fingerprint or {})}
     progress("pruning: measuring the dense baseline")
     pruned: PruneResult = prune_loop(model, example, calibration=calibration, finetune_fn=finetune_fn,
                                      evaluate_fn=evaluate_fn, config=config.prune, checkpoint_dir=checkpoint_dir,
-                                     resume=resume, on_round=on_round,
+                                     resume=resume, on_round=on_round, leaf_modules=leaf_modules,
+                                     fingerprint=identity if checkpoint_dir is not None else None,
                                      recover_fn=recover_fn if config.recover_epochs > 0 else None,
                                      latency_fn=onnx_latency(example, config.threads, config.latency_runs,
                                                              quant=latency_quant, calibration=calibration))

@@ -43,6 +43,13 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def digest(self) -> str:
+        """A content hash of the pixels, labels and class names: the same data, whatever its path."""
+        h = hashlib.blake2b("|".join(self.classes).encode(), digest_size=16)
+        h.update(self.labels.numpy().tobytes())
+        h.update(self.images.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def subset(self, per_class: int) -> "ImageSet":
         """The first ``per_class`` images of every class (deterministic)."""
         keep = torch.cat([torch.nonzero(self.labels == c).flatten()[:per_class] for c in range(len(self.classes))])
@@ -82,7 +89,9 @@ def find_splits(root: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def load_split(folder: str | os.PathLike, classes: tuple[str, ...] | None = None, size: int | None = None) -> ImageSet:
-    """Decode an ImageFolder split (cached). ``classes`` enforces the same label order as another split."""
+    """Decode an ImageFolder split (cached). ``classes`` enforces the same label order as another split.
+
+    A corrupt or truncated image is fatal, with the files named: skipping it would change the split."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
@@ -95,16 +104,35 @@ def load_split(folder: str | os.PathLike, classes: tuple[str, ...] | None = None
     empty = [c for i, c in enumerate(found) if not any(label == i for _, label in files)]
     if empty:
         raise ValueError(f"class folders {empty} in {folder} hold no images")
-    key = hashlib.sha256("|".join(f"{p}:{p.stat().st_size}" for p, _ in files).encode() + str(size).encode()).hexdigest()
+    key = hashlib.sha256("|".join(f"{p}:{_file_key(p)}" for p, _ in files).encode() + str(size).encode()).hexdigest()
     cached = cache_dir() / "decoded" / f"{folder.name}-{key[:16]}.pt"
     if cached.is_file():
         data = torch.load(cached, weights_only=True)
         return ImageSet(data["images"], data["labels"], tuple(data["classes"]))
-    images = torch.from_numpy(np.stack([_decode(p, size) for p, _ in files])).permute(0, 3, 1, 2).contiguous()
+    decoded, broken = [], []
+    for p, _ in files:
+        try:
+            decoded.append(_decode(p, size))
+        except (OSError, ValueError, SyntaxError) as exc:  # what PIL raises on truncated or corrupt files
+            broken.append(f"{p} ({exc})")
+    if broken:
+        raise ValueError(f"{len(broken)} image(s) in {folder} cannot be decoded, e.g. {'; '.join(broken[:3])}; "
+                         "remove or replace them (hqp_fx never skips images silently: the split would change)")
+    if len({a.shape for a in decoded}) > 1:
+        raise ValueError(f"the images in {folder} have different sizes {sorted({a.shape[:2] for a in decoded})[:4]}; "
+                         "pass a size (hqp: --input-size) to resize them all")
+    images = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([label for _, label in files], dtype=torch.long)
     cached.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save({"images": images, "labels": labels, "classes": list(found)}, cached)
     return ImageSet(images, labels, found)
+
+
+def _file_key(path: Path) -> str:
+    """Size, inode, modification and change time: rewriting, replacing or swapping a file (even at the same
+    size, even with its mtime restored) changes the key, without reading every image's bytes on each run."""
+    st = path.stat()
+    return f"{st.st_size}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 def _decode(path: Path, size: int | None) -> np.ndarray:

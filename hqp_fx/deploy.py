@@ -6,6 +6,7 @@ interrupted or failed run never leaves a half-written output folder.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
@@ -108,7 +109,13 @@ def machine_description() -> str:
 
 
 class stage_output:  # noqa: N801 - used as a context manager, reads like a function
-    """A staging folder renamed to ``out`` on success and removed on failure; refuses a non-empty ``out``."""
+    """A staging folder renamed to ``out`` on success and removed on failure; refuses a non-empty ``out``.
+
+    The staging folder ``.<out>.partial-*`` records its process id, so a later run for the same ``out`` removes
+    the ones a killed run left (and leaves a live run's alone). It gets the mode a plain ``mkdir`` would (umask).
+    """
+
+    OWNER = ".hqp_owner"
 
     def __init__(self, out: str | os.PathLike):
         self.out = Path(out)
@@ -116,17 +123,40 @@ class stage_output:  # noqa: N801 - used as a context manager, reads like a func
     def __enter__(self) -> Path:
         if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
             raise HQPError(f"output folder {self.out} already exists and is not empty; pick a new --out or remove it")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.stage = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self._remove_abandoned()
+            self.stage = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.stage, 0o777 & ~umask)
+            (self.stage / self.OWNER).write_text(str(os.getpid()))
+        except OSError as exc:  # permission, read-only file system, full disk
+            raise HQPError(f"cannot write the output folder {self.out}: {exc.strerror} ({exc.filename}); pick an "
+                           "--out in a folder you can write to") from None
         return self.stage
+
+    def _remove_abandoned(self) -> None:
+        for old in self.out.parent.glob(f".{glob.escape(self.out.name)}.partial-*"):
+            try:
+                os.kill(int((old / self.OWNER).read_text()), 0)  # signal 0 only asks whether the process exists
+            except PermissionError:  # it exists, under another user
+                continue
+            except (OSError, ValueError):  # no owner file, or its process is gone: a killed run's leftovers
+                shutil.rmtree(old, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.stage, ignore_errors=True)
             return
-        if self.out.exists():
-            self.out.rmdir()
-        os.replace(self.stage, self.out)
+        (self.stage / self.OWNER).unlink(missing_ok=True)
+        try:
+            if self.out.exists():
+                self.out.rmdir()  # an empty folder we were allowed to fill; a non-empty one raises
+            os.replace(self.stage, self.out)
+        except OSError:
+            raise HQPError(f"{self.out} was created by something else while this run was going, so the results "
+                           f"were left in {self.stage}; move them into place yourself") from None
 
 
 @dataclass
@@ -232,4 +262,5 @@ def versions() -> dict[str, str]:
 
 
 def write_json(path: Path, data: dict) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Valid JSON or nothing: a NaN or infinity is refused rather than written as the non-JSON ``NaN``."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")

@@ -117,7 +117,11 @@ class ChannelGroup:
 
     def check_indices(self, indices: Iterable[int]) -> torch.Tensor:
         """Validate channel indices for this group; ValueError names the group and the problem."""
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        values = list(indices)
+        idx = torch.as_tensor(values) if values else torch.zeros(0, dtype=torch.long)
+        if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():  # 1.9 must not mean channel 1
+            raise ValueError(f"group {self.id!r}: channel indices must be integers, got {values[:5]}")
+        idx = idx.long()
         if idx.ndim != 1:
             raise ValueError(f"group {self.id!r}: indices must be a flat list of ints")
         if len(idx) and (idx.min() < 0 or idx.max() >= self.size):

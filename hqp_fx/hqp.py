@@ -16,8 +16,10 @@ Quantization, export and reporting (the rest of HQP) come after this loop.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -27,7 +29,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import meta
-from .core import atomic_write_text
+from .core import HQPError, atomic_write_text
 from .count import count_macs, count_params
 from .passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels, select_channels
 from .passes.sensitivity import CRITERIA, check_flops_normalize
@@ -130,6 +132,8 @@ def prune_loop(
     on_round: Callable[[RoundRecord], None] | None = None,
     latency_fn: Callable[[nn.Module], float] | None = None,
     recover_fn: Callable[[nn.Module], Any] | None = None,
+    fingerprint: dict[str, Any] | None = None,
+    leaf_modules: Iterable[type | str] = (),
 ) -> PruneResult:
     """Run the HQP pruning loop on a copy of ``model``.
 
@@ -140,32 +144,44 @@ def prune_loop(
     ``hqp_fx.compress.onnx_latency``, ms in ONNX Runtime); it is called on the dense model and on every
     accepted candidate. ``recover_fn(model)`` fine-tunes the final model in place once the rounds stop (not when
     none was accepted); the result replaces it only when its top-1 is at least the last accepted round's.
+    ``leaf_modules`` are kept opaque while tracing (``hqp_fx.trace``).
+
+    With ``checkpoint_dir`` the run records a fingerprint of what decides it: the model's weights, the example
+    input's shape, ``config`` (all but ``max_rounds``) and ``fingerprint``, the caller's own entries for what the
+    loop cannot see (its data, its fine-tune settings). ``resume`` refuses a run whose fingerprint differs, naming
+    the fields; a run without ``resume`` refuses a ``checkpoint_dir`` that already holds a run.
     """
     if config.target_latency is not None and latency_fn is None:
         raise ValueError("target_latency needs latency_fn: pass a callable that measures a model's latency "
                          "(e.g. hqp_fx.compress.onnx_latency(example))")
     min_keep = config.min_keep if config.min_keep is not None else config.align
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    identity = run_fingerprint(model, example_inputs, config, fingerprint) if ckpt is not None else None
     state = _read_state(ckpt) if resume else None
     if resume and state is None:
         raise FileNotFoundError(f"resume=True but {ckpt}/{STATE_FILE} does not exist; run once without resume first")
+    if state is not None:
+        _check_same_run(ckpt, state, identity)
+    elif ckpt is not None and (ckpt / STATE_FILE).exists():
+        raise HQPError(f"{ckpt} holds the checkpoints of an earlier run; pass resume=True (hqp compress --resume) "
+                       "to continue it, or remove the folder to start over")
 
     if state is None:
-        current = _analysed(trace(model, example_inputs))
+        current = _analysed(trace(model, example_inputs, leaf_modules=leaf_modules))
         example = meta.example_inputs(current)
         baseline = evaluate_fn(current)
         base_macs, base_params = count_macs(current, example), count_params(current)
         _check_targets(current, config, min_keep, example, base_macs, base_params)
         base_latency = latency_fn(current) if config.target_latency is not None else None
         history: list[RoundRecord] = []
-        step_index, next_round = 0, 0
+        step_index, next_round, rejected = 0, 0, None
     else:
-        current = _analysed(load(ckpt / state["model"]))
+        current = _analysed(load(_checkpoint_file(ckpt, state["model"])))
         example = meta.example_inputs(current)
         baseline, base_macs, base_params = state["baseline"], state["baseline_macs"], state["baseline_params"]
         base_latency = state.get("baseline_latency")
         history = [RoundRecord(**r) for r in state["history"]]
-        step_index, next_round = state["step_index"], state["next_round"]
+        step_index, next_round, rejected = state["step_index"], state["next_round"], state.get("rejected_plan")
         if "stop_reason" in state:  # the rounds had finished: resuming returns that result
             next_round = config.max_rounds
 
@@ -192,11 +208,13 @@ def prune_loop(
                                ignore=config.ignore, remove_branches=config.remove_branches)
         AlignChannelsPass(plan, config.align, scores)(current)
         aligned = current.meta[meta.ALIGN]["plan"]
-        if not aligned:
+        if not aligned or _same_plan(aligned, rejected):  # alignment can round a smaller step to the same plan
             if step_index + 1 < len(config.steps):
                 step_index += 1
                 continue
-            stop = "nothing left to prune at the smallest step (every group at its minimum or alignment floor)"
+            stop = ("nothing left to prune at the smallest step (every group at its minimum or alignment floor)"
+                    if not aligned else f"round {history[-1].round} broke delta_max and every smaller step aligns to "
+                    "the same plan; rolled back")
             break
         candidate = PruneChannelsPass(aligned)(current).graph_module
         torch.manual_seed(config.seed * 1000 + rnd)
@@ -208,6 +226,7 @@ def prune_loop(
                              count_params(candidate), {k: len(v) for k, v in aligned.items()},
                              latency_fn(candidate) if config.target_latency is not None and accepted else None)
         history.append(record)
+        rejected = None if accepted else {k: sorted(v) for k, v in aligned.items()}
         if accepted:
             current = _analysed(candidate)
             current_macs, current_params, accepted_top1 = record.macs, record.params, record.top1
@@ -217,7 +236,8 @@ def prune_loop(
         else:
             stop = f"round {rnd} broke delta_max ({drop:.2f} > {config.delta_max}) at the smallest step; rolled back"
         if ckpt is not None:
-            _write_state(ckpt, current, baseline, base_macs, base_params, base_latency, history, step_index, rnd + 1,
+            _write_state(ckpt, identity, current, baseline, base_macs, base_params, base_latency, history, step_index,
+                         rnd + 1, rejected_plan=rejected,
                          **({"stop_reason": stop} if stop else {}))  # a stop here is not re-derived on resume
         if on_round is not None:
             on_round(record)
@@ -237,8 +257,9 @@ def prune_loop(
         if recovery["kept"]:
             current, accepted_top1 = _analysed(candidate), top1
     if ckpt is not None:  # the finished state: a later resume returns this result without training again
-        _write_state(ckpt, current, baseline, base_macs, base_params, base_latency, history, step_index,
-                     history[-1].round + 1 if history else 0, stop_reason=stop, recovery=recovery)
+        _write_state(ckpt, identity, current, baseline, base_macs, base_params, base_latency, history, step_index,
+                     history[-1].round + 1 if history else 0, rejected_plan=rejected, stop_reason=stop,
+                     recovery=recovery)
     final = {"top1": accepted_top1}
     return PruneResult(current, baseline, final, base_macs, base_params, history, stop, base_latency, recovery)
 
@@ -256,22 +277,88 @@ def _check_targets(gm, config: HQPConfig, min_keep: int, example, base_macs: int
                          f"leaves at least {floor_params / base_params:.3f} of the dense params; lower min_keep/align or raise the target")
 
 
+def _same_plan(plan: dict[str, list[int]], rejected: dict[str, list[int]] | None) -> bool:
+    return rejected is not None and {k: sorted(v) for k, v in plan.items()} == rejected
+
+
+def _weights_digest(model: nn.Module) -> str:
+    """sha256 over every state-dict entry's name, dtype, shape and bytes: the same architecture and weights."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_fingerprint(model: nn.Module, example_inputs: Any, config: HQPConfig,
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What decides a pruning run, as JSON values: a resume must see the same (``max_rounds`` may grow)."""
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    entries = {"model weights": _weights_digest(model),
+               "example input shape": [list(getattr(t, "shape", ())) for t in inputs],
+               **{f"config.{k}": v for k, v in asdict(config).items() if k != "max_rounds"},
+               **(extra or {})}
+    return json.loads(json.dumps(entries, default=str))
+
+
+def _check_same_run(ckpt: Path, state: dict, identity: dict | None) -> None:
+    saved = state.get("fingerprint")
+    if not isinstance(saved, dict):
+        raise HQPError(f"{ckpt / STATE_FILE} records no run fingerprint (written by an older hqp_fx), so this "
+                       "cannot be checked to be the same run; remove the folder to start over")
+    differ = sorted(k for k in set(saved) | set(identity or {}) if saved.get(k) != (identity or {}).get(k))
+    if differ:
+        def show(v):
+            text = json.dumps(v)
+            return text if len(text) <= 40 else text[:16] + "…"
+        detail = "; ".join(f"{k}: {show(saved.get(k))} then, {show((identity or {}).get(k))} now" for k in differ[:6])
+        raise HQPError(f"refusing to resume: this run differs from the one checkpointed in {ckpt} ({detail}); "
+                       "rerun with the interrupted run's model, weights, data and settings, or remove the folder "
+                       "to start over")
+
+
+_BARE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.hqp$")
+
+
+def _checkpoint_file(ckpt: Path, name: Any) -> Path:
+    """A state file names its model by bare file name inside the checkpoint folder; nothing else is opened."""
+    if not isinstance(name, str) or not _BARE_NAME.match(name) or ".." in name:
+        raise HQPError(f"{ckpt / STATE_FILE} names the checkpoint {name!r}; a state file may only name a .hqp file "
+                       f"inside {ckpt} by its bare name. The file was not written by hqp_fx: remove the folder")
+    return ckpt / name
+
+
 def _read_state(ckpt: Path | None) -> dict | None:
     if ckpt is None or not (ckpt / STATE_FILE).is_file():
         return None
-    return json.loads((ckpt / STATE_FILE).read_text())
+    path = ckpt / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        for key, kind in (("model", str), ("baseline", dict), ("baseline_macs", int), ("baseline_params", int),
+                          ("history", list), ("step_index", int), ("next_round", int)):
+            if not isinstance(state.get(key), kind):
+                raise ValueError(f"field {key!r} is missing or not a {kind.__name__}")
+        state["history"] = [RoundRecord(**r) for r in state["history"]]
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise HQPError(f"{path} is damaged ({exc}); remove {ckpt} to start over") from None
+    state["history"] = [asdict(r) for r in state["history"]]
+    return state
 
 
-def _write_state(ckpt: Path, model, baseline, base_macs, base_params, base_latency, history, step_index,
+def _write_state(ckpt: Path, identity, model, baseline, base_macs, base_params, base_latency, history, step_index,
                  next_round, **finished) -> None:
     """Model file first, then the state that points at it: a kill between the two loses nothing. ``finished``
     (stop_reason, recovery) marks a run whose rounds are over; its model is the final one."""
     ckpt.mkdir(parents=True, exist_ok=True)
     name = f"round_{next_round - 1:03d}.hqp"
-    if finished:  # a recovered model gets its own file: the state before it may still point at final.hqp
+    if "stop_reason" in finished:  # a recovered model gets its own file: the state before it may still point
+        # at final.hqp
         name = "recovered.hqp" if (finished.get("recovery") or {}).get("kept") else "final.hqp"
     save(model, ckpt / name)
-    state = {"model": name, "baseline": baseline, "baseline_macs": base_macs, "baseline_params": base_params,
-             "baseline_latency": base_latency, "history": [asdict(r) for r in history], "step_index": step_index,
-             "next_round": next_round, **finished}
-    atomic_write_text(ckpt / STATE_FILE, json.dumps(state, indent=1))
+    state = {"model": name, "fingerprint": identity, "baseline": baseline, "baseline_macs": base_macs,
+             "baseline_params": base_params, "baseline_latency": base_latency, "history": [asdict(r) for r in history],
+             "step_index": step_index, "next_round": next_round, **finished}
+    atomic_write_text(ckpt / STATE_FILE, json.dumps(state, indent=1, allow_nan=False))

@@ -74,6 +74,25 @@ class CifarResNet(nn.Module):
         return self.linear(out)
 
 
+def _torchvision_model(name: str, hub: str | None, kwargs: dict) -> nn.Module:
+    """torchvision's model, with its hub weights when named: an unknown weight name or an unreachable hub is one
+    line that lists the names and offers the local-checkpoint alternative."""
+    import torchvision
+
+    if hub is None:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    names = ["DEFAULT"] + [w.name for w in torchvision.models.get_model_weights(name)]
+    if hub not in names:
+        raise ValueError(f"torchvision's {name} has no weights {hub!r}; its weights are {', '.join(names)}, or pass a "
+                         "local checkpoint file")
+    try:
+        return torchvision.models.get_model(name, weights=hub, **kwargs)
+    except (OSError, RuntimeError) as exc:  # urllib's URLError is an OSError; a damaged download a RuntimeError
+        raise ValueError(f"cannot fetch torchvision's {name} weights {hub!r} ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:120] if str(exc) else ''}): the hub is unreachable from this "
+                         "machine or the file is damaged; download the .pth elsewhere and pass it as --weights FILE") from None
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     model: nn.Module
@@ -84,6 +103,9 @@ class ModelSpec:
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a state dict (plain, ``{"state_dict": ...}``, or DataParallel ``module.``-prefixed) safely."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"weights {path} is a folder; pass the checkpoint file inside it (a state dict saved with "
+                         "torch.save(model.state_dict(), path))")
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     try:
@@ -95,6 +117,12 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} holds no state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    wrong = [f"{k} {list(v.shape)} in the file, {list(own[k].shape)} in the model" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: {len(wrong)} tensor(s) have other shapes "
+                         f"({'; '.join(wrong[:3])}); use a checkpoint of this architecture and class count")
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     if missing or result.unexpected_keys:
@@ -119,7 +147,7 @@ def build_model(spec: str, weights: str | None = None, num_classes: int | None =
             raise ValueError(f"torchvision has no classification model {name!r}; see torchvision.models.list_models()")
         hub = weights if weights and not Path(weights).suffix and not Path(weights).exists() else None
         kwargs = {"num_classes": num_classes} if num_classes else {}
-        model = torchvision.models.get_model(name, weights=hub, **kwargs)
+        model = _torchvision_model(name, hub, kwargs)
         if weights and hub is None:
             load_weights(model, weights)
         size = 299 if name == "inception_v3" else 224

@@ -124,7 +124,8 @@ def trace(
         code = f" at {frame[0]}:{frame[1]}: `{frame[2]}`" if frame else ""
         name = where[0] or "<root>"
         fix = (
-            f"pass leaf_modules=[{where[1]}] (or the name {where[0]!r}) to hqp_fx.trace to keep it opaque"
+            f"pass leaf_modules=[{where[1]}] (or the name {where[0]!r}) to hqp_fx.trace to keep it opaque "
+            f"(on the command line: --leaf {where[0]})"
             if where[0]
             else "rewrite the data-dependent part of forward() or move it into a submodule passed as a leaf module"
         )

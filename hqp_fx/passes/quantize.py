@@ -454,8 +454,11 @@ def _quantize_once(exported: fx.GraphModule, config: QuantConfig, batches: list[
     hooks = []
     for name, mod in prepared.named_modules(remove_duplicate=False):
         if isinstance(mod, ObserverBase):
-            def count(_mod, args, _name=name):
-                nonfinite[_name] = nonfinite.get(_name, 0) + int((~torch.isfinite(args[0])).sum())
+            def count(_mod, args, _name=name):  # counted, then hidden from the observer: a histogram observer
+                bad = int((~torch.isfinite(args[0])).sum())  # fails inside torch.histc on NaN, and the range check
+                if bad:                                     # below reports the layer for every calibrator alike
+                    nonfinite[_name] = nonfinite.get(_name, 0) + bad
+                    return (torch.nan_to_num(args[0], nan=0.0, posinf=0.0, neginf=0.0), *args[1:])
             hooks.append(mod.register_forward_pre_hook(count))
     _run_batches(prepared, batches, _static_batch(exported))
     for h in hooks:

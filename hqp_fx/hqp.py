@@ -176,7 +176,7 @@ def prune_loop(
         history: list[RoundRecord] = []
         step_index, next_round, rejected = 0, 0, None
     else:
-        current = _analysed(load(_checkpoint_file(ckpt, state["model"])))
+        current = _analysed(load(_checkpoint_file(ckpt, state["model"]), leaf_modules=dict(model.named_modules())))
         example = meta.example_inputs(current)
         baseline, base_macs, base_params = state["baseline"], state["baseline_macs"], state["baseline_params"]
         base_latency = state.get("baseline_latency")

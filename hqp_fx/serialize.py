@@ -18,6 +18,7 @@ graph run once, on its saved example input, to attach shapes. ``save`` refuses w
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import keyword
@@ -26,7 +27,7 @@ import operator
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.fx as fx
@@ -221,10 +222,8 @@ def _init_arguments(cls: type) -> list[str]:
 def _module_spec(name: str, mod: nn.Module) -> dict:
     cls = type(mod)
     qual = _qualname(cls)
-    if LOADABLE_MODULES.get(qual) is not cls:
-        raise HQPError(f"cannot save leaf module {name!r} of type {qual}: only the torch.nn layers "
-                       "hqp_fx.serialize.LOADABLE_MODULES lists can be rebuilt without pickling code; trace without "
-                       "making it a leaf module")
+    if LOADABLE_MODULES.get(qual) is not cls:  # a user's leaf: its tensors are saved, its code never is
+        return {"type": qual, "user_module": True}
     init = {}
     for pname in _init_arguments(cls):
         if not hasattr(mod, pname):
@@ -241,6 +240,16 @@ def _module_spec(name: str, mod: nn.Module) -> dict:
         raise HQPError(f"cannot save module {name!r}: rebuilding {qual} from its attributes gives {rebuilt.extra_repr()!r}, "
                        f"not {mod.extra_repr()!r}")
     return spec
+
+
+def _user_module(name: str, spec: dict, templates: dict[str, nn.Module]) -> nn.Module:
+    """A copy of the caller's own module for a leaf the file marks as user code (its tensors come from the file)."""
+    template = templates.get(name)
+    if template is None or _qualname(type(template)) != spec["type"]:
+        raise HQPError(f"module {name!r} is a user module of type {spec['type']!r}: the file holds its tensors but "
+                       f"never its code; pass leaf_modules={{{name!r}: <a {spec['type'].rpartition('.')[2]} "
+                       "instance>}} (e.g. dict(model.named_modules()) of the original model) to hqp_fx.load")
+    return copy.deepcopy(template)
 
 
 def _build_module(spec: Any) -> nn.Module:
@@ -263,8 +272,9 @@ def _build_module(spec: Any) -> nn.Module:
 def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
     """Write ``gm`` (graph, leaf modules, parameters, buffers) to one file, atomically.
 
-    Refuses a graph ``load`` would refuse (a call target or method outside the loadable tables, a leaf module
-    that is not a listed torch.nn layer), so a file that saves also loads."""
+    Refuses a graph ``load`` would refuse (a call target or method outside the loadable tables), so a file that
+    saves also loads. A leaf module that is not a listed torch.nn layer is saved as its class name and tensors;
+    ``load`` then needs the module itself (``leaf_modules``)."""
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"hqp_fx.save expects a torch.fx.GraphModule (from hqp_fx.trace or a pass), got {type(gm).__name__}")
     nodes, modules = [], {}
@@ -297,9 +307,14 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
     atomic_torch_save(payload, Path(path))
 
 
-def load(path: str | os.PathLike) -> fx.GraphModule:
+def load(path: str | os.PathLike, leaf_modules: Mapping[str, nn.Module] | None = None) -> fx.GraphModule:
     """Rebuild a GraphModule written by ``save``. Never unpickles code (``weights_only=True``) and never calls
-    anything outside the loadable tables; every problem with the file is an ``HQPError`` naming it."""
+    anything outside the loadable tables; every problem with the file is an ``HQPError`` naming it.
+
+    A model traced with user leaf modules (``hqp_fx.trace(..., leaf_modules=...)``) needs those modules back:
+    ``leaf_modules`` maps module names to instances of the same class (e.g. ``dict(model.named_modules())`` of
+    the original model), which are copied and given the file's tensors. The file names which modules it needs;
+    it never supplies their code."""
     path = Path(path)
     if not path.is_file():
         raise HQPError(f"{path} is a folder, not a hqp_fx model file" if path.is_dir()
@@ -312,7 +327,7 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise HQPError(f"{path} is not a hqp_fx model file (written by hqp_fx.save)")
     try:
-        return _rebuild(payload)
+        return _rebuild(payload, dict(leaf_modules or {}))
     except HQPError as exc:
         raise HQPError(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as exc:
@@ -326,7 +341,7 @@ def _typed(payload: dict, key: str, kind, what: str):
     return value
 
 
-def _rebuild(payload: dict) -> fx.GraphModule:
+def _rebuild(payload: dict, templates: dict[str, nn.Module]) -> fx.GraphModule:
     version = _typed(payload, "version", int, "an integer")
     if version > VERSION:
         raise HQPError(f"written by a newer hqp_fx (format {version}); upgrade hqp_fx")
@@ -349,7 +364,11 @@ def _rebuild(payload: dict) -> fx.GraphModule:
         raise HQPError("the graph record is malformed")
 
     # 1. validate everything and build the modules on the meta device: nothing runs yet
-    root: dict[str, Any] = {_dotted(q, "module name"): _build_module(m) for q, m in spec["modules"].items()}
+    root: dict[str, Any] = {
+        _dotted(q, "module name"): _user_module(q, m, templates)
+        if isinstance(m, dict) and set(m) == {"type", "user_module"} and m["user_module"] is True and isinstance(
+            m["type"], str) else _build_module(m)
+        for q, m in spec["modules"].items()}
     tensors = {**buffers, **params}
     graph = fx.Graph()
     nodes: dict[str, fx.Node] = {}

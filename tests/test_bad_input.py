@@ -329,3 +329,48 @@ def test_cli_resume_refuses_another_model_and_a_rerun_refuses_old_rounds(tmp_pat
     assert main(["compress", "cifar:resnet20", *args, "--resume", "--criterion", "l1"]) == 2
     assert "config.criterion: \"fisher\" then, \"l1\" now" in capsys.readouterr().err
     assert sorted(p.name for p in checkpoints.iterdir()) == rounds and not out.exists()
+
+
+def test_compress_takes_leaf_modules_and_resumes_with_them(tmp_path, cache, monkeypatch, capsys):
+    src = tmp_path / "gated.py"
+    src.write_text(textwrap.dedent("""
+        import torch
+        import torch.nn as nn
+        from hqp_fx.models import CifarResNet
+        INPUT_SHAPE = (1, 3, 32, 32)
+
+        class Gate(nn.Module):  # fx cannot iterate a traced shape; torch.export (ONNX) can
+            def forward(self, x):
+                return torch.stack([x[:, i] * (i + 1) for i in range(x.shape[1])], 1)
+
+        class Gated(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = CifarResNet(20)
+                self.gate = Gate()
+
+            def forward(self, x):
+                return self.net(self.gate(x))
+
+        def build():
+            torch.manual_seed(0)  # the same weights in every call: a resume must see the same model
+            return Gated()
+    """))
+    data = _folder(tmp_path / "data", [f"c{i}" for i in range(10)])
+    args = [f"{src}:build", "--data", str(data), "--out", str(tmp_path / "out"), "--finetune-epochs", "0",
+            "--max-rounds", "1", "--align", "8"]
+    assert main(["compress", *args]) == 2
+    assert "on the command line: --leaf gate" in capsys.readouterr().err
+    shipped = []
+
+    def killed(model, *a, **k):
+        shipped.append(model)
+        raise KeyboardInterrupt("simulated kill while shipping")
+
+    monkeypatch.setattr("hqp_fx.compress.ship_quantized", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(["compress", *args, "--leaf", "gate"])
+    with pytest.raises(KeyboardInterrupt):  # the resume loads the checkpoint, whose Gate comes from the model file
+        main(["compress", *args, "--leaf", "gate", "--resume"])
+    assert [type(m.get_submodule("gate")).__name__ for m in shipped] == ["Gate", "Gate"]
+    assert hqp_fx.count_params(shipped[1]) == hqp_fx.count_params(shipped[0])

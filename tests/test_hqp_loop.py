@@ -205,3 +205,14 @@ def test_bad_configuration_is_explained(tmp_path):
         HQPConfig(min_keep=4, align=8)
     with pytest.raises(FileNotFoundError, match="resume=True but"):
         run(tmp_path / "none", resume=True)
+
+
+def test_a_smaller_step_that_aligns_to_the_rolled_back_plan_is_not_retried(tmp_path):
+    """On a 16 grid the 2% and 1% steps round to the 5% step's plan: retraining it would repeat the rollback."""
+    res = run(tmp_path, delta_max=0.1, align=16)
+    assert [(r.round, r.step, r.accepted, r.removed) for r in res.history] == [(0, 0.05, False, {"layer3.2.conv1": 16})]
+    assert res.stop_reason == "round 0 broke delta_max and every smaller step aligns to the same plan; rolled back"
+    mixed = run(delta_max=0.3, align=16, steps=(0.1, 0.05, 0.02))  # 10% -> two groups, 5% -> one, 2% -> that one
+    assert [r.step for r in mixed.history] == [0.1, 0.05] and not any(r.accepted for r in mixed.history)
+    resumed = run(tmp_path, resume=True, delta_max=0.1, align=16)  # the skip survives resume
+    assert resumed.history == res.history and resumed.stop_reason == res.stop_reason

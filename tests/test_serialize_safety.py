@@ -210,3 +210,31 @@ def test_fuzzed_graph_records_never_run_code_or_crash(data, saved_small, tmp_pat
     except HQPError:
         return
     assert isinstance(gm, fx.GraphModule)
+
+
+class _Gate(nn.Module):
+    """Data-dependent control flow: untraceable unless kept as a leaf."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return x * self.scale if x.sum() > 0 else x
+
+
+def test_user_leaf_modules_come_from_the_caller_never_from_the_file(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _Gate(), nn.ReLU())
+    x = torch.randn(1, 3, 8, 8)
+    gm = hqp_fx.trace(model, x, leaf_modules=[_Gate])
+    with torch.no_grad():
+        gm.get_submodule("1").scale.fill_(3.0)  # trained weights: the file's, not the template's
+    hqp_fx.save(gm, tmp_path / "g.hqp")
+    with pytest.raises(HQPError, match=r"module '1' is a user module of type '.*_Gate': the file holds its tensors "
+                                       r"but never its code; pass leaf_modules="):
+        hqp_fx.load(tmp_path / "g.hqp")
+    with pytest.raises(HQPError, match="user module"):  # a template of another class is not accepted
+        hqp_fx.load(tmp_path / "g.hqp", leaf_modules={"1": nn.Identity()})
+    back = hqp_fx.load(tmp_path / "g.hqp", leaf_modules=dict(model.named_modules()))
+    assert torch.equal(back(x), gm(x)) and back.get_submodule("1").scale.item() == 3.0
+    assert model[1].scale.item() == 2.0 and back.get_submodule("1") is not model[1]  # the template is copied

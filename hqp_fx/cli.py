@@ -60,29 +60,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _model_and_data(args: argparse.Namespace):
-    """MODEL/--weights/--input-size/--data of ``hqp quantize`` and ``hqp compress``:
-    (model spec, input size, example input, train ImageSet, evaluation ImageSet), class count checked."""
+    """MODEL/--weights/--input-size/--data of ``hqp quantize`` and ``hqp compress``: (model spec, input size,
+    example input, train, validation or None, test ImageSets), class count checked. ``find_splits`` says which
+    folder is which; None means the validation split is to be held out from train."""
     spec = build_model(args.model, args.weights)
     size = args.input_size or spec.input_shape[-1]
     example = torch.randn(spec.input_shape[:2] + (size, size))
-    train, evaluation = _load_data(args.data, size, spec.model, example)
-    return spec, size, example, train, evaluation
+    train, validation, test = _load_data(args.data, size, spec.model, example)
+    return spec, size, example, train, validation, test
 
 
 def _load_data(root: str, size: int, model: torch.nn.Module, example: torch.Tensor):
-    """(train ImageSet, evaluation ImageSet) resized to the model's input, after checking the class count."""
+    """(train, validation or None, test) ImageSets resized to the model's input, after checking the class count."""
     from .data import find_splits, load_split
 
-    train_dir, eval_dir = find_splits(root)
-    train = load_split(train_dir, size=size)
-    evaluation = load_split(eval_dir, classes=train.classes, size=size)
+    folders = find_splits(root)
+    train = load_split(folders.train, size=size)
+    test = load_split(folders.test, classes=train.classes, size=size)
+    validation = None if folders.validation is None else load_split(folders.validation, classes=train.classes,
+                                                                     size=size)
     with torch.no_grad():
         outputs = model(example).shape[-1]
     if outputs != len(train.classes):
         raise ValueError(f"the model predicts {outputs} classes but {root} has {len(train.classes)} class folders "
                          f"({', '.join(train.classes[:5])}{', ...' if len(train.classes) > 5 else ''}); use a "
                          "checkpoint trained on these classes or a dataset with the model's classes")
-    return train, evaluation
+    return train, validation, test
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -96,14 +99,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     config = QuantConfig(backend=args.backend, calibration=args.calibration, num_samples=args.samples,
                          percentile=args.percentile, on_bad_range=args.on_bad_range,
                          keep_float=tuple(args.keep_float or ()))
-    spec, size, example, train, evaluation = _model_and_data(args)
+    spec, size, example, train, validation, evaluation = _model_and_data(args)
     if args.eval_samples:
         evaluation = evaluation.subset(max(1, args.eval_samples // len(evaluation.classes)))
+    if args.max_drop is not None and validation is None:  # the fallback decides: never on the reported split
+        train, validation = train.hold_out(args.val_fraction, args.val_max, seed=args.seed)
     calibration = BatchLoader(train, batch_size=32, shuffle=True, seed=args.seed)
     with stage_output(args.out) as stage:
         with console.status("quantizing") as status:
             shipped = ship_quantized(spec.model, example, calibration, BatchLoader(evaluation, batch_size=100),
                                      config, stage, max_drop=args.max_drop, dynamic_batch=args.dynamic_batch,
+                                     validation=None if validation is None else BatchLoader(validation, 100),
                                      threads=args.threads, progress=lambda msg: status.update(msg))
         report = {"model": args.model, "weights": args.weights, "data": str(args.data),
                   "preprocessing": {"resize": [size, size], "scale": "1/255", "mean": list(IMAGENET_MEAN),
@@ -141,7 +147,7 @@ def _checkpoint_folder(args: argparse.Namespace) -> Path:
     return checkpoints
 
 
-def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, evaluation, *, augment: bool,
+def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, validation, test, *, augment: bool,
                   lr: float, identity: dict) -> dict:
     """Shared by ``hqp compress`` and ``hqp demo``: stage, run with progress, summarise. ``identity`` joins the
     checkpoints' run fingerprint (what a resume must share: the model spec, ...)."""
@@ -165,7 +171,7 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, ev
         recover_epochs=args.recover_epochs,
         quant=QuantConfig(backend=args.backend, calibration=args.calibration, num_samples=args.samples),
         batch_size=args.batch_size, augment=augment, ablation=args.ablation, hybrid=not args.no_hybrid,
-        threads=args.threads)
+        threads=args.threads, val_fraction=args.val_fraction, val_max_images=args.val_max)
     checkpoints = _checkpoint_folder(args)
     with stage_output(args.out) as stage, _progress() as bar:
         phase = bar.add_task("starting", total=None)
@@ -176,7 +182,7 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, ev
             bar.update(phase, description=f"round {r.round}: {'accepted' if r.accepted else 'rolled back'}, "
                                           f"top-1 {r.top1:.2f}% (drop {r.drop:+.2f}), MACs {r.macs / 1e6:.2f}M")
 
-        report = compress(model, example, train, evaluation, config, stage, checkpoint_dir=checkpoints,
+        report = compress(model, example, train, test, config, stage, validation=validation, checkpoint_dir=checkpoints,
                           resume=args.resume, progress=lambda msg: bar.update(phase, description=msg),
                           on_round=on_round, leaf_modules=tuple(getattr(args, "leaf", None) or ()),
                           fingerprint=identity)
@@ -191,8 +197,9 @@ def _times(speedup: float) -> str:
 
 def _summarise(report: dict, out: str) -> None:
     acc, comp, var = report["accuracy"], report["compression"], report["variants"]
-    print(f"top-1 {acc['dense_fp32']['top1']:.2f}% -> INT8 {acc['hqp_int8_onnxruntime']['top1']:.2f}% "
-          f"(drop {acc['final_drop']:.2f}, delta_max {report['delta_max']}: "
+    print(f"test top-1 {acc['dense_fp32']['top1']:.2f}% -> INT8 {acc['hqp_int8_onnxruntime']['top1']:.2f}% "
+          f"(drop {acc['final_drop']:.2f}; validation drop {acc['validation']['final_drop']:.2f}; "
+          f"delta_max {report['delta_max']}: "
           f"{'ok' if report['within_delta_max'] else 'BROKEN'}) | MACs {comp['macs_reduction']:.2f}x fewer | "
           f"ORT latency {_times(var['hqp_int8']['speedup'])} than dense FP32 | {report['tensorrt']['reason']}")
     print(f"wrote {out} (report.md, hqp.json, ONNX models, plots)")
@@ -200,8 +207,8 @@ def _summarise(report: dict, out: str) -> None:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     _checkpoint_folder(args)
-    spec, size, example, train, evaluation = _model_and_data(args)
-    report = _run_compress(args, spec.model, example, train, evaluation, augment=True, lr=args.lr,
+    spec, size, example, train, validation, test = _model_and_data(args)
+    report = _run_compress(args, spec.model, example, train, validation, test, augment=True, lr=args.lr,
                            identity={"model spec": args.model, "input size": size})
     _summarise(report, args.out)
     return 0
@@ -211,11 +218,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import digits, train_demo_model
 
     _checkpoint_folder(args)
-    train, evaluation = digits()
-    print(f"demo: scikit-learn handwritten digits ({len(train)} train / {len(evaluation)} test images, 8x8), "
-          "training a small CNN on the spot ...", flush=True)
+    train, test = digits()
+    train, validation = train.hold_out(args.val_fraction, args.val_max, seed=args.seed)  # before training: unseen
+    print(f"demo: scikit-learn handwritten digits ({len(train)} train / {len(validation)} validation / {len(test)} "
+          "test images, 8x8), training a small CNN on the spot ...", flush=True)
     model = train_demo_model(train, seed=args.seed)
-    report = _run_compress(args, model, torch.randn(1, 3, 8, 8), train, evaluation, augment=False, lr=args.lr,
+    report = _run_compress(args, model, torch.randn(1, 3, 8, 8), train, validation, test, augment=False, lr=args.lr,
                            identity={"model spec": "demo"})
     _summarise(report, args.out)
     return 0
@@ -255,6 +263,13 @@ def _align_arg(text: str) -> int | str:
     return int(text)
 
 
+def _add_validation_options(p: argparse.ArgumentParser, *, fraction: float) -> None:
+    p.add_argument("--val-fraction", type=_FRACTION, default=fraction, help="without a val/ beside the data's test/: "
+                   "hold out this stratified share of train/ as the validation split that decides (never trained or "
+                   f"calibrated on; the test split is only reported); default {fraction:g}")
+    p.add_argument("--val-max", type=_COUNT, default=5000, help="at most this many held-out validation images")
+
+
 def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--out", required=not demo, default="hqp_demo" if demo else None,
                    help="output folder (must not exist or be empty)")
@@ -289,6 +304,7 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
                    help="also measure quantize-only (dense INT8); dense FP32 and prune-only are always measured")
     c.add_argument("--batch-size", type=_COUNT, default=64 if demo else 128)
     c.add_argument("--threads", type=_COUNT, default=2)
+    _add_validation_options(c, fraction=0.2 if demo else 0.1)
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from <out>.checkpoints")
     c.add_argument("--seed", type=_number(int, 0), default=0)
 
@@ -319,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NaN/Inf, unseen or collapsed ranges: stop, or keep those layers in floating point")
     q.add_argument("--keep-float", action="append", help="layer to keep in floating point (repeatable)")
     q.add_argument("--max-drop", type=_NON_NEGATIVE, help="hybrid fallback: keep the most sensitive layers in FP until "
-                   "the INT8 top-1 drop is at most this many points")
+                   "the INT8 top-1 drop on the validation split is at most this many points")
+    _add_validation_options(q, fraction=0.1)
     q.add_argument("--eval-samples", type=_COUNT, help="evaluate on about this many images (default: all)")
     q.add_argument("--input-size", type=_COUNT, help="square input resolution (default: the model's own)")
     q.add_argument("--dynamic-batch", action="store_true", help="export ONNX with a dynamic batch dimension")

@@ -42,12 +42,17 @@ class CompressConfig:
     batch_size: int = 128
     augment: bool = True  # random crop + flip while fine-tuning
     calib_images_per_class: int = 50
+    val_fraction: float = 0.1  # without an explicit validation split: this share of train is held out for decisions
+    val_max_images: int = 5000
     ablation: bool = False  # also measure quantize-only (dense INT8)
     hybrid: bool = True  # keep sensitive layers in FP when INT8 would break delta_max
     threads: int = 2
     latency_runs: int = 100
 
     def __post_init__(self):
+        if not 0 < self.val_fraction < 1 or self.val_max_images < 1:
+            raise ValueError(f"val_fraction must be in (0, 1) and val_max_images >= 1, got {self.val_fraction}, "
+                             f"{self.val_max_images}")
         if self.recover_epochs < 0:
             raise ValueError(f"recover_epochs must be >= 0 (0: no recovery fine-tune), got {self.recover_epochs}")
 
@@ -73,21 +78,29 @@ def onnx_latency(example: torch.Tensor, threads: int = 2, runs: int = 100, *, qu
     return measure
 
 
-def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluation: ImageSet, config: CompressConfig,
-             stage: Path, *, checkpoint_dir: Path | None = None, resume: bool = False,
-             progress: Callable[[str], None] = lambda msg: None,
+def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: ImageSet, config: CompressConfig,
+             stage: Path, *, validation: ImageSet | None = None, checkpoint_dir: Path | None = None,
+             resume: bool = False, progress: Callable[[str], None] = lambda msg: None,
              on_round: Callable[[RoundRecord], None] | None = None, leaf_modules: tuple = (),
              fingerprint: dict | None = None) -> dict:
     """Run HQP on ``model`` and write every artifact into ``stage``; returns the ``hqp.json`` content.
 
-    ``model`` itself is left untouched (its mode included): a frozen copy is exported as the dense baseline
-    and, with ``config.finetune.distill`` > 0, is the teacher of every fine-tuning round. ``leaf_modules`` are kept
-    opaque while tracing (``hqp_fx.trace``). The checkpoints' run fingerprint covers the data and the fine-tune
-    settings besides what ``prune_loop`` records, plus the caller's ``fingerprint`` entries (e.g. the model spec).
+    Every decision (accept/rollback, the recovery, the hybrid fallback's budget) is made on ``validation``; when it
+    is None, a stratified ``config.val_fraction`` of ``train`` is held out for it and never trained or calibrated
+    on. ``test`` is only reported, beside the validation figures. ``model`` itself is left untouched (its mode
+    included): a frozen copy is exported as the dense baseline and, with ``config.finetune.distill`` > 0, is the
+    teacher of every fine-tuning round. ``leaf_modules`` are kept opaque while tracing (``hqp_fx.trace``). The
+    checkpoints' run fingerprint covers the data and the fine-tune settings besides what ``prune_loop`` records,
+    plus the caller's ``fingerprint`` entries (e.g. the model spec).
     """
+    source = "given by the caller"
+    if validation is None:  # a checkpoint trained on all of train has seen these images: optimistic, but not test
+        train, validation = train.hold_out(config.val_fraction, config.val_max_images, seed=config.prune.seed)
+        source = (f"held out from the training images (stratified, {config.val_fraction:g} of each class, at most "
+                  f"{config.val_max_images}, seed {config.prune.seed})")
     dense = copy.deepcopy(model).eval().requires_grad_(False)
     teacher = dense if config.finetune.distill > 0 else None
-    eval_loader = BatchLoader(evaluation, 500)
+    val_loader, test_loader = BatchLoader(validation, 500), BatchLoader(test, 500)
     calibration = list(BatchLoader(train.subset(config.calib_images_per_class), 64, shuffle=True,
                                    seed=config.prune.seed))
 
@@ -97,7 +110,7 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluatio
                                 seed=config.prune.seed * 1000 + rnd), config.finetune, teacher=teacher)
 
     def evaluate_fn(m: nn.Module) -> dict:
-        return evaluate(m, eval_loader, num_classes=len(evaluation.classes))
+        return evaluate(m, val_loader, num_classes=len(validation.classes))
 
     def recover_fn(m: nn.Module) -> None:
         progress(f"recovery: fine-tuning the pruned model {config.recover_epochs:g} epoch(s)")
@@ -108,7 +121,7 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluatio
     # a latency target is judged on the INT8 file when ORT is the deployment engine; the other backends' engines
     # (TensorRT, inductor) are not what ORT measures, so their rounds are timed as FP32 in ORT, a proxy
     latency_quant = config.quant if config.quant.backend == "onnxruntime" else None
-    identity = {"data.train": train.digest(), "data.evaluation": evaluation.digest(),
+    identity = {"data.train": train.digest(), "data.validation": validation.digest(),
                 **{f"finetune.{k}": v for k, v in asdict(config.finetune).items()}, "batch_size": config.batch_size,
                 "augment": config.augment, "calib_images_per_class": config.calib_images_per_class,
                 **({"latency.quant": asdict(latency_quant) if latency_quant else None, "latency.threads": config.threads}
@@ -125,17 +138,21 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluatio
     progress("exporting the dense FP32 baseline")
     dense_onnx = stage / "model_dense_fp32.onnx"
     export_onnx(dense, (example,), dense_onnx)
-    budget_left = config.prune.delta_max - (pruned.baseline["top1"] - pruned.final["top1"])
-    shipped = ship_quantized(pruned.model, example, calibration, eval_loader, config.quant, stage,
-                             max_drop=max(0.0, budget_left) if config.hybrid else None, threads=config.threads,
-                             runs=config.latency_runs, progress=progress)
+    budget_left = config.prune.delta_max - (pruned.baseline["top1"] - pruned.final["top1"])  # on validation
+    shipped = ship_quantized(pruned.model, example, calibration, test_loader, config.quant, stage,
+                             max_drop=max(0.0, budget_left) if config.hybrid else None, validation=val_loader,
+                             threads=config.threads, runs=config.latency_runs, progress=progress)
     ship = shipped.report
+    progress("evaluating the dense model on the test split")
+    dense_test = evaluate(dense, test_loader, num_classes=len(test.classes))
     dense_latency = measure_onnx(dense_onnx, tuple(example.shape), threads=config.threads, runs=config.latency_runs)
+    on_val = ship["accuracy"]["validation"]
     variants = {
-        "dense_fp32": {"top1": pruned.baseline["top1"], **_lat(dense_latency)},
-        "prune_only_fp32": {"top1": ship["accuracy"]["fp32"]["top1"], **_lat(ship["latency_onnxruntime_cpu"]["fp32"])},
+        "dense_fp32": {"top1": dense_test["top1"], "val_top1": pruned.baseline["top1"], **_lat(dense_latency)},
+        "prune_only_fp32": {"top1": ship["accuracy"]["fp32"]["top1"], "val_top1": on_val["fp32"]["top1"],
+                            **_lat(ship["latency_onnxruntime_cpu"]["fp32"])},
         "hqp_int8": {"top1": ship["accuracy"]["int8_onnxruntime"]["top1"],
-                     **_lat(ship["latency_onnxruntime_cpu"]["int8"])},
+                     "val_top1": on_val["int8_onnxruntime"]["top1"], **_lat(ship["latency_onnxruntime_cpu"]["int8"])},
     }
     if config.ablation:
         progress("ablation: quantize-only (dense INT8)")
@@ -143,11 +160,13 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluatio
         path = stage / "model_dense_int8.onnx"
         export_onnx(dense_int8.model, (example,), path)
         variants["quantize_only_int8"] = {
-            "top1": evaluate(OrtModel(path, config.threads), eval_loader)["top1"],
+            "top1": evaluate(OrtModel(path, config.threads), test_loader)["top1"],
+            "val_top1": evaluate(OrtModel(path, config.threads), val_loader)["top1"],
             **_lat(measure_onnx(path, tuple(example.shape), threads=config.threads, runs=config.latency_runs))}
     base = variants["dense_fp32"]
     for v in variants.values():
         v["drop"] = base["top1"] - v["top1"]
+        v["val_drop"] = base["val_top1"] - v["val_top1"]
         v["speedup"] = base["latency_ms"] / v["latency_ms"]
         v["compression"] = base["size_mb"] / v["size_mb"]
     final_drop = variants["hqp_int8"]["drop"]
@@ -159,8 +178,15 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluatio
         "within_delta_max": final_drop <= config.prune.delta_max,
         "criterion": config.prune.criterion,
         "seed": config.prune.seed,
-        "accuracy": {"dense_fp32": pruned.baseline, "pruned_fp32": ship["accuracy"]["fp32"],
-                     "hqp_int8_onnxruntime": ship["accuracy"]["int8_onnxruntime"], "final_drop": final_drop},
+        "splits": {"train": len(train), "validation": len(validation), "test": len(test),
+                   "validation_source": source,
+                   "protocol": "rounds, the recovery and the hybrid fallback are decided on the validation split; "
+                               "the test split is only reported"},
+        "accuracy": {"dense_fp32": dense_test, "pruned_fp32": ship["accuracy"]["fp32"],
+                     "hqp_int8_onnxruntime": ship["accuracy"]["int8_onnxruntime"], "final_drop": final_drop,
+                     "validation": {"dense_fp32": pruned.baseline, "pruned_fp32": on_val["fp32"],
+                                    "hqp_int8_onnxruntime": on_val["int8_onnxruntime"],
+                                    "final_drop": variants["hqp_int8"]["val_drop"]}},
         "compression": {"macs": [pruned.baseline_macs, macs], "params": [pruned.baseline_params, params],
                         "macs_reduction": pruned.baseline_macs / macs, "params_reduction": pruned.baseline_params / params,
                         "size_mb": [base["size_mb"], variants["hqp_int8"]["size_mb"]]},
@@ -177,7 +203,8 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, evaluatio
         "tensorrt_rules": ship["tensorrt_rules"],
         "config": {"prune": asdict(config.prune), "finetune": asdict(config.finetune), "quant": asdict(config.quant),
                    "recover_epochs": config.recover_epochs, "batch_size": config.batch_size, "augment": config.augment,
-                   "ablation": config.ablation},
+                   "ablation": config.ablation, "val_fraction": config.val_fraction,
+                   "val_max_images": config.val_max_images},
         "machine": ship["machine"],
         "latency_engine": f"ONNX Runtime CPUExecutionProvider, {config.threads} threads, median of "
                           f"{config.latency_runs} runs after 10 warm-ups, batch {example.shape[0]}",
@@ -207,11 +234,16 @@ def _channels_per_layer(dense: nn.Module, pruned: nn.Module) -> dict[str, list[i
 def render_report(r: dict) -> str:
     acc, comp, var = r["accuracy"], r["compression"], r["variants"]
     verdict = ("within" if r["within_delta_max"] else "**BROKE**") + f" delta_max = {r['delta_max']} points"
+    val, splits = acc["validation"], r["splits"]
     lines = [
         "# HQP report", "",
-        f"- Final INT8 top-1 drop: **{acc['final_drop']:.2f}** points ({verdict}).",
-        f"- Top-1: dense FP32 {acc['dense_fp32']['top1']:.2f}% → pruned FP32 {acc['pruned_fp32']['top1']:.2f}% → "
-        f"HQP INT8 (ONNX Runtime) {acc['hqp_int8_onnxruntime']['top1']:.2f}%",
+        f"- Final INT8 top-1 drop on the test split: **{acc['final_drop']:.2f}** points ({verdict}); on the validation "
+        f"split that decided the run: {val['final_drop']:.2f}.",
+        f"- Top-1, test ({splits['test']} images): dense FP32 {acc['dense_fp32']['top1']:.2f}% → pruned FP32 "
+        f"{acc['pruned_fp32']['top1']:.2f}% → HQP INT8 (ONNX Runtime) {acc['hqp_int8_onnxruntime']['top1']:.2f}%",
+        f"- Top-1, validation ({splits['validation']} images, {splits['validation_source']}): dense FP32 "
+        f"{val['dense_fp32']['top1']:.2f}% → pruned FP32 {val['pruned_fp32']['top1']:.2f}% → HQP INT8 "
+        f"{val['hqp_int8_onnxruntime']['top1']:.2f}%. {splits['protocol'].capitalize()}.",
         f"- MACs {comp['macs'][0] / 1e6:.2f}M → {comp['macs'][1] / 1e6:.2f}M ({comp['macs_reduction']:.2f}×), params "
         f"{comp['params'][0] / 1e3:.1f}K → {comp['params'][1] / 1e3:.1f}K ({comp['params_reduction']:.2f}×), "
         f"file {comp['size_mb'][0]:.2f} MB → {comp['size_mb'][1]:.2f} MB",
@@ -228,13 +260,16 @@ def render_report(r: dict) -> str:
         f"- Verification: {r['verification']['fp32']['summary']}; {r['verification']['int8']['summary']}",
         f"- {r['tensorrt']['reason'] or 'TensorRT: INT8 engine built and verified'}",
         "", f"Latency: {r['latency_engine']} on {r['machine']}.", "",
-        "| variant | top-1 % | drop | latency ms | speed-up | size MB | compression | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | test top-1 % | test drop | val top-1 % | val drop | latency ms | speed-up | size MB | "
+        "compression | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in var.items():
-        lines.append(f"| {name} | {v['top1']:.2f} | {v['drop']:+.2f} | {v['latency_ms']:.3f} | {v['speedup']:.2f}× | "
-                     f"{v['size_mb']:.2f} | {v['compression']:.2f}× | {v['peak_rss_mb']:.0f} |")
-    lines += ["", "| round | step | accepted | top-1 % | drop | MACs |", "|---|---|---|---|---|---|"]
+        lines.append(f"| {name} | {v['top1']:.2f} | {v['drop']:+.2f} | {v['val_top1']:.2f} | {v['val_drop']:+.2f} | "
+                     f"{v['latency_ms']:.3f} | {v['speedup']:.2f}× | {v['size_mb']:.2f} | {v['compression']:.2f}× | "
+                     f"{v['peak_rss_mb']:.0f} |")
+    lines += ["", "Rounds are judged on the validation split.", "",
+              "| round | step | accepted | val top-1 % | drop | MACs |", "|---|---|---|---|---|---|"]
     for x in r["rounds"]:
         lines.append(f"| {x['round']} | {x['step']:.2f} | {'yes' if x['accepted'] else 'rolled back'} | "
                      f"{x['top1']:.2f} | {x['drop']:+.2f} | {x['macs'] / 1e6:.2f}M |")
@@ -255,14 +290,14 @@ def plot_report(r: dict, folder: Path) -> None:
         tmp.replace(folder / name)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    base = r["accuracy"]["dense_fp32"]["top1"]
+    base = r["accuracy"]["validation"]["dense_fp32"]["top1"]  # the rounds are judged on validation
     ax.scatter([r["compression"]["macs"][0] / 1e6], [base], c="k", label="dense")
     for accepted, style in ((True, "o"), (False, "x")):
         pts = [(x["macs"] / 1e6, x["top1"]) for x in r["rounds"] if x["accepted"] == accepted]
         if pts:
             ax.scatter(*zip(*pts), marker=style, label="accepted" if accepted else "rolled back")
     ax.axhline(base - r["delta_max"], ls="--", c="r", label="baseline − delta_max")
-    ax.set(xlabel="MACs (M)", ylabel="top-1 (%)", title="accuracy vs MACs per round")
+    ax.set(xlabel="MACs (M)", ylabel="validation top-1 (%)", title="accuracy vs MACs per round")
     ax.legend()
     save_fig(fig, "accuracy_vs_macs.png")
 

@@ -21,7 +21,7 @@ import torch
 
 from .core import atomic_torch_save
 
-__all__ = ["ImageSet", "load_split", "find_splits", "BatchLoader", "unpack_once", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["ImageSet", "SplitFolders", "load_split", "find_splits", "BatchLoader", "unpack_once", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,6 +50,27 @@ class ImageSet:
         h.update(self.images.contiguous().numpy().tobytes())
         return h.hexdigest()
 
+    def hold_out(self, fraction: float = 0.1, max_images: int = 5000, seed: int = 0) -> tuple["ImageSet", "ImageSet"]:
+        """(rest, held out): a stratified, seeded validation split of ``fraction`` of every class (at most
+        ``max_images`` in all, at least one image per class), disjoint from the rest."""
+        if not 0 < fraction < 1 or max_images < 1:
+            raise ValueError(f"a validation split needs a fraction in (0, 1) and max_images >= 1, got {fraction}, "
+                             f"{max_images}")
+        share = min(fraction, max_images / len(self))
+        gen = torch.Generator().manual_seed(seed)
+        held = []
+        for c in range(len(self.classes)):
+            members = torch.nonzero(self.labels == c).flatten()
+            if len(members) < 2:
+                raise ValueError(f"class {self.classes[c]!r} has {len(members)} training image(s): too few to hold "
+                                 "one out for validation; add images, or give the data a val/ beside its test/")
+            take = max(1, round(share * len(members)))
+            held.append(members[torch.randperm(len(members), generator=gen)[:take]])
+        mask = torch.zeros(len(self), dtype=torch.bool)
+        mask[torch.cat(held)] = True
+        return (ImageSet(self.images[~mask], self.labels[~mask], self.classes),
+                ImageSet(self.images[mask], self.labels[mask], self.classes))
+
     def subset(self, per_class: int) -> "ImageSet":
         """The first ``per_class`` images of every class (deterministic)."""
         keep = torch.cat([torch.nonzero(self.labels == c).flatten()[:per_class] for c in range(len(self.classes))])
@@ -75,17 +96,31 @@ def _fingerprint(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
 
 
-def find_splits(root: str | os.PathLike) -> tuple[Path, Path]:
-    """(train folder, evaluation folder) of a dataset root holding ``train/`` and ``val/`` or ``test/``."""
+@dataclass(frozen=True)
+class SplitFolders:
+    """A dataset root's folders. ``test`` is only ever reported; ``validation`` (``val/`` beside a ``test/``) makes
+    the decisions, and when it is None a validation split is carved from ``train`` (``ImageSet.hold_out``)."""
+
+    train: Path
+    test: Path
+    validation: Path | None
+
+
+def find_splits(root: str | os.PathLike) -> SplitFolders:
+    """The folders of a dataset root holding ``train/`` and ``test/`` and/or ``val/``.
+
+    With both ``val/`` and ``test/``, ``val/`` is the validation split; with one of them, that one is the reported
+    test split (ImageNet's ``val/`` is its de-facto test set) and the validation split comes from ``train/``."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
-    train = root / "train"
-    evaluation = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
-    if not train.is_dir() or evaluation is None:
+    train, val, test = (root / s for s in ("train", "val", "test"))
+    if not train.is_dir() or not (val.is_dir() or test.is_dir()):
         raise ValueError(f"{root} must hold train/ and val/ (or test/) folders in ImageFolder layout "
                          "(train/<class>/<image>.jpg)")
-    return train, evaluation
+    if test.is_dir():
+        return SplitFolders(train, test, val if val.is_dir() else None)
+    return SplitFolders(train, val, None)
 
 
 def load_split(folder: str | os.PathLike, classes: tuple[str, ...] | None = None, size: int | None = None) -> ImageSet:

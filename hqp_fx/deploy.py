@@ -189,23 +189,26 @@ def onnxruntime_top1(example: torch.Tensor, evaluation: Iterable, threads: int =
 
 def ship_quantized(model: torch.nn.Module, example: torch.Tensor, calibration: Iterable, evaluation: Iterable,
                    config: QuantConfig, stage: Path, *, max_drop: float | None = None,
-                   dynamic_batch: bool = False, threads: int = 2, runs: int = 100,
+                   validation: Iterable | None = None, dynamic_batch: bool = False, threads: int = 2, runs: int = 100,
                    progress: Callable[[str], None] = lambda msg: None) -> ShipResult:
     """Quantize ``model`` and write model_fp32.onnx, model_int8.onnx (+ engine) and measurements into ``stage``.
 
     ``max_drop`` (top-1 points) turns on the hybrid fallback: the most sensitive layers stay in floating point
-    until the INT8 top-1 on ``evaluation``, run in ONNX Runtime like the shipped file, is within ``max_drop`` of
-    FP32.
+    until the INT8 top-1 on ``validation``, run in ONNX Runtime like the shipped file, is within ``max_drop`` of
+    FP32. ``evaluation`` (the test split) is only reported; the report gives both splits' accuracies. Without
+    ``validation`` the fallback judges on ``evaluation``, which then is not an independent test.
     """
     model = model.eval()
     calibration = take_samples(calibration, config.num_samples)
     evaluation = list(evaluation)
+    validation = list(validation) if validation is not None else None
     progress("evaluating the FP32 model")
     fp32_acc = evaluate(model, evaluation)
     progress(f"calibrating ({config.calibration}, {config.num_samples} samples, backend {config.backend})")
     if max_drop is not None:
         result = hybrid_quantize(model, example, calibration, config, max_drop=max_drop,
-                                 evaluate=onnxruntime_top1(example, evaluation, threads, dynamic_batch))
+                                 evaluate=onnxruntime_top1(example, validation if validation is not None else evaluation,
+                                                           threads, dynamic_batch))
     else:
         result = quantize(model, example, calibration, config)
     progress("exporting ONNX (FP32 and INT8 Q/DQ)")
@@ -220,14 +223,17 @@ def ship_quantized(model: torch.nn.Module, example: torch.Tensor, calibration: I
     progress("TensorRT engine")
     trt = build_tensorrt_engine(int8_path, stage / "model_int8.engine", probe)
     progress("scoring the shipped INT8 ONNX model and measuring latency")
-    int8_acc = evaluate(OrtModel(int8_path, threads), [(x, y) for x, y in evaluation])
+    int8_acc = evaluate(OrtModel(int8_path, threads), evaluation)
+    on_validation = None if validation is None else {
+        "fp32": evaluate(model, validation), "int8_onnxruntime": evaluate(OrtModel(int8_path, threads), validation)}
     shape = tuple(example.shape)
     latency = {"fp32": measure_onnx(fp32_path, shape, threads=threads, runs=runs),
                "int8": measure_onnx(int8_path, shape, threads=threads, runs=runs)}
     report = {
         "backend": config.backend, "calibration": config.calibration, "calibration_samples": result.samples,
         "accuracy": {"fp32": fp32_acc, "int8_onnxruntime": int8_acc,
-                     "top1_drop": fp32_acc["top1"] - int8_acc["top1"]},
+                     "top1_drop": fp32_acc["top1"] - int8_acc["top1"],
+                     **({"validation": on_validation} if on_validation else {})},
         "quantization": result.report(),
         "verification": verification,
         "tensorrt_rules": [vars(v) for v in violations] if config.backend == "tensorrt" else "not checked "

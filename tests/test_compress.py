@@ -81,7 +81,9 @@ def test_demo_with_depth_pruning_ships_a_model_without_the_removed_blocks(tmp_pa
     # the recovery fine-tune ran once on the pruned model, and the shipped model is the better of the two
     rec = report["recovery"]
     assert rec["epochs"] == 0.3 and rec["top1_before"] == report["rounds"][-1]["top1"]
-    assert report["accuracy"]["pruned_fp32"]["top1"] == pytest.approx(max(rec["top1_before"], rec["top1_after"]))
+    # (the recovery is judged on the validation split, like the rounds)
+    assert report["accuracy"]["validation"]["pruned_fp32"]["top1"] == pytest.approx(
+        max(rec["top1_before"], rec["top1_after"]))
     assert rec["kept"] == (rec["top1_after"] >= rec["top1_before"])
     assert "Recovery fine-tune (0.3 epoch(s))" in (out / "report.md").read_text()
     removed = sorted(n for n, (_, kept) in report["channels"].items() if kept == 0)
@@ -194,3 +196,38 @@ def test_compress_refuses_mismatched_or_empty_data(tmp_path, monkeypatch, capsys
     assert main(["compress", "cifar:resnet20", "--data", str(empty), "--out", str(out)]) == 2
     assert "hold no images" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_decisions_use_the_validation_split_and_the_test_split_is_only_reported(tmp_path, monkeypatch):
+    """Two runs that differ only in their test split (the second one's labels are scrambled) make the same
+    decisions and ship the same model; fine-tuning never sees the held-out validation images."""
+    from hqp_fx.compress import CompressConfig, compress
+    from hqp_fx.data import ImageSet
+    from hqp_fx.demo import train_demo_model
+    from hqp_fx.hqp import HQPConfig
+    from hqp_fx.train import FinetuneConfig, finetune
+
+    train, test = digits()
+    model = train_demo_model(train, epochs=2)
+    scrambled = ImageSet(test.images, test.labels.roll(1), test.classes)
+    seen = []
+    monkeypatch.setattr("hqp_fx.compress.finetune", lambda m, loader, *a, **k: (seen.append(loader.data),
+                                                                               finetune(m, loader, *a, **k)))
+    config = CompressConfig(prune=HQPConfig(delta_max=1.0, align=8, max_rounds=3, steps=(0.2, 0.1)),
+                            finetune=FinetuneConfig(epochs=0.2, lr=0.01), quant=QuantConfig(backend="onnxruntime",
+                            num_samples=64), batch_size=64, augment=False, threads=1, latency_runs=3)
+    reports = []
+    for name, split in (("a", test), ("b", scrambled)):
+        (tmp_path / name).mkdir()
+        reports.append(compress(model, torch.randn(1, 3, 8, 8), train, split, config, tmp_path / name))
+    a, b = reports
+    assert a["rounds"] == b["rounds"] and a["accuracy"]["validation"] == b["accuracy"]["validation"]
+    assert a["quantization"]["float_layers"] == b["quantization"]["float_layers"]
+    assert a["accuracy"]["pruned_fp32"]["top1"] > 50 > b["accuracy"]["pruned_fp32"]["top1"]  # test: only reported
+    first, second = (hqp_fx.load(tmp_path / n / "model_pruned.hqp").state_dict() for n in "ab")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    splits = a["splits"]
+    assert splits["train"] + splits["validation"] == len(train) and splits["test"] == len(test)
+    assert "held out from the training images" in splits["validation_source"]
+    assert seen and all(len(d) == splits["train"] for d in seen)
+    assert "on the validation split that decided the run" in (tmp_path / "a" / "report.md").read_text()

@@ -48,9 +48,10 @@ def test_dataset_errors_name_the_problem(tmp_path, cache):
     with pytest.raises(ValueError, match="must hold train/ and val/ \\(or test/\\)"):
         find_splits(tmp_path / "d")
     make_folder(tmp_path / "d" / "test", classes=("cat", "emu"))
-    train, test = find_splits(tmp_path / "d")
+    folders = find_splits(tmp_path / "d")
+    assert folders.validation is None  # one evaluation folder: it is the test split; validation comes from train
     with pytest.raises(ValueError, match=r"classes \['cat', 'emu'\], which do not match \['cat', 'dog'\]"):
-        load_split(test, classes=load_split(train).classes)
+        load_split(folders.test, classes=load_split(folders.train).classes)
     (tmp_path / "e" / "bird").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"class folders \['bird'\] .* hold no images"):
         load_split(tmp_path / "e")
@@ -59,6 +60,26 @@ def test_dataset_errors_name_the_problem(tmp_path, cache):
         load_split(tmp_path / "f")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_splits(tmp_path / "missing")
+
+
+def test_splits_and_a_stratified_disjoint_validation_hold_out(tmp_path, cache):
+    make_folder(tmp_path / "d" / "train")
+    make_folder(tmp_path / "d" / "val")
+    assert find_splits(tmp_path / "d").test == tmp_path / "d" / "val"  # ImageNet's layout: val/ is reported
+    make_folder(tmp_path / "d" / "test")
+    folders = find_splits(tmp_path / "d")
+    assert (folders.test, folders.validation) == (tmp_path / "d" / "test", tmp_path / "d" / "val")
+    images = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 3, 2, 2).contiguous()
+    labels = torch.tensor([0] * 30 + [1] * 10)
+    full = data_mod.ImageSet(images, labels, ("a", "b"))
+    rest, held = full.hold_out(0.2, seed=3)
+    assert held.labels.tolist().count(0) == 6 and held.labels.tolist().count(1) == 2  # stratified
+    ids = lambda s: set(s.images[:, 0, 0, 0].tolist())  # noqa: E731
+    assert ids(rest).isdisjoint(ids(held)) and ids(rest) | ids(held) == set(range(40))
+    assert ids(full.hold_out(0.2, seed=3)[1]) == ids(held) != ids(full.hold_out(0.2, seed=4)[1])  # seeded
+    assert len(full.hold_out(0.5, max_images=4)[1]) == 4  # the cap scales every class: 3 + 1 (at least one)
+    with pytest.raises(ValueError, match="class 'b' has 1 training image"):
+        data_mod.ImageSet(images[:31], labels[:31], ("a", "b")).hold_out(0.2)
 
 
 def test_unpack_once_is_atomic_and_cached(tmp_path, cache):

@@ -127,14 +127,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress():
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} rounds"),
-                    TimeElapsedColumn(), console=Console(stderr=True), transient=False)
-
-
 def _checkpoint_folder(args: argparse.Namespace) -> Path:
     """``<out>.checkpoints``, checked against ``--resume`` before any work: resume needs a state there, and a fresh
     run must not silently replace an interrupted one's rounds."""
@@ -156,6 +148,7 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, va
     from .hqp import HQPConfig
     from .passes.align import engine_alignment
     from .passes.quantize import QuantConfig
+    from .progress import RunProgress
     from .train import FinetuneConfig
 
     steps = tuple(s for s in (args.step, 0.02, 0.01) if s <= args.step)
@@ -173,20 +166,12 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, va
         batch_size=args.batch_size, augment=augment, ablation=args.ablation, hybrid=not args.no_hybrid,
         threads=args.threads, val_fraction=args.val_fraction, val_max_images=args.val_max)
     checkpoints = _checkpoint_folder(args)
-    with stage_output(args.out) as stage, _progress() as bar:
-        phase = bar.add_task("starting", total=None)
-        rounds = bar.add_task("pruning rounds", total=args.max_rounds)
-
-        def on_round(r):
-            bar.advance(rounds)
-            bar.update(phase, description=f"round {r.round}: {'accepted' if r.accepted else 'rolled back'}, "
-                                          f"top-1 {r.top1:.2f}% (drop {r.drop:+.2f}), MACs {r.macs / 1e6:.2f}M")
-
+    base_macs = count_macs(model, example) if args.target_macs is not None else None
+    with stage_output(args.out) as stage, RunProgress(args.max_rounds, base_macs=base_macs,
+                                                      target_macs=args.target_macs) as progress:
         report = compress(model, example, train, test, config, stage, validation=validation, checkpoint_dir=checkpoints,
-                          resume=args.resume, progress=lambda msg: bar.update(phase, description=msg),
-                          on_round=on_round, leaf_modules=tuple(getattr(args, "leaf", None) or ()),
-                          fingerprint=identity)
-        bar.update(rounds, total=len(report["rounds"]))
+                          resume=args.resume, progress=progress.phase, on_round=progress.round,
+                          leaf_modules=tuple(getattr(args, "leaf", None) or ()), fingerprint=identity)
     remove_checkpoints(checkpoints)
     return report
 

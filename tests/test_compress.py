@@ -3,6 +3,9 @@ re-measure the same, and refusals that leave nothing behind."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 
 import jsonschema
 import numpy as np
@@ -231,3 +234,19 @@ def test_decisions_use_the_validation_split_and_the_test_split_is_only_reported(
     assert "held out from the training images" in splits["validation_source"]
     assert seen and all(len(d) == splits["train"] for d in seen)
     assert "on the validation split that decided the run" in (tmp_path / "a" / "report.md").read_text()
+
+
+def test_a_run_without_a_terminal_logs_one_line_per_phase_and_round(tmp_path):
+    """nohup / CI / a log file: rich would print nothing until the end."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "hqp_fx.cli", "demo", "--out", str(out), "--max-rounds", "2",
+                           "--finetune-epochs", "0.2", "--samples", "32", "--threads", "1", "--target-macs", "0.5"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("[")]
+    rounds = [ln for ln in lines if "round 0:" in ln or "round 1:" in ln]
+    assert len(rounds) >= 3, proc.stderr  # two fine-tune phases and two results at least
+    result = next(ln for ln in lines if "round 0: accepted" in ln or "round 0: rolled back" in ln)
+    assert re.match(r"\[\d:\d\d:\d\d\] round 0: .*top-1 \d+\.\d\d% \(drop [+-]\d+\.\d\d\), MACs \d+\.\d\dM; "
+                    r"(~\d+ round\(s\) to the MACs target, ETA \d:\d\d:\d\d|at most \d+ round)", result), result
+    assert any("exporting" in ln for ln in lines) and "━" not in proc.stderr  # no progress bars in a log

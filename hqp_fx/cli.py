@@ -248,6 +248,22 @@ def _align_arg(text: str) -> int | str:
     return int(text)
 
 
+def _backend(text: str) -> str:
+    """``--backend``: a preset, or ``auto``: tensorrt where ``import tensorrt`` works and a GPU is present (the
+    engine can then be built and verified), else onnxruntime (what this machine can run and measure)."""
+    if text == "auto":
+        from .passes.tensorrt import tensorrt_unavailable_reason
+
+        return "onnxruntime" if tensorrt_unavailable_reason() else "tensorrt"
+    if text not in BACKENDS:
+        raise argparse.ArgumentTypeError(f"expected auto or one of {', '.join(BACKENDS)}, got {text!r}")
+    return text
+
+
+_BACKEND_HELP = ("INT8 preset and engine: auto (default) picks tensorrt when `import tensorrt` works and a GPU is "
+                 "present, else onnxruntime; or one of " + ", ".join(BACKENDS))
+
+
 def _add_validation_options(p: argparse.ArgumentParser, *, fraction: float) -> None:
     p.add_argument("--val-fraction", type=_FRACTION, default=fraction, help="without a val/ beside the data's test/: "
                    "hold out this stratified share of train/ as the validation split that decides (never trained or "
@@ -281,7 +297,7 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--remove-branches", action="store_true", help="depth pruning: all inner channels of a residual "
                    "block (or an SE gate) may go, and the block with them; ranked with the channel blocks")
     c.add_argument("--max-rounds", type=_COUNT, default=12 if demo else 100)
-    c.add_argument("--backend", default="onnxruntime" if demo else "tensorrt", choices=BACKENDS)
+    c.add_argument("--backend", type=_backend, default="onnxruntime" if demo else "auto", help=_BACKEND_HELP)
     c.add_argument("--calibration", default="histogram", choices=CALIBRATIONS)
     c.add_argument("--samples", type=_COUNT, default=256 if demo else 512, help="calibration images")
     c.add_argument("--no-hybrid", action="store_true", help="never keep layers in FP to honour delta_max")
@@ -311,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", help="local checkpoint (state dict); for torchvision also a hub weights name")
     q.add_argument("--data", required=True, help="ImageFolder root with train/ (calibration) and val/ or test/")
     q.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    q.add_argument("--backend", default="tensorrt", choices=BACKENDS)
+    q.add_argument("--backend", type=_backend, default="auto", help=_BACKEND_HELP)
     q.add_argument("--calibration", default="histogram", choices=CALIBRATIONS,
                    help="activation range: minmax, histogram (MSE-optimal clipping) or percentile")
     q.add_argument("--percentile", type=_number(float, 0, 100, open_low=True), default=99.99)

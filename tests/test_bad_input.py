@@ -374,3 +374,17 @@ def test_compress_takes_leaf_modules_and_resumes_with_them(tmp_path, cache, monk
         main(["compress", *args, "--leaf", "gate", "--resume"])
     assert [type(m.get_submodule("gate")).__name__ for m in shipped] == ["Gate", "Gate"]
     assert hqp_fx.count_params(shipped[1]) == hqp_fx.count_params(shipped[0])
+
+
+def test_backend_auto_picks_the_engine_this_machine_can_build(monkeypatch, capsys):
+    from hqp_fx.cli import build_parser
+
+    base = ["compress", "cifar:resnet20", "--data", "d", "--out", "o"]
+    monkeypatch.setattr("hqp_fx.passes.tensorrt.tensorrt_unavailable_reason", lambda: "TensorRT: not run (no GPU)")
+    assert build_parser().parse_args(base).backend == "onnxruntime"  # the default is auto
+    monkeypatch.setattr("hqp_fx.passes.tensorrt.tensorrt_unavailable_reason", lambda: None)
+    assert build_parser().parse_args(base + ["--backend", "auto"]).backend == "tensorrt"
+    assert build_parser().parse_args(base + ["--backend", "x86-inductor"]).backend == "x86-inductor"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(base + ["--backend", "openvino"])
+    assert "expected auto or one of tensorrt, onnxruntime, x86-inductor, got 'openvino'" in capsys.readouterr().err

@@ -140,7 +140,7 @@ def _checkpoint_folder(args: argparse.Namespace) -> Path:
 
 
 def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, validation, test, *, augment: bool,
-                  lr: float, identity: dict) -> dict:
+                  lr: float, identity: dict, validation_source: str = "the data's val/ folder") -> dict:
     """Shared by ``hqp compress`` and ``hqp demo``: stage, run with progress, summarise. ``identity`` joins the
     checkpoints' run fingerprint (what a resume must share: the model spec, ...)."""
     from .compress import CompressConfig, compress, remove_checkpoints
@@ -171,7 +171,8 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, va
                                                       target_macs=args.target_macs) as progress:
         report = compress(model, example, train, test, config, stage, validation=validation, checkpoint_dir=checkpoints,
                           resume=args.resume, progress=progress.phase, on_round=progress.round,
-                          leaf_modules=tuple(getattr(args, "leaf", None) or ()), fingerprint=identity)
+                          leaf_modules=tuple(getattr(args, "leaf", None) or ()), fingerprint=identity,
+                          validation_source=validation_source)
     remove_checkpoints(checkpoints)
     return report
 
@@ -209,7 +210,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "test images, 8x8), training a small CNN on the spot ...", flush=True)
     model = train_demo_model(train, seed=args.seed)
     report = _run_compress(args, model, torch.randn(1, 3, 8, 8), train, validation, test, augment=False, lr=args.lr,
-                           identity={"model spec": "demo"})
+                           identity={"model spec": "demo"},
+                           validation_source=f"held out from the training images before the demo model was "
+                                             f"trained (stratified, {args.val_fraction:g} of each class, seed {args.seed})")
     _summarise(report, args.out)
     return 0
 

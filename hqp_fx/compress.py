@@ -82,7 +82,7 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
              stage: Path, *, validation: ImageSet | None = None, checkpoint_dir: Path | None = None,
              resume: bool = False, progress: Callable[[str], None] = lambda msg: None,
              on_round: Callable[[RoundRecord], None] | None = None, leaf_modules: tuple = (),
-             fingerprint: dict | None = None) -> dict:
+             fingerprint: dict | None = None, validation_source: str = "given by the caller") -> dict:
     """Run HQP on ``model`` and write every artifact into ``stage``; returns the ``hqp.json`` content.
 
     Every decision (accept/rollback, the recovery, the hybrid fallback's budget) is made on ``validation``; when it
@@ -91,9 +91,10 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
     included): a frozen copy is exported as the dense baseline and, with ``config.finetune.distill`` > 0, is the
     teacher of every fine-tuning round. ``leaf_modules`` are kept opaque while tracing (``hqp_fx.trace``). The
     checkpoints' run fingerprint covers the data and the fine-tune settings besides what ``prune_loop`` records,
-    plus the caller's ``fingerprint`` entries (e.g. the model spec).
+    plus the caller's ``fingerprint`` entries (e.g. the model spec). ``validation_source`` says, for the report,
+    where a given ``validation`` came from.
     """
-    source = "given by the caller"
+    source = validation_source
     if validation is None:  # a checkpoint trained on all of train has seen these images: optimistic, but not test
         train, validation = train.hold_out(config.val_fraction, config.val_max_images, seed=config.prune.seed)
         source = (f"held out from the training images (stratified, {config.val_fraction:g} of each class, at most "

@@ -44,17 +44,34 @@ class PassError(HQPError):
 class GraphPass(PassBase):
     """Base class of hqp_fx passes.
 
-    Subclasses set ``required_meta`` (gm.meta keys that must exist before the pass runs) and
-    ``provided_meta`` (keys it writes), and implement ``call(gm) -> PassResult``. ``modified``
-    is honest: a second run of the same pass on its own output reports ``False``.
+    Subclasses set ``required_meta`` (gm.meta keys that must exist before the pass runs),
+    ``provided_meta`` (keys the returned module carries) and ``invalidated_meta`` (keys the returned
+    module no longer carries: a pass that rewrites shapes makes the channel analysis stale), and
+    implement ``call(gm) -> PassResult``. ``requires`` checks the input and ``ensures`` checks the
+    *returned* module (torch's ``PassBase`` would check the input again). ``modified`` says whether
+    the returned graph differs from the input: analysis passes report False, a pass with nothing to
+    do returns its input with False.
     """
 
     required_meta: tuple[str, ...] = ()
     provided_meta: tuple[str, ...] = ()
+    invalidated_meta: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
         return type(self).__name__
+
+    def __call__(self, graph_module: fx.GraphModule) -> PassResult:
+        self.requires(graph_module)
+        result = self.call(graph_module)
+        self.ensures(result.graph_module)
+        return result
+
+    def ensures(self, graph_module: fx.GraphModule) -> None:
+        missing = [k for k in self.provided_meta if k not in graph_module.meta]
+        if missing:
+            raise PassError(f"{self.name} promised gm.meta keys {missing} on the module it returns but did not write "
+                            "them; this is a bug in the pass")
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         if not isinstance(graph_module, fx.GraphModule):
@@ -123,7 +140,8 @@ class TimingInstrument(Instrument):
 
 
 class Pipeline:
-    """An ordered list of GraphPasses whose metadata contract is checked at construction.
+    """An ordered list of GraphPasses whose metadata contract is checked at construction: every
+    pass's required keys must be provided by the input or an earlier pass and not invalidated since.
 
     ``available`` names gm.meta keys the input module already carries (``hqp_fx.trace``
     provides ``hqp.example_inputs`` and ``hqp.source_names``).
@@ -137,16 +155,28 @@ class Pipeline:
         available: Iterable[str] = (meta.EXAMPLE_INPUTS, meta.SOURCE_NAMES),
     ):
         have = set(available)
+        dropped: dict[str, str] = {}  # key -> the entry that invalidated it
         for i, p in enumerate(passes):
             if not isinstance(p, GraphPass):
                 raise PassError(f"pipeline entry {i} is {p!r}, not a hqp_fx GraphPass")
             missing = [k for k in p.required_meta if k not in have]
+            stale = [k for k in missing if k in dropped]
+            if stale:
+                raise PassError(
+                    f"pipeline entry {i} ({p.name}) requires {stale}, which {dropped[stale[0]]} invalidates; run the "
+                    "pass that provides them (e.g. ChannelDependencyPass) again after it")
             if missing:
                 raise PassError(
                     f"pipeline entry {i} ({p.name}) requires {missing}, which no earlier pass provides; "
                     f"put a pass that provides them (e.g. ChannelDependencyPass for {meta.CHANNEL_GROUPS!r}) before it"
                 )
+            for k in p.invalidated_meta:
+                if k not in p.provided_meta:
+                    have.discard(k)
+                    dropped[k] = f"entry {i} ({p.name})"
             have.update(p.provided_meta)
+            for k in p.provided_meta:
+                dropped.pop(k, None)
         self.passes = list(passes)
         self.instruments = list(instruments)
 

@@ -121,25 +121,24 @@ def _dotted(name: Any, what: str) -> str:
     return name
 
 
+def _allowed(name: Any, table, what: str, listed: str) -> Any:
+    """``table[name]`` (or ``name`` for a set) when the loadable table lists it; else refused by name."""
+    if not isinstance(name, str) or name not in table:
+        raise HQPError(f"refusing to load {what} {name!r}: it is not one of the {listed} hqp_fx.serialize lists "
+                       "(a file hqp_fx wrote never needs anything else)")
+    return table[name] if isinstance(table, dict) else name
+
+
 def _function(qualname: Any) -> Any:
-    if not isinstance(qualname, str) or qualname not in LOADABLE_FUNCTIONS:
-        raise HQPError(f"refusing to load call target {qualname!r}: it is not one of the tensor operations "
-                       "hqp_fx.serialize.LOADABLE_FUNCTIONS lists (a hqp_fx file never needs anything else)")
-    return LOADABLE_FUNCTIONS[qualname]
+    return _allowed(qualname, LOADABLE_FUNCTIONS, "call target", "tensor operations LOADABLE_FUNCTIONS")
 
 
 def _method(name: Any) -> str:
-    if not isinstance(name, str) or name not in LOADABLE_METHODS:
-        raise HQPError(f"refusing to load tensor method {name!r}: it is not one of the methods "
-                       "hqp_fx.serialize.LOADABLE_METHODS lists")
-    return name
+    return _allowed(name, LOADABLE_METHODS, "tensor method", "methods LOADABLE_METHODS")
 
 
 def _module_class(qualname: Any) -> type:
-    if not isinstance(qualname, str) or qualname not in LOADABLE_MODULES:
-        raise HQPError(f"refusing to load module class {qualname!r}: only the torch.nn layers "
-                       "hqp_fx.serialize.LOADABLE_MODULES lists can be rebuilt from a file")
-    return LOADABLE_MODULES[qualname]
+    return _allowed(qualname, LOADABLE_MODULES, "module class", "torch.nn layers LOADABLE_MODULES")
 
 
 def _encode(v: Any) -> Any:

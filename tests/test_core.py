@@ -74,3 +74,45 @@ def test_metadata_accessors_explain_missing_keys():
     gm = traced()
     with pytest.raises(KeyError, match="run hqp_fx.passes.ChannelDependencyPass first"):
         meta.channel_groups(gm)
+
+
+def test_pipeline_subtracts_what_a_pass_invalidates():
+    """Pruning returns a new graph without the channel analysis: a later channel pass must re-analyse first."""
+    from hqp_fx.passes import SensitivityPass
+
+    with pytest.raises(hqp_fx.PassError, match=r"entry 2 \(SensitivityPass\) requires \['hqp.channel_groups', "
+                                               r"'hqp.channel_analysis'\], which entry 1 \(PruneChannelsPass\) "
+                                               r"invalidates; run the pass that provides them"):
+        Pipeline([ChannelDependencyPass(), PruneChannelsPass({"stem": [0]}), SensitivityPass("l1")])
+    pipe = Pipeline([ChannelDependencyPass(), PruneChannelsPass({"stem": [0]}), ChannelDependencyPass(),
+                     SensitivityPass("l1")])
+    result = pipe(traced())
+    assert result.modified and result.graph_module.stem.out_channels == 3
+    assert result.graph_module.meta[meta.SENSITIVITY]["scores"]["stem"].shape == (3,)
+    assert result.graph_module.meta[meta.PRUNE_PLAN] == {"stem": [0]}
+
+
+def test_an_empty_plan_keeps_its_promise_and_says_nothing_changed():
+    gm = traced()
+    ChannelDependencyPass()(gm)
+    result = PruneChannelsPass({})(gm)
+    assert result.modified is False and result.graph_module is gm and gm.meta[meta.PRUNE_PLAN] == {}
+
+
+def test_ensures_checks_the_returned_module():
+    from hqp_fx.core import GraphPass, PassResult
+
+    class Forgetful(GraphPass):
+        provided_meta = ("hqp.something",)
+
+        def call(self, graph_module):
+            return PassResult(graph_module, False)
+
+    with pytest.raises(hqp_fx.PassError, match=r"Forgetful promised gm.meta keys \['hqp.something'\]"):
+        Forgetful()(traced())
+    gm = traced()
+    ChannelDependencyPass()(gm)
+    pruned = PruneChannelsPass({"stem": [0]})(gm).graph_module  # writes its plan on the new module only
+    assert meta.PRUNE_PLAN in pruned.meta and meta.PRUNE_PLAN not in gm.meta
+    pm = PassManager(passes=[ChannelDependencyPass(), AlignChannelsPass({"stem": [0, 1]}, 2), PruneChannelsPass()])
+    assert pm(traced()).graph_module.stem.out_channels == 2  # torch's PassManager runs the contract too

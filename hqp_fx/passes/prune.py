@@ -204,6 +204,8 @@ class PruneChannelsPass(GraphPass):
     """
 
     provided_meta = (meta.PRUNE_PLAN,)
+    # the returned module is a new graph: run ChannelDependencyPass on it again before further channel passes
+    invalidated_meta = (meta.CHANNEL_GROUPS, meta.CHANNEL_ANALYSIS, meta.ALIGN, meta.SENSITIVITY)
 
     def __init__(self, plan: Mapping[str, Sequence[int]] | None = None):
         self.plan = None if plan is None else {k: list(v) for k, v in plan.items()}
@@ -214,6 +216,7 @@ class PruneChannelsPass(GraphPass):
         raw = self.plan if self.plan is not None else graph_module.meta[meta.ALIGN]["plan"]
         plan = validate_plan(analysis.groups, raw)
         if not plan:
+            graph_module.meta[meta.PRUNE_PLAN] = {}
             return PassResult(graph_module, False)
         removed = analysis.removed_elements(plan)
         kept = _Kept(analysis, removed)

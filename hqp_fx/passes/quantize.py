@@ -603,7 +603,9 @@ class QuantizePass(GraphPass):
     """
 
     required_meta = (meta.EXAMPLE_INPUTS,)
-    provided_meta = (meta.QUANTIZATION,)
+    provided_meta = (meta.QUANTIZATION, meta.EXAMPLE_INPUTS)
+    invalidated_meta = (meta.CHANNEL_GROUPS, meta.CHANNEL_ANALYSIS, meta.ALIGN, meta.SENSITIVITY, meta.PRUNE_PLAN,
+                        meta.SOURCE_NAMES)  # an exported ATen graph: no fx-level analysis survives
 
     def __init__(self, calibration: Iterable, config: QuantConfig = QuantConfig()):
         super().__init__()

@@ -14,6 +14,7 @@ from .count import count_macs, count_params
 from .models import build_model
 from .passes import ChannelDependencyPass
 from .passes.quantize import BACKENDS, CALIBRATIONS
+from .passes.sensitivity import CRITERIA
 from .trace import trace
 
 __all__ = ["main"]
@@ -145,20 +146,20 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, va
     checkpoints' run fingerprint (what a resume must share: the model spec, ...)."""
     from .compress import CompressConfig, compress, remove_checkpoints
     from .deploy import stage_output
-    from .hqp import HQPConfig
+    from .hqp import HQPConfig, step_schedule
     from .passes.align import engine_alignment
     from .passes.quantize import QuantConfig
     from .progress import RunProgress
     from .train import FinetuneConfig
 
-    steps = tuple(s for s in (args.step, 0.02, 0.01) if s <= args.step)
+    steps = step_schedule(args.step)
     align = engine_alignment(args.backend) if args.align == "auto" else args.align
     config = CompressConfig(
         prune=HQPConfig(delta_max=args.delta_max, steps=steps, criterion=args.criterion,
                         flops_normalize=args.flops_normalize, align=align,
                         target_macs=args.target_macs, target_latency=args.target_latency,
                         ignore=tuple(args.ignore or ()), remove_branches=args.remove_branches, seed=args.seed,
-                        max_rounds=args.max_rounds),
+                        max_rounds=args.max_rounds, select=args.select),
         finetune=FinetuneConfig(epochs=args.finetune_epochs, lr=lr, distill=args.distill,
                                 temperature=args.temperature),
         recover_epochs=args.recover_epochs,
@@ -289,14 +290,20 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--align", type=_align_arg, default="auto", help="round kept channels to this multiple; auto "
                    "(default): the block width of the --backend's INT8 convolutions, 16 for every backend "
                    "(hqp_fx.passes.align.ENGINE_ALIGNMENT says why)")
-    c.add_argument("--criterion", default="fisher", choices=("fisher", "group-fisher", "taylor", "l1", "l2", "random"))
+    c.add_argument("--criterion", default="fisher", choices=CRITERIA)
     c.add_argument("--flops-normalize", action="store_true", help="taylor / group-fisher: rank channels by "
                    "estimated loss change per MAC they cost")
     c.add_argument("--target-macs", type=_FRACTION, help="stop once MACs <= this fraction of the dense model")
     c.add_argument("--target-latency", type=_FRACTION, help="stop once the ONNX Runtime CPU latency <= this fraction "
-                   "of the dense model's, measured every accepted round on the INT8 model (--backend onnxruntime) or "
-                   "on the FP32 one (other backends, whose engines ORT does not run)")
+                   "of the dense model's in the same form: with --backend onnxruntime both are INT8 files, so the "
+                   "reference is the quantize-only model; with other backends (whose engines ORT does not run) both "
+                   "are FP32. Measured every accepted round")
     c.add_argument("--ignore", action="append", help="module never pruned (repeatable)")
+    c.add_argument("--select", default="channels", choices=("channels", "latency"), help="channels (default): each "
+                   "round removes --step of the channels, ranked by the criterion; latency: each round removes the "
+                   "channel blocks of least importance per millisecond they save until the predicted ONNX Runtime "
+                   "INT8 latency falls by --step, from a table of every layer timed on this machine (cached), and "
+                   "measures every accepted round")
     c.add_argument("--remove-branches", action="store_true", help="depth pruning: all inner channels of a residual "
                    "block (or an SE gate) may go, and the block with them; ranked with the channel blocks")
     c.add_argument("--max-rounds", type=_COUNT, default=12 if demo else 100)
@@ -333,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--backend", type=_backend, default="auto", help=_BACKEND_HELP)
     q.add_argument("--calibration", default="histogram", choices=CALIBRATIONS,
                    help="activation range: minmax, histogram (MSE-optimal clipping) or percentile")
-    q.add_argument("--percentile", type=_number(float, 0, 100, open_low=True), default=99.99)
+    q.add_argument("--percentile", type=_number(float, 50, 100, open_low=True), default=99.99)
     q.add_argument("--samples", type=_COUNT, default=512, help="calibration images")
     q.add_argument("--on-bad-range", default="error", choices=("error", "fallback"),
                    help="NaN/Inf, unseen or collapsed ranges: stop, or keep those layers in floating point")

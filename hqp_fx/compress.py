@@ -18,11 +18,12 @@ import torch
 import torch.nn as nn
 
 from . import meta
-from .core import atomic_write_text
+from .core import atomic_write, atomic_write_text
 from .count import count_macs, count_params
 from .data import BatchLoader, ImageSet
 from .deploy import OrtModel, measure_onnx, ship_quantized, versions, write_json
 from .hqp import HQPConfig, PruneResult, RoundRecord, prune_loop
+from .latency import LatencyModel
 from .passes.onnx import export_onnx
 from .passes.quantize import QuantConfig, quantize
 from .serialize import save
@@ -127,6 +128,12 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
                 "augment": config.augment, "calib_images_per_class": config.calib_images_per_class,
                 **({"latency.quant": asdict(latency_quant) if latency_quant else None, "latency.threads": config.threads}
                    if config.prune.target_latency is not None else {}), **(fingerprint or {})}
+    def engine_model(gm):
+        progress("latency model: timing every conv/linear layer in ONNX Runtime (int8) on a grid of channel counts")
+        return LatencyModel.measure(gm, threads=config.threads, align=config.prune.align,
+                                    reduce_range=bool(config.quant.reduce_range) and config.quant.backend != "tensorrt",
+                                    progress=progress)
+
     progress("pruning: measuring the dense baseline")
     pruned: PruneResult = prune_loop(model, example, calibration=calibration, finetune_fn=finetune_fn,
                                      evaluate_fn=evaluate_fn, config=config.prune, checkpoint_dir=checkpoint_dir,
@@ -134,7 +141,8 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
                                      fingerprint=identity if checkpoint_dir is not None else None,
                                      recover_fn=recover_fn if config.recover_epochs > 0 else None,
                                      latency_fn=onnx_latency(example, config.threads, config.latency_runs,
-                                                             quant=latency_quant, calibration=calibration))
+                                                             quant=latency_quant, calibration=calibration),
+                                     latency_model=engine_model if config.prune.select == "latency" else None)
     save(pruned.model, stage / "model_pruned.hqp")
     progress("exporting the dense FP32 baseline")
     dense_onnx = stage / "model_dense_fp32.onnx"
@@ -194,7 +202,9 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
         "variants": variants,
         "rounds": [asdict(r) for r in pruned.history],
         "round_latency": (f"{'INT8 (' + config.quant.backend + ' preset)' if latency_quant else 'FP32'} model in ONNX "
-                          "Runtime CPU, ms; measured on accepted rounds when a latency target is set"),
+                          "Runtime CPU, ms; measured on accepted rounds when a latency target is set or the selection "
+                          "is by latency"),
+        "latency_model": _prediction_error(pruned.history),
         "stop_reason": pruned.stop_reason,
         "recovery": pruned.recovery and {**pruned.recovery, "epochs": config.recover_epochs},
         "channels": _channels_per_layer(model, pruned.model),
@@ -217,6 +227,18 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
     atomic_write_text(stage / "report.txt", text.replace("**", "").replace("`", ""))
     plot_report(report, stage)
     return report
+
+
+def _prediction_error(history: list[RoundRecord]) -> dict | None:
+    """How well the latency model predicted the accepted rounds it chose (None when it was not used)."""
+    pairs = [(r.round, r.predicted_latency, r.latency) for r in history
+             if r.predicted_latency is not None and r.latency is not None]
+    if not pairs:
+        return None
+    errors = [(p - m) / m for _, p, m in pairs]
+    return {"rounds": [{"round": n, "predicted_ms": p, "measured_ms": m, "error": e}
+                       for (n, p, m), e in zip(pairs, errors)],
+            "mean_abs_error": sum(abs(e) for e in errors) / len(errors), "max_abs_error": max(abs(e) for e in errors)}
 
 
 def _lat(stats: dict) -> dict:
@@ -255,6 +277,9 @@ def render_report(r: dict) -> str:
         *([f"- Recovery fine-tune ({rec['epochs']:g} epoch(s)): top-1 {rec['top1_before']:.2f}% → "
            f"{rec['top1_after']:.2f}%, " + ("kept" if rec["kept"] else "discarded (it lowered top-1)")]
           if (rec := r.get("recovery")) else []),
+        *([f"- Latency model (selection by predicted latency): predicted vs measured on {len(lm['rounds'])} accepted "
+           f"round(s), mean error {100 * lm['mean_abs_error']:.1f}%, max {100 * lm['max_abs_error']:.1f}%"]
+          if (lm := r.get("latency_model")) else []),
         f"- Quantization: backend `{r['quantization']['backend']}`, calibration `{r['quantization']['calibration']}` "
         f"({r['quantization']['samples']} samples), layers kept in FP: "
         + (", ".join(f"`{k}` ({v})" for k, v in r["quantization"]["float_layers"].items()) or "none"),
@@ -285,10 +310,8 @@ def plot_report(r: dict, folder: Path) -> None:
     import matplotlib.pyplot as plt
 
     def save_fig(fig, name):
-        tmp = folder / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        atomic_write(folder / name, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
         plt.close(fig)
-        tmp.replace(folder / name)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     base = r["accuracy"]["validation"]["dense_fp32"]["top1"]  # the rounds are judged on validation

@@ -33,23 +33,32 @@ from .core import HQPError, atomic_write_text
 from .count import count_macs, count_params
 from .passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels, select_channels
 from .passes.sensitivity import CRITERIA, check_flops_normalize
+from .latency import LatencyModel, select_for_latency
 from .serialize import load, save
 from .trace import trace
 
-__all__ = ["HQPConfig", "RoundRecord", "PruneResult", "prune_loop"]
+__all__ = ["HQPConfig", "RoundRecord", "PruneResult", "prune_loop", "step_schedule", "run_fingerprint"]
 
 STATE_FILE = "hqp_state.json"
+LATENCY_FILE = "latency_model.json"  # the table a select="latency" run decides with, kept for an exact resume
+SELECTIONS = ("channels", "latency")
+
+
+def step_schedule(first: float = 0.05) -> tuple[float, ...]:
+    """The steps a rollback walks down: ``first``, then 2% and 1% (those not larger than ``first``)."""
+    return (first,) + tuple(s for s in (0.02, 0.01) if s < first)
 
 
 @dataclass(frozen=True)
 class HQPConfig:
     delta_max: float = 1.0  # largest allowed top-1 drop (points) against the dense baseline
-    steps: tuple[float, ...] = (0.05, 0.02, 0.01)  # fraction of prunable channels per round; shrinks on rollback
+    steps: tuple[float, ...] = step_schedule()  # fraction of prunable channels per round; shrinks on rollback
     criterion: str = "fisher"
     flops_normalize: bool = False  # taylor / group-fisher: rank by loss change per MAC the channel costs
     align: int = 8
     min_keep: int | None = None  # per group; defaults to ``align``
     remove_branches: bool = False  # a removable group (a residual block's inner channels) may go whole: depth pruning
+    select: str = "channels"  # "channels": the step is a share of channels; "latency": a share of predicted latency
     max_rounds: int = 100
     target_macs: float | None = None  # stop once MACs <= this fraction of the baseline
     target_params: float | None = None
@@ -72,6 +81,11 @@ class HQPConfig:
                 raise ValueError(f"{name} is a fraction of the dense model in (0, 1), got {v}")
         if self.align < 1:
             raise ValueError(f"align must be a positive channel multiple, got {self.align}")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
+        if self.select == "latency" and self.remove_branches:
+            raise ValueError("select='latency' does not rank whole-branch removals yet; use select='channels' with "
+                             "remove_branches")
         if self.min_keep is not None and self.min_keep < self.align:
             # alignment may round a removal up by < align channels: a minimum of align keeps every tensor non-empty
             raise ValueError(f"min_keep ({self.min_keep}) must be at least the alignment multiple ({self.align})")
@@ -87,7 +101,8 @@ class RoundRecord:
     macs: int
     params: int
     removed: dict[str, int]  # group id -> channels removed this round
-    latency: float | None = None  # latency_fn of the candidate, when a latency target is set
+    latency: float | None = None  # latency_fn of the candidate (measured), when a latency target is set
+    predicted_latency: float | None = None  # the latency model's prediction for the candidate (select="latency")
 
 
 @dataclass
@@ -134,6 +149,7 @@ def prune_loop(
     recover_fn: Callable[[nn.Module], Any] | None = None,
     fingerprint: dict[str, Any] | None = None,
     leaf_modules: Iterable[type | str] = (),
+    latency_model: Callable[[fx.GraphModule], LatencyModel] | None = None,
 ) -> PruneResult:
     """Run the HQP pruning loop on a copy of ``model``.
 
@@ -146,11 +162,21 @@ def prune_loop(
     none was accepted); the result replaces it only when its top-1 is at least the last accepted round's.
     ``leaf_modules`` are kept opaque while tracing (``hqp_fx.trace``).
 
+    ``config.select="latency"`` needs ``latency_model(dense graph)`` (e.g. ``LatencyModel.measure``) and
+    ``latency_fn``: the model is calibrated on the measured dense latency, each round removes the channel blocks of
+    least importance per predicted millisecond until the prediction falls by the step (``select_for_latency``),
+    and every accepted round is measured too, so each record holds the prediction and the measurement.
+
     With ``checkpoint_dir`` the run records a fingerprint of what decides it: the model's weights, the example
     input's shape, ``config`` (all but ``max_rounds``) and ``fingerprint``, the caller's own entries for what the
     loop cannot see (its data, its fine-tune settings). ``resume`` refuses a run whose fingerprint differs, naming
     the fields; a run without ``resume`` refuses a ``checkpoint_dir`` that already holds a run.
     """
+    by_latency = config.select == "latency"
+    if by_latency and (latency_model is None or latency_fn is None):
+        raise ValueError("select='latency' needs latency_model (e.g. hqp_fx.latency.LatencyModel.measure) to predict "
+                         "and latency_fn to measure (e.g. hqp_fx.compress.onnx_latency(example))")
+    measure = config.target_latency is not None or by_latency
     if config.target_latency is not None and latency_fn is None:
         raise ValueError("target_latency needs latency_fn: pass a callable that measures a model's latency "
                          "(e.g. hqp_fx.compress.onnx_latency(example))")
@@ -172,7 +198,14 @@ def prune_loop(
         baseline = evaluate_fn(current)
         base_macs, base_params = count_macs(current, example), count_params(current)
         _check_targets(current, config, min_keep, example, base_macs, base_params)
-        base_latency = latency_fn(current) if config.target_latency is not None else None
+        base_latency = latency_fn(current) if measure else None
+        engine = None
+        if by_latency:
+            engine = latency_model(current)
+            engine.calibrate(current, base_latency)
+            if ckpt is not None:
+                ckpt.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(ckpt / LATENCY_FILE, engine.to_json())
         history: list[RoundRecord] = []
         step_index, next_round, rejected = 0, 0, None
     else:
@@ -184,6 +217,12 @@ def prune_loop(
         step_index, next_round, rejected = state["step_index"], state["next_round"], state.get("rejected_plan")
         if "stop_reason" in state:  # the rounds had finished: resuming returns that result
             next_round = config.max_rounds
+        engine = None
+        if by_latency:
+            if not (ckpt / LATENCY_FILE).is_file():
+                raise HQPError(f"{ckpt / LATENCY_FILE} is missing: the run's latency model cannot be restored; remove "
+                               f"{ckpt} to start over")
+            engine = LatencyModel.from_json((ckpt / LATENCY_FILE).read_text())
 
     current_macs, current_params = count_macs(current, example), count_params(current)
     accepted_top1 = next((r.top1 for r in reversed(history) if r.accepted), baseline["top1"])
@@ -204,8 +243,12 @@ def prune_loop(
         torch.manual_seed(config.seed * 1000 + rnd)
         scores = score_channels(current, config.criterion, calibration, num_batches=config.calib_batches,
                                 flops_normalize=config.flops_normalize, seed=config.seed * 1000 + rnd)
-        plan = select_channels(meta.channel_groups(current), scores, step, min_keep=min_keep, unit=config.align,
-                               ignore=config.ignore, remove_branches=config.remove_branches)
+        if by_latency:
+            plan = select_for_latency(current, scores, engine, step, align=config.align, min_keep=min_keep,
+                                      ignore=config.ignore)
+        else:
+            plan = select_channels(meta.channel_groups(current), scores, step, min_keep=min_keep, unit=config.align,
+                                   ignore=config.ignore, remove_branches=config.remove_branches)
         AlignChannelsPass(plan, config.align, scores)(current)
         aligned = current.meta[meta.ALIGN]["plan"]
         if not aligned or _same_plan(aligned, rejected):  # alignment can round a smaller step to the same plan
@@ -224,7 +267,8 @@ def prune_loop(
         accepted = drop <= config.delta_max
         record = RoundRecord(rnd, step, accepted, stats["top1"], drop, count_macs(candidate, example),
                              count_params(candidate), {k: len(v) for k, v in aligned.items()},
-                             latency_fn(candidate) if config.target_latency is not None and accepted else None)
+                             latency_fn(candidate) if measure and accepted else None,
+                             engine.predict(current, aligned) if engine is not None else None)
         history.append(record)
         rejected = None if accepted else {k: sorted(v) for k, v in aligned.items()}
         if accepted:

@@ -64,7 +64,7 @@ def cache(tmp_path, monkeypatch):
     ("compress", ["--align", "7"], "--align: expected 'auto' or a power-of-two channel multiple"),
     ("quantize", ["--eval-samples", "-5"], "argument --eval-samples: expected a finite number >= 1, got '-5'"),
     ("quantize", ["--threads", "0"], "argument --threads: expected a finite number >= 1"),
-    ("quantize", ["--percentile", "0"], "argument --percentile: expected a finite number > 0 and <= 100"),
+    ("quantize", ["--percentile", "0"], "argument --percentile: expected a finite number > 50 and <= 100"),
     ("quantize", ["--max-drop", "nan"], "argument --max-drop: expected a finite number >= 0"),
 ])
 def test_bad_arguments_are_refused_up_front(tmp_path, capsys, command, extra, message):

@@ -250,3 +250,21 @@ def test_a_run_without_a_terminal_logs_one_line_per_phase_and_round(tmp_path):
     assert re.match(r"\[\d:\d\d:\d\d\] round 0: .*top-1 \d+\.\d\d% \(drop [+-]\d+\.\d\d\), MACs \d+\.\d\dM; "
                     r"(~\d+ round\(s\) to the MACs target, ETA \d:\d\d:\d\d|at most \d+ round)", result), result
     assert any("exporting" in ln for ln in lines) and "━" not in proc.stderr  # no progress bars in a log
+
+
+def test_demo_selects_by_predicted_latency_and_reports_the_prediction_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HQP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["demo", "--out", str(out), "--max-rounds", "2", "--select", "latency", "--step", "0.1",
+                 "--delta-max", "100", "--finetune-epochs", "0.2", "--samples", "32", "--threads", "1"]) == 0
+    report = json.loads((out / "hqp.json").read_text())
+    jsonschema.validate(report, HQP_JSON_SCHEMA)
+    assert report["config"]["prune"]["select"] == "latency"
+    accepted = [r for r in report["rounds"] if r["accepted"]]
+    lm = report["latency_model"]
+    assert accepted and [x["round"] for x in lm["rounds"]] == [r["round"] for r in accepted]
+    for x, r in zip(lm["rounds"], accepted):  # every accepted round: predicted and measured in the engine
+        assert x["measured_ms"] == r["latency"] and x["predicted_ms"] == r["predicted_latency"] > 0
+        assert x["error"] == pytest.approx((x["predicted_ms"] - x["measured_ms"]) / x["measured_ms"])
+    assert "Latency model (selection by predicted latency): predicted vs measured" in (out / "report.md").read_text()
+    assert list((tmp_path / "cache" / "latency").glob("latency-*.json")), "the layer table is cached on disk"

@@ -1,0 +1,155 @@
+"""The engine latency model and selection under a latency budget: the plan-to-shape arithmetic, the fused int8
+layer it times, its cache, the greedy knapsack, and the loop that predicts and measures every accepted round."""
+from __future__ import annotations
+
+import warnings
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torchvision
+
+import hqp_fx
+from hqp_fx import meta
+from hqp_fx.hqp import HQPConfig, prune_loop
+from hqp_fx.latency import LatencyModel, LayerShape, _Layer, _qdq_layer, select_for_latency
+from hqp_fx.models import CifarResNet
+from hqp_fx.passes import ChannelDependencyPass, PruneChannelsPass
+
+from helpers import random_plan, realistic_random
+
+X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def analysed(model, x=X):
+    gm = hqp_fx.trace(model, x)
+    ChannelDependencyPass()(gm)
+    return gm
+
+
+def step_table(gm, per_block: float = 0.01, flat: tuple[str, ...] = ()) -> LatencyModel:
+    """A synthetic engine: each layer costs ``per_block`` ms per 16 input x 16 output channels (rounded up), the
+    ``flat`` layers a constant. Stands in for timings so the arithmetic can be checked exactly."""
+    from hqp_fx.latency import _grid, _layer_shapes
+
+    layers = {}
+    for name, (shape, c_in, c_out) in _layer_shapes(gm).items():
+        in_axis = [c_in] if shape.depthwise else _grid(c_in, 1, 10 ** 6)
+        out_axis = _grid(c_out, 1, 10 ** 6)
+        table = [[per_block if name in flat else per_block * -(-ci // 16) * -(-co // 16) for co in out_axis]
+                 for ci in in_axis]
+        layers[name] = _Layer(name, shape, c_in, c_out, in_axis, out_axis, table)
+    return LatencyModel(layers)
+
+
+@pytest.mark.parametrize("name", ["cifar:resnet20", "mobilenet_v3_small"])
+def test_a_plans_predicted_counts_are_the_pruned_models_shapes(name):
+    if name.startswith("cifar"):
+        model, x = realistic_random(CifarResNet(20), X), X
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = torchvision.models.mobilenet_v3_small()
+        x = torch.randn(1, 3, 64, 64)
+    gm = analysed(model, x)
+    engine = step_table(gm)
+    assert any(layer.shape.depthwise for layer in engine.layers.values()) == (name != "cifar:resnet20")
+    plan = random_plan(meta.channel_groups(gm), 0.4, seed=3)
+    pruned = analysed(PruneChannelsPass(plan)(gm).graph_module, x)
+    assert engine.counts(gm, plan) == engine.counts(pruned)
+    assert engine.predict(gm, plan) == pytest.approx(engine.predict(pruned))
+    assert engine.predict(pruned) < engine.predict(gm)
+
+
+def test_the_timed_layer_is_the_fused_int8_convolution(tmp_path):
+    """The layer graph must be what ORT turns into an int8 kernel, or the table would time float convolutions."""
+    shape = LayerShape("conv", (3, 3), (1, 1), (1, 1), (1, 1), False, (1, 16, 16))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(_qdq_layer(shape, 32, 48, reduce_range=False), options, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node}
+    assert "QLinearConv" in ops and "Conv" not in ops, ops
+
+
+def test_measure_times_each_grid_point_once_and_caches_it(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(shape, c_in, c_out, **kw):
+        calls.append((shape.key(), c_in, c_out))
+        return 0.001 * c_in * c_out
+
+    monkeypatch.setattr("hqp_fx.latency.time_layer", fake)
+    gm = analysed(realistic_random(CifarResNet(20), X))
+    first = LatencyModel.measure(gm, threads=1, align=16, cache_dir=tmp_path)
+    assert calls and len(calls) == len(set(calls)), "each distinct (layer shape, counts) point is timed once"
+    assert first.layers["layer3.0.conv1"].in_axis == [16, 32] and first.layers["layer3.0.conv1"].out_axis == \
+        [16, 32, 48, 64]
+    n = len(calls)
+    again = LatencyModel.measure(gm, threads=1, align=16, cache_dir=tmp_path)
+    assert len(calls) == n and again.to_json() == first.to_json()  # all from the cache
+    assert LatencyModel.from_json(first.to_json()).to_json() == first.to_json()
+
+
+def test_selection_never_buys_nothing_and_prefers_cheap_importance_per_ms():
+    gm = analysed(realistic_random(CifarResNet(20), X))
+    groups = {g.id: g for g in meta.channel_groups(gm) if g.prunable}
+    inner = [gid for gid in groups if gid.endswith(".conv1")]
+    # every inner group's layers are flat (pruning them saves nothing) except layer3.2.conv1's
+    flat = tuple(n for n in step_table(gm).layers if n.endswith(("conv1", "conv2")) and not n.startswith("layer3.2"))
+    engine = step_table(gm, flat=flat)
+    scores = {gid: torch.full((g.size,), 0.001 if gid != "layer3.2.conv1" else 1.0) for gid, g in groups.items()}
+    scores["conv1"] = torch.full((groups["conv1"].size,), 5.0)  # the stream: costly to cut
+    plan = select_for_latency(gm, scores, engine, 0.02, align=16, min_keep=16, ignore=())
+    assert set(plan) <= {"layer3.2.conv1", "conv1"} and plan, plan  # the almost free flat groups are never taken
+    assert "layer3.2.conv1" in plan  # 16 channels at importance 16 beat the stream's 80 per block, per ms
+    assert all(len(v) % 16 == 0 for v in plan.values())
+    before = engine.predict(gm)
+    assert engine.predict(gm, plan) <= before * 0.98
+    assert select_for_latency(gm, scores, step_table(gm, flat=tuple(engine.layers)), 0.1, align=16,
+                              min_keep=16) == {}  # nothing saves time: nothing is removed
+    assert inner  # the model has the inner groups the test is about
+
+
+class Stubs:
+    def __init__(self, fail_at=None):
+        self.fail_at = fail_at
+        self.base = hqp_fx.count_params(CifarResNet(20))
+
+    def finetune(self, m, rnd):
+        if rnd == self.fail_at:
+            raise KeyboardInterrupt("simulated kill")
+
+    def evaluate(self, m):
+        return {"top1": 90.0 - 5.0 * (1 - hqp_fx.count_params(m) / self.base)}
+
+
+def _loop(tmp_path, stubs=None, resume=False, **cfg):
+    torch.manual_seed(0)
+    model = realistic_random(CifarResNet(20), X)
+    calib = [(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 10)]
+    stubs = stubs or Stubs()
+    measured = step_table(analysed(model))  # the "engine": the same synthetic table, plus 0.05 ms of overhead
+    config = HQPConfig(**{"delta_max": 50.0, "align": 16, "max_rounds": 4, "select": "latency", "steps": (0.1,),
+                          **cfg})
+    return prune_loop(model, X, calibration=calib, finetune_fn=stubs.finetune, evaluate_fn=stubs.evaluate,
+                      config=config, checkpoint_dir=tmp_path, resume=resume,
+                      latency_fn=lambda m: measured.predict(analysed(m)) + 0.05,
+                      latency_model=lambda gm: step_table(gm))
+
+
+def test_the_loop_predicts_and_measures_every_accepted_round_and_resumes_exactly(tmp_path):
+    res = _loop(tmp_path / "a")
+    accepted = [r for r in res.history if r.accepted]
+    assert accepted and all(r.latency is not None and r.predicted_latency is not None for r in accepted)
+    for r in accepted:  # calibrated on the dense model: the residual is the overhead, so predictions are exact
+        assert r.predicted_latency == pytest.approx(r.latency)
+    lat = [res.baseline_latency] + [r.latency for r in accepted]
+    assert all(b <= a * 0.9 + 1e-9 for a, b in zip(lat, lat[1:])), lat  # each round takes its 10% of the time
+    with pytest.raises(KeyboardInterrupt):
+        _loop(tmp_path / "b", Stubs(fail_at=2))
+    resumed = _loop(tmp_path / "b", resume=True)
+    assert resumed.history == res.history
+    with pytest.raises(ValueError, match="select='latency' needs latency_model"):
+        prune_loop(CifarResNet(20), X, calibration=[], finetune_fn=lambda m, r: None, evaluate_fn=lambda m: {},
+                   config=HQPConfig(select="latency"))

@@ -134,7 +134,7 @@ def _checkpoint_folder(args: argparse.Namespace) -> Path:
     checkpoints = Path(str(args.out).rstrip("/") + ".checkpoints")
     if args.resume and not (checkpoints / "hqp_state.json").is_file():
         raise FileNotFoundError(f"--resume needs {checkpoints}/hqp_state.json from an interrupted run with the same --out")
-    if not args.resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
+    if not args.resume and (checkpoints / "hqp_state.json").is_file():
         raise HQPError(f"{checkpoints} holds the checkpoints of an interrupted run; add --resume to continue it, or "
                        "remove the folder to start over")
     return checkpoints

@@ -31,9 +31,9 @@ import torch.nn as nn
 from . import meta
 from .core import HQPError, atomic_write_text
 from .count import count_macs, count_params
+from .latency import LatencyModel, select_for_latency
 from .passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels, select_channels
 from .passes.sensitivity import CRITERIA, check_flops_normalize
-from .latency import LatencyModel, select_for_latency
 from .serialize import load, save
 from .trace import trace
 

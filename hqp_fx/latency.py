@@ -10,7 +10,8 @@ interpolated on the grid, plus a residual (everything else: adds, pooling, the g
 once against the whole dense model measured in the engine. Tables are cached on disk, keyed by machine,
 versions, preset, input shape and threads.
 
-The layer graphs are written with ``onnx.helper`` rather than through ``quantize`` + ``export_onnx``: those
+A layer is timed as the difference between graphs holding several copies of it and one (see ``time_layer``), so
+the per-run overhead of a session is not counted once per layer. The layer graphs are written with ``onnx.helper`` rather than through ``quantize`` + ``export_onnx``: those
 take seconds per grid point (torch.export, pt2e, the dynamo exporter), the table needs hundreds of points, and
 the resulting pattern is the same one ORT fuses.
 
@@ -41,6 +42,8 @@ from .core import HQPError, atomic_write_text
 
 __all__ = ["LayerShape", "LatencyModel", "select_for_latency", "time_layer"]
 
+TIMING_METHOD = "qdq-copies-difference/1"  # part of the cache key: a change in how layers are timed re-times them
+
 
 @dataclass(frozen=True)
 class LayerShape:
@@ -59,9 +62,10 @@ class LayerShape:
                            self.input])
 
 
-def _qdq_layer(shape: LayerShape, c_in: int, c_out: int, reduce_range: bool) -> bytes:
-    """An ONNX model of one int8 Q/DQ layer, as the onnxruntime preset exports it."""
-    import onnx
+def _qdq_layer(shape: LayerShape, c_in: int, c_out: int, reduce_range: bool, copies: int = 1) -> bytes:
+    """An ONNX model of ``copies`` independent int8 Q/DQ layers on one quantized input, as the onnxruntime preset
+    exports them: DequantizeLinear -> Conv (per-channel int8 weights) -> QuantizeLinear, which ORT fuses to
+    QLinearConv. Outputs stay uint8, as between the layers of a whole model."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -72,41 +76,38 @@ def _qdq_layer(shape: LayerShape, c_in: int, c_out: int, reduce_range: bool) -> 
         x_shape = [batch, c_in, *spatial]
     else:
         w_shape, x_shape = [c_in, c_out], [batch, c_in]
-    inits = [numpy_helper.from_array(rng.integers(-bound, bound + 1, w_shape).astype(np.int8), "w_q"),
-             numpy_helper.from_array(np.full(c_out, 0.01, np.float32), "w_scale"),
+    inits = [numpy_helper.from_array(np.full(c_out, 0.01, np.float32), "w_scale"),
              numpy_helper.from_array(np.zeros(c_out, np.int8), "w_zp"),
              numpy_helper.from_array(np.array(0.05, np.float32), "a_scale"),
              numpy_helper.from_array(np.array(128, np.uint8), "a_zp"),
              numpy_helper.from_array(rng.standard_normal(c_out).astype(np.float32), "bias")]
     nodes = [helper.make_node("QuantizeLinear", ["x", "a_scale", "a_zp"], ["x_q"]),
-             helper.make_node("DequantizeLinear", ["x_q", "a_scale", "a_zp"], ["x_dq"]),
-             helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w_dq"],
-                              axis=0 if shape.kind == "conv" else 1)]
-    if shape.kind == "conv":
-        pads = list(shape.padding) * 2
-        nodes.append(helper.make_node("Conv", ["x_dq", "w_dq", "bias"], ["y"], strides=list(shape.stride),
-                                      pads=pads, dilations=list(shape.dilation),
-                                      group=c_in if shape.depthwise else 1))
-    else:
-        nodes += [helper.make_node("MatMul", ["x_dq", "w_dq"], ["mm"]), helper.make_node("Add", ["mm", "bias"], ["y"])]
-    nodes += [helper.make_node("QuantizeLinear", ["y", "a_scale", "a_zp"], ["y_q"]),
-              helper.make_node("DequantizeLinear", ["y_q", "a_scale", "a_zp"], ["out"])]
+             helper.make_node("DequantizeLinear", ["x_q", "a_scale", "a_zp"], ["x_dq"])]
+    outputs = []
+    for i in range(copies):
+        inits.append(numpy_helper.from_array(rng.integers(-bound, bound + 1, w_shape).astype(np.int8), f"w_q{i}"))
+        nodes.append(helper.make_node("DequantizeLinear", [f"w_q{i}", "w_scale", "w_zp"], [f"w_dq{i}"],
+                                      axis=0 if shape.kind == "conv" else 1))
+        if shape.kind == "conv":
+            nodes.append(helper.make_node("Conv", ["x_dq", f"w_dq{i}", "bias"], [f"y{i}"], strides=list(shape.stride),
+                                          pads=list(shape.padding) * 2, dilations=list(shape.dilation),
+                                          group=c_in if shape.depthwise else 1))
+        else:
+            nodes += [helper.make_node("MatMul", ["x_dq", f"w_dq{i}"], [f"mm{i}"]),
+                      helper.make_node("Add", [f"mm{i}", "bias"], [f"y{i}"])]
+        nodes.append(helper.make_node("QuantizeLinear", [f"y{i}", "a_scale", "a_zp"], [f"y_q{i}"]))
+        outputs.append(helper.make_tensor_value_info(f"y_q{i}", TensorProto.UINT8, None))
     graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    return model.SerializeToString()
+                              outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
 
 
-def time_layer(shape: LayerShape, c_in: int, c_out: int, *, threads: int = 2, reduce_range: bool = False,
-               runs: int = 30, warmup: int = 5) -> float:
-    """Median ms of one int8 layer in ONNX Runtime (CPU, ``threads`` intra-op threads), in this process."""
+def _median_ms(model: bytes, x_shape: list[int], threads: int, runs: int, warmup: int) -> float:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(_qdq_layer(shape, c_in, c_out, reduce_range), options,
-                                   providers=["CPUExecutionProvider"])
-    x_shape = [shape.input[0], c_in, *shape.input[1:]] if shape.kind == "conv" else [shape.input[0], c_in]
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     feed = {"x": np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)}
     for _ in range(warmup):
         session.run(None, feed)
@@ -116,6 +117,19 @@ def time_layer(shape: LayerShape, c_in: int, c_out: int, *, threads: int = 2, re
         session.run(None, feed)
         times.append(time.perf_counter() - t)
     return 1e3 * float(np.median(times))
+
+
+def time_layer(shape: LayerShape, c_in: int, c_out: int, *, threads: int = 2, reduce_range: bool = False,
+               runs: int = 30, warmup: int = 5, copies: int = 4) -> float:
+    """Median ms of one int8 layer in ONNX Runtime (CPU, ``threads`` intra-op threads), in this process.
+
+    A session run costs a fixed overhead (and the input's quantization) that a layer inside a whole model does not
+    pay; timed alone, small layers would be all overhead. So the time is the difference between graphs of
+    ``copies`` and of one copy of the layer, per extra copy."""
+    x_shape = [shape.input[0], c_in, *shape.input[1:]] if shape.kind == "conv" else [shape.input[0], c_in]
+    one = _median_ms(_qdq_layer(shape, c_in, c_out, reduce_range), x_shape, threads, runs, warmup)
+    many = _median_ms(_qdq_layer(shape, c_in, c_out, reduce_range, copies), x_shape, threads, runs, warmup)
+    return max(many - one, 0.0) / (copies - 1)
 
 
 def _grid(full: int, align: int, points: int) -> list[int]:
@@ -167,8 +181,9 @@ def _machine_key(threads: int, preset: str, reduce_range: bool) -> str:
         flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
     except OSError:
         pass
-    text = json.dumps([platform.processor(), platform.machine(), os.cpu_count(), hashlib.sha256(flags.encode()).hexdigest(),
-                       onnxruntime.__version__, preset, reduce_range, threads])
+    text = json.dumps([TIMING_METHOD, platform.processor(), platform.machine(), os.cpu_count(),
+                       hashlib.sha256(flags.encode()).hexdigest(), onnxruntime.__version__, preset, reduce_range,
+                       threads])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

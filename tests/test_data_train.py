@@ -190,6 +190,7 @@ def test_finetune_distills_towards_the_teacher_without_touching_it():
         FinetuneConfig(distill=1.5)
 
 
+@pytest.mark.slow
 def test_real_checkpoint_accuracy_on_full_jpeg_test_set(shared_dir, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HQP_CACHE", str(tmp_path_factory.mktemp("cache")))
     test = load_split(unpack_once(shared_dir / "data/cifar10-jpeg/test.tar.gz") / "test")

@@ -96,6 +96,7 @@ def _calibration(example: torch.Tensor, n: int = 8, seed: int = 2) -> torch.Tens
 ZOO_FOR_QUANT = [name for name in ZOO_TORCHVISION if name not in ("inception_v3",)]  # inception: see its own test
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ZOO_FOR_QUANT)
 def test_every_preset_quantizes_the_zoo(name):
     model, example = build_zoo_model(name)
@@ -127,6 +128,7 @@ def test_inception_v3_needs_eval_mode_export():
     assert len(result.quantized_layers) == len(folded_weights(model, example))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "densenet121",
                                   "cifar:resnet56"])
 def test_pruned_models_quantize(name):

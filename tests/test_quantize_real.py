@@ -26,6 +26,7 @@ def resnet56_and_data(shared_dir):
     return model, (x[first], y[first]), x[second]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
 def test_int8_resnet56_within_half_a_point(resnet56_and_data, backend, tmp_path):
     model, (x, y), calibration = resnet56_and_data

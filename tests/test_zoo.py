@@ -18,6 +18,7 @@ from helpers import (ZOO_CIFAR, ZOO_TORCHVISION, assert_close, build_zoo_model, 
                      onnx_roundtrip, random_plan)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ZOO_TORCHVISION + ZOO_CIFAR)
 def test_equivalence_property(name, tmp_path):
     model, x = build_zoo_model(name)

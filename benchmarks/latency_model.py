@@ -14,7 +14,6 @@ latency, not a loop.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -105,7 +104,8 @@ def main() -> None:
     times = {name: [] for name in files}
     for r in range(args.rounds):
         for name, path in files.items():
-            times[name].append(measure_onnx(path, tuple(example.shape), threads=args.threads, runs=args.runs)["median_ms"])
+            stats = measure_onnx(path, tuple(example.shape), threads=args.threads, runs=args.runs)
+            times[name].append(stats["median_ms"])
         log(f"timing round {r + 1}/{args.rounds} done")
     measured = {name: statistics.median(t) for name, t in times.items()}
     dense_ms = measured["dense"]
@@ -122,7 +122,8 @@ def main() -> None:
               "command": " ".join(sys.argv)}
     write_json(Path(args.out), result)
     print(f"\n{args.model} batch {args.batch}, {args.criterion}{' per MAC' if args.flops_normalize else ''}, "
-          f"ignore {args.ignore}: dense INT8 {dense_ms:.3f} ms, FP32 top-1 {dense_top1:.2f} ({args.images} test images); "
+          f"ignore {args.ignore}: dense INT8 {dense_ms:.3f} ms, FP32 top-1 {dense_top1:.2f} ({args.images} test "
+          "images); "
           f"prediction error mean {100 * result['mean_abs_error']:.1f}%, max {100 * result['max_abs_error']:.1f}%")
     print("| selector | step | predicted ms | measured ms | error | vs dense INT8 | MACs M | top-1 (no fine-tune) |")
     print("|---|---|---|---|---|---|---|---|")

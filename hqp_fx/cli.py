@@ -212,8 +212,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     model = train_demo_model(train, seed=args.seed)
     report = _run_compress(args, model, torch.randn(1, 3, 8, 8), train, validation, test, augment=False, lr=args.lr,
                            identity={"model spec": "demo"},
-                           validation_source=f"held out from the training images before the demo model was "
-                                             f"trained (stratified, {args.val_fraction:g} of each class, seed {args.seed})")
+                           validation_source=f"held out from the training images before the demo model was trained "
+                                             f"(stratified, {args.val_fraction:g} of each class, seed {args.seed})")
     _summarise(report, args.out)
     return 0
 
@@ -221,8 +221,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _number(kind: type, low: float | None = None, high: float | None = None, *, open_low: bool = False,
             open_high: bool = False):
     """An argparse type: an int or a finite float within bounds, refused up front with the value named."""
-    bounds = " and ".join(b for b in (
-        low is not None and f"{'>' if open_low else '>='} {low:g}", high is not None and f"{'<' if open_high else '<='} {high:g}") if b)
+    bounds = " and ".join(b for b in (low is not None and f"{'>' if open_low else '>='} {low:g}",
+                                      high is not None and f"{'<' if open_high else '<='} {high:g}") if b)
 
     def parse(text: str):
         try:
@@ -281,11 +281,12 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--delta-max", type=_NON_NEGATIVE, default=1.0, help="largest allowed top-1 drop in points")
     c.add_argument("--step", type=_FRACTION, default=0.05, help="fraction of channels pruned per round (then 2%%, 1%%)")
     c.add_argument("--finetune-epochs", type=_NON_NEGATIVE, default=1.0 if demo else 2.0)
-    c.add_argument("--recover-epochs", type=_NON_NEGATIVE, default=0.0, help="after the last round, fine-tune the pruned "
-                   "model this many epochs more (kept only if top-1 does not fall); 0: no recovery fine-tune")
-    c.add_argument("--lr", type=_number(float, 0, open_low=True), default=0.01, help="fine-tune learning rate (1/10 of the base rate)")
-    c.add_argument("--distill", type=_number(float, 0, 1), default=0.0, help="fine-tune with this weight on distillation from the "
-                   "dense model (e.g. 0.9; the rest on the labels); 0: labels only")
+    c.add_argument("--recover-epochs", type=_NON_NEGATIVE, default=0.0, help="after the last round, fine-tune the "
+                   "pruned model this many epochs more (kept only if top-1 does not fall); 0: no recovery fine-tune")
+    c.add_argument("--lr", type=_number(float, 0, open_low=True), default=0.01,
+                   help="fine-tune learning rate (1/10 of the base rate)")
+    c.add_argument("--distill", type=_number(float, 0, 1), default=0.0, help="fine-tune with this weight on "
+                   "distillation from the dense model (e.g. 0.9; the rest on the labels); 0: labels only")
     c.add_argument("--temperature", type=_number(float, 0, open_low=True), default=4.0, help="distillation temperature")
     c.add_argument("--align", type=_align_arg, default="auto", help="round kept channels to this multiple; auto "
                    "(default): the block width of the --backend's INT8 convolutions, 16 for every backend "

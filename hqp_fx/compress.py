@@ -126,8 +126,9 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
     identity = {"data.train": train.digest(), "data.validation": validation.digest(),
                 **{f"finetune.{k}": v for k, v in asdict(config.finetune).items()}, "batch_size": config.batch_size,
                 "augment": config.augment, "calib_images_per_class": config.calib_images_per_class,
-                **({"latency.quant": asdict(latency_quant) if latency_quant else None, "latency.threads": config.threads}
-                   if config.prune.target_latency is not None else {}), **(fingerprint or {})}
+                **({"latency.quant": asdict(latency_quant) if latency_quant else None,
+                    "latency.threads": config.threads} if config.prune.target_latency is not None else {}),
+                **(fingerprint or {})}
     def engine_model(gm):
         progress("latency model: timing every conv/linear layer in ONNX Runtime (int8) on a grid of channel counts")
         return LatencyModel.measure(gm, threads=config.threads, align=config.prune.align,

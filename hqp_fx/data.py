@@ -21,7 +21,8 @@ import torch
 
 from .core import atomic_torch_save
 
-__all__ = ["ImageSet", "SplitFolders", "load_split", "find_splits", "BatchLoader", "unpack_once", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["ImageSet", "SplitFolders", "load_split", "find_splits", "BatchLoader", "unpack_once", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -206,9 +206,9 @@ def ship_quantized(model: torch.nn.Module, example: torch.Tensor, calibration: I
     fp32_acc = evaluate(model, evaluation)
     progress(f"calibrating ({config.calibration}, {config.num_samples} samples, backend {config.backend})")
     if max_drop is not None:
+        judged = validation if validation is not None else evaluation
         result = hybrid_quantize(model, example, calibration, config, max_drop=max_drop,
-                                 evaluate=onnxruntime_top1(example, validation if validation is not None else evaluation,
-                                                           threads, dynamic_batch))
+                                 evaluate=onnxruntime_top1(example, judged, threads, dynamic_batch))
     else:
         result = quantize(model, example, calibration, config)
     progress("exporting ONNX (FP32 and INT8 Q/DQ)")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import time
@@ -375,8 +374,3 @@ def select_for_latency(gm: fx.GraphModule, scores: Mapping[str, torch.Tensor], m
             room[t] -= n
         now -= saving
     return {k: sorted(v) for k, v in plan.items()}
-
-
-def within(predicted: float, measured: float) -> float:
-    """Relative prediction error, signed (positive: the model predicted slower than measured)."""
-    return (predicted - measured) / measured if measured > 0 and math.isfinite(predicted) else float("nan")

@@ -33,7 +33,7 @@ __all__ = ["OrtModel", "measure_onnx", "ship_quantized", "ShipResult", "machine_
 class OrtModel(torch.nn.Module):
     """An ONNX file behind the nn.Module call interface, so ``train.evaluate`` scores what actually ships.
 
-    A static-batch model is fed in slices of its batch size.
+    A static-batch model is fed in slices of its batch size, the last one padded.
     """
 
     def __init__(self, path: str | os.PathLike, threads: int = 2):
@@ -48,8 +48,12 @@ class OrtModel(torch.nn.Module):
         self.batch = dim0 if isinstance(dim0, int) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pieces = x.split(self.batch) if self.batch else (x,)
-        outs = [self.session.run(None, {self.input_name: p.numpy()})[0] for p in pieces]
+        outs = []
+        for piece in (x.split(self.batch) if self.batch else (x,)):
+            n = len(piece)
+            if self.batch and n < self.batch:  # the last slice: padded to the static batch, the padding dropped
+                piece = torch.cat([piece, piece.new_zeros((self.batch - n, *piece.shape[1:]))])
+            outs.append(self.session.run(None, {self.input_name: piece.numpy()})[0][:n])
         return torch.from_numpy(np.concatenate(outs))
 
 

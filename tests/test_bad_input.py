@@ -388,3 +388,17 @@ def test_backend_auto_picks_the_engine_this_machine_can_build(monkeypatch, capsy
     with pytest.raises(SystemExit):
         build_parser().parse_args(base + ["--backend", "openvino"])
     assert "expected auto or one of tensorrt, onnxruntime, x86-inductor, got 'openvino'" in capsys.readouterr().err
+
+
+def test_ort_model_feeds_a_static_batch_file_any_number_of_images(tmp_path):
+    """A file exported at batch 4 scores 10 images: the last slice is padded, not refused by ONNX Runtime."""
+    from hqp_fx.deploy import OrtModel
+    from hqp_fx.passes.onnx import export_onnx
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    export_onnx(model, (torch.randn(4, 3, 8, 8),), tmp_path / "b4.onnx")
+    x = torch.randn(10, 3, 8, 8)
+    out = OrtModel(tmp_path / "b4.onnx", threads=1)(x)
+    assert out.shape == (10, 3)
+    with torch.no_grad():
+        assert torch.allclose(out, model(x), atol=1e-5)

@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--ignore", nargs="*", default=["conv1"])
     ap.add_argument("--finetune-epochs", type=float, default=0.2)
     ap.add_argument("--max-rounds", type=int, default=12)
+    ap.add_argument("--distill", type=float, default=0.0, help="distillation weight from the dense model")
+    ap.add_argument("--delta-max", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="/tmp/latency_loop.json")
     args = ap.parse_args()
@@ -52,9 +54,9 @@ def main() -> None:
     model = build_model(args.model, str(SHARED / "models/cifar-resnet" / WEIGHTS[args.model])).model
     train, test = cifar_splits(Path(args.data))
     config = CompressConfig(
-        prune=HQPConfig(delta_max=1.0, criterion=args.criterion, align=16, target_latency=args.target_latency,
+        prune=HQPConfig(delta_max=args.delta_max, criterion=args.criterion, align=16, target_latency=args.target_latency,
                         select=args.select, ignore=tuple(args.ignore), max_rounds=args.max_rounds),
-        finetune=FinetuneConfig(epochs=args.finetune_epochs, lr=0.01),
+        finetune=FinetuneConfig(epochs=args.finetune_epochs, lr=0.01, distill=args.distill),
         quant=QuantConfig(backend="onnxruntime", calibration="histogram", num_samples=256),
         ablation=True, threads=args.threads)
     start = time.time()
@@ -66,6 +68,7 @@ def main() -> None:
     var, acc = report["variants"], report["accuracy"]
     row = {"select": args.select, "model": args.model, "batch": args.batch, "target_latency": args.target_latency,
            "criterion": args.criterion, "ignore": args.ignore, "finetune_epochs": args.finetune_epochs,
+           "distill": args.distill, "delta_max": args.delta_max, "rounds_ms": {k: v["rounds_ms"] for k, v in var.items()},
            "seconds": time.time() - start, "stop_reason": report["stop_reason"], "rounds": report["rounds"],
            "test_top1": {k: v["top1"] for k, v in var.items()}, "val_top1": {k: v["val_top1"] for k, v in var.items()},
            "latency_ms": {k: v["latency_ms"] for k, v in var.items()},

@@ -21,7 +21,7 @@ from . import meta
 from .core import atomic_write, atomic_write_text
 from .count import count_macs, count_params
 from .data import BatchLoader, ImageSet
-from .deploy import OrtModel, measure_onnx, ship_quantized, versions, write_json
+from .deploy import OrtModel, measure_alternating, measure_onnx, ship_quantized, versions, write_json
 from .hqp import HQPConfig, PruneResult, RoundRecord, prune_loop
 from .latency import LatencyModel
 from .passes.onnx import export_onnx
@@ -49,11 +49,14 @@ class CompressConfig:
     hybrid: bool = True  # keep sensitive layers in FP when INT8 would break delta_max
     threads: int = 2
     latency_runs: int = 100
+    latency_rounds: int = 3  # the variants are timed in alternating rounds: a slow spell of the machine hits all
 
     def __post_init__(self):
         if not 0 < self.val_fraction < 1 or self.val_max_images < 1:
             raise ValueError(f"val_fraction must be in (0, 1) and val_max_images >= 1, got {self.val_fraction}, "
                              f"{self.val_max_images}")
+        if self.latency_rounds < 1:
+            raise ValueError(f"latency_rounds must be >= 1, got {self.latency_rounds}")
         if self.recover_epochs < 0:
             raise ValueError(f"recover_epochs must be >= 0 (0: no recovery fine-tune), got {self.recover_epochs}")
 
@@ -155,24 +158,27 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
     ship = shipped.report
     progress("evaluating the dense model on the test split")
     dense_test = evaluate(dense, test_loader, num_classes=len(test.classes))
-    dense_latency = measure_onnx(dense_onnx, tuple(example.shape), threads=config.threads, runs=config.latency_runs)
     on_val = ship["accuracy"]["validation"]
     variants = {
-        "dense_fp32": {"top1": dense_test["top1"], "val_top1": pruned.baseline["top1"], **_lat(dense_latency)},
-        "prune_only_fp32": {"top1": ship["accuracy"]["fp32"]["top1"], "val_top1": on_val["fp32"]["top1"],
-                            **_lat(ship["latency_onnxruntime_cpu"]["fp32"])},
+        "dense_fp32": {"top1": dense_test["top1"], "val_top1": pruned.baseline["top1"]},
+        "prune_only_fp32": {"top1": ship["accuracy"]["fp32"]["top1"], "val_top1": on_val["fp32"]["top1"]},
         "hqp_int8": {"top1": ship["accuracy"]["int8_onnxruntime"]["top1"],
-                     "val_top1": on_val["int8_onnxruntime"]["top1"], **_lat(ship["latency_onnxruntime_cpu"]["int8"])},
+                     "val_top1": on_val["int8_onnxruntime"]["top1"]},
     }
+    files = {"dense_fp32": dense_onnx, "prune_only_fp32": stage / "model_fp32.onnx",
+             "hqp_int8": stage / "model_int8.onnx"}
     if config.ablation:
         progress("ablation: quantize-only (dense INT8)")
         dense_int8 = quantize(model, example, calibration, config.quant)
-        path = stage / "model_dense_int8.onnx"
+        files["quantize_only_int8"] = path = stage / "model_dense_int8.onnx"
         export_onnx(dense_int8.model, (example,), path)
         variants["quantize_only_int8"] = {
             "top1": evaluate(OrtModel(path, config.threads), test_loader)["top1"],
-            "val_top1": evaluate(OrtModel(path, config.threads), val_loader)["top1"],
-            **_lat(measure_onnx(path, tuple(example.shape), threads=config.threads, runs=config.latency_runs))}
+            "val_top1": evaluate(OrtModel(path, config.threads), val_loader)["top1"]}
+    progress(f"timing every variant in ONNX Runtime, {config.latency_rounds} alternating rounds")
+    for name, stats in measure_alternating(files, tuple(example.shape), threads=config.threads,
+                                           runs=config.latency_runs, rounds=config.latency_rounds).items():
+        variants[name].update(_lat(stats), rounds_ms=stats["rounds_ms"])
     base = variants["dense_fp32"]
     for v in variants.values():
         v["drop"] = base["top1"] - v["top1"]
@@ -218,8 +224,9 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
                    "ablation": config.ablation, "val_fraction": config.val_fraction,
                    "val_max_images": config.val_max_images},
         "machine": ship["machine"],
-        "latency_engine": f"ONNX Runtime CPUExecutionProvider, {config.threads} threads, median of "
-                          f"{config.latency_runs} runs after 10 warm-ups, batch {example.shape[0]}",
+        "latency_engine": f"ONNX Runtime CPUExecutionProvider, {config.threads} threads, batch {example.shape[0]}: "
+                          f"each file's median of {config.latency_runs} runs after 10 warm-ups, in its own process, "
+                          f"over {config.latency_rounds} rounds alternating between the files (median round)",
         "versions": versions(),
     }
     write_json(stage / "hqp.json", report)

@@ -27,7 +27,8 @@ from .passes.quantize import QuantConfig, QuantizeResult, hybrid_quantize, quant
 from .passes.tensorrt import build_tensorrt_engine, verify_onnx
 from .train import evaluate
 
-__all__ = ["OrtModel", "measure_onnx", "ship_quantized", "ShipResult", "machine_description", "stage_output"]
+__all__ = ["OrtModel", "measure_onnx", "measure_alternating", "ship_quantized", "ShipResult", "machine_description",
+           "stage_output"]
 
 
 class OrtModel(torch.nn.Module):
@@ -98,6 +99,22 @@ def measure_onnx(path: str | os.PathLike, input_shape: tuple[int, ...], *, threa
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     stats.update(size_mb=Path(path).stat().st_size / 2**20, threads=threads, runs=runs, warmup=warmup)
     return stats
+
+
+def measure_alternating(paths: dict[str, Path], input_shape: tuple[int, ...], *, threads: int = 2, runs: int = 100,
+                        rounds: int = 3) -> dict[str, dict]:
+    """``measure_onnx`` of every file, in ``rounds`` rounds alternating between them; per file the stats of its
+    median round, plus ``rounds_ms``. On a shared 2-core VM one measurement of an unchanged file moved by 20-40%
+    (benchmarks/RESULTS.md); alternating spreads a slow spell over every file instead of one."""
+    results: dict[str, list[dict]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, path in paths.items():
+            results[name].append(measure_onnx(path, input_shape, threads=threads, runs=runs))
+    out = {}
+    for name, stats in results.items():
+        middle = sorted(stats, key=lambda st: st["median_ms"])[len(stats) // 2]
+        out[name] = {**middle, "rounds_ms": [st["median_ms"] for st in stats]}
+    return out
 
 
 def machine_description() -> str:

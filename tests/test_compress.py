@@ -268,3 +268,20 @@ def test_demo_selects_by_predicted_latency_and_reports_the_prediction_error(tmp_
         assert x["error"] == pytest.approx((x["predicted_ms"] - x["measured_ms"]) / x["measured_ms"])
     assert "Latency model (selection by predicted latency): predicted vs measured" in (out / "report.md").read_text()
     assert list((tmp_path / "cache" / "latency").glob("latency-*.json")), "the layer table is cached on disk"
+
+
+def test_variants_are_timed_in_alternating_rounds_and_the_median_round_is_kept(monkeypatch, tmp_path):
+    from hqp_fx import deploy
+
+    calls = []
+    fake = {"a": [5.0, 1.0, 3.0], "b": [2.0, 9.0, 4.0]}
+
+    def measure(path, shape, **kw):
+        calls.append(path.name)
+        return {"median_ms": fake[path.name].pop(0), "size_mb": 1.0, "peak_rss_mb": 1.0}
+
+    monkeypatch.setattr(deploy, "measure_onnx", measure)
+    out = deploy.measure_alternating({"a": tmp_path / "a", "b": tmp_path / "b"}, (1, 3, 8, 8), rounds=3)
+    assert calls == ["a", "b", "a", "b", "a", "b"]  # a slow spell hits both files, not one
+    assert out["a"]["median_ms"] == 3.0 and out["a"]["rounds_ms"] == [5.0, 1.0, 3.0]
+    assert out["b"]["median_ms"] == 4.0

@@ -188,7 +188,9 @@ def _summarise(report: dict, out: str) -> None:
           f"(drop {acc['final_drop']:.2f}; validation drop {acc['validation']['final_drop']:.2f}; "
           f"delta_max {report['delta_max']}: "
           f"{'ok' if report['within_delta_max'] else 'BROKEN'}) | MACs {comp['macs_reduction']:.2f}x fewer | "
-          f"ORT latency {_times(var['hqp_int8']['speedup'])} than dense FP32 | {report['tensorrt']['reason']}")
+          f"ORT latency {_times(var['hqp_int8']['speedup'])} than dense FP32"
+          + (f", {_times(q)} than quantize-only" if (q := report.get("hqp_vs_quantize_only")) else "")
+          + f" | {report['tensorrt']['reason']}")
     print(f"wrote {out} (report.md, hqp.json, ONNX models, plots)")
 
 

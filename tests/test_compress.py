@@ -45,6 +45,10 @@ def test_demo_writes_every_output_and_a_valid_sidecar(demo_run):
     assert len(report["rounds"]) == 3 and report["stop_reason"].startswith("max_rounds")
     assert report["recovery"] is None and report["config"]["recover_epochs"] == 0
     assert set(report["variants"]) == {"dense_fp32", "prune_only_fp32", "hqp_int8", "quantize_only_int8"}
+    var = report["variants"]  # speed-ups: the median of round-paired ratios over the alternating timing rounds
+    paired = sorted(q / h for q, h in zip(var["quantize_only_int8"]["rounds_ms"], var["hqp_int8"]["rounds_ms"]))
+    assert len(paired) == 3 and report["hqp_vs_quantize_only"] == paired[1]
+    assert "HQP INT8 against quantize-only INT8" in (demo_run / "report.md").read_text()
     assert report["compression"]["macs"][1] < report["compression"]["macs"][0]
     assert report["within_delta_max"] == (report["accuracy"]["final_drop"] <= report["delta_max"])
     assert report["config"]["finetune"]["distill"] == 0.9 and report["config"]["finetune"]["temperature"] == 4.0

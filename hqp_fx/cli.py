@@ -141,9 +141,11 @@ def _checkpoint_folder(args: argparse.Namespace) -> Path:
 
 
 def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, validation, test, *, augment: bool,
-                  lr: float, identity: dict, validation_source: str = "the data's val/ folder") -> dict:
-    """Shared by ``hqp compress`` and ``hqp demo``: stage, run with progress, summarise. ``identity`` joins the
-    checkpoints' run fingerprint (what a resume must share: the model spec, ...)."""
+                  lr: float, checkpoints: Path, identity: dict,
+                  validation_source: str = "the data's val/ folder") -> dict:
+    """Shared by ``hqp compress`` and ``hqp demo``: stage, run with progress, summarise. ``checkpoints`` comes from
+    ``_checkpoint_folder``, checked before the data was loaded; ``identity`` joins the checkpoints' run fingerprint
+    (what a resume must share: the model spec, ...)."""
     from .compress import CompressConfig, compress, remove_checkpoints
     from .deploy import stage_output
     from .hqp import HQPConfig, step_schedule
@@ -166,7 +168,6 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, va
         quant=QuantConfig(backend=args.backend, calibration=args.calibration, num_samples=args.samples),
         batch_size=args.batch_size, augment=augment, ablation=args.ablation, hybrid=not args.no_hybrid,
         threads=args.threads, val_fraction=args.val_fraction, val_max_images=args.val_max)
-    checkpoints = _checkpoint_folder(args)
     base_macs = count_macs(model, example) if args.target_macs is not None else None
     with stage_output(args.out) as stage, RunProgress(args.max_rounds, base_macs=base_macs,
                                                       target_macs=args.target_macs) as progress:
@@ -195,9 +196,10 @@ def _summarise(report: dict, out: str) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    _checkpoint_folder(args)
+    checkpoints = _checkpoint_folder(args)
     spec, size, example, train, validation, test = _model_and_data(args)
     report = _run_compress(args, spec.model, example, train, validation, test, augment=True, lr=args.lr,
+                           checkpoints=checkpoints,
                            identity={"model spec": args.model, "input size": size})
     _summarise(report, args.out)
     return 0
@@ -206,13 +208,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import digits, train_demo_model
 
-    _checkpoint_folder(args)
+    checkpoints = _checkpoint_folder(args)
     train, test = digits()
     train, validation = train.hold_out(args.val_fraction, args.val_max, seed=args.seed)  # before training: unseen
     print(f"demo: scikit-learn handwritten digits ({len(train)} train / {len(validation)} validation / {len(test)} "
           "test images, 8x8), training a small CNN on the spot ...", flush=True)
     model = train_demo_model(train, seed=args.seed)
     report = _run_compress(args, model, torch.randn(1, 3, 8, 8), train, validation, test, augment=False, lr=args.lr,
+                           checkpoints=checkpoints,
                            identity={"model spec": "demo"},
                            validation_source=f"held out from the training images before the demo model was trained "
                                              f"(stratified, {args.val_fraction:g} of each class, seed {args.seed})")

@@ -213,7 +213,7 @@ def prune_loop(
         example = meta.example_inputs(current)
         baseline, base_macs, base_params = state["baseline"], state["baseline_macs"], state["baseline_params"]
         base_latency = state.get("baseline_latency")
-        history = [RoundRecord(**r) for r in state["history"]]
+        history = state["history"]
         step_index, next_round, rejected = state["step_index"], state["next_round"], state.get("rejected_plan")
         if "stop_reason" in state:  # the rounds had finished: resuming returns that result
             next_round = config.max_rounds
@@ -385,10 +385,9 @@ def _read_state(ckpt: Path | None) -> dict | None:
                           ("history", list), ("step_index", int), ("next_round", int)):
             if not isinstance(state.get(key), kind):
                 raise ValueError(f"field {key!r} is missing or not a {kind.__name__}")
-        state["history"] = [RoundRecord(**r) for r in state["history"]]
+        state["history"] = [RoundRecord(**r) for r in state["history"]]  # a damaged record fails here
     except (ValueError, TypeError, UnicodeDecodeError) as exc:
         raise HQPError(f"{path} is damaged ({exc}); remove {ckpt} to start over") from None
-    state["history"] = [asdict(r) for r in state["history"]]
     return state
 
 

@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from . import meta
 from .core import HQPError, atomic_write_text
+from .data import cache_dir as data_cache_dir
 
 __all__ = ["LayerShape", "LatencyModel", "select_for_latency", "time_layer"]
 
@@ -223,7 +224,7 @@ class LatencyModel:
         """Time every conv/linear layer of ``gm`` on a grid of ``points`` x ``points`` kept counts (multiples of
         ``align``); grid points already in the disk cache are not timed again."""
         key = _machine_key(threads, preset, reduce_range)
-        cache_file = (cache_dir or _cache_dir()) / f"latency-{key}.json"
+        cache_file = (cache_dir or data_cache_dir() / "latency") / f"latency-{key}.json"
         cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
         layers, timed = {}, 0
         for name, (shape, c_in, c_out) in _layer_shapes(gm).items():
@@ -308,10 +309,6 @@ class LatencyModel:
             raise HQPError(f"damaged latency model ({type(exc).__name__}: {exc})") from None
 
 
-def _cache_dir() -> Path:
-    from .data import cache_dir
-
-    return cache_dir() / "latency"
 
 
 def _tensor_limits(analysis, min_keep: int):

@@ -241,8 +241,12 @@ def _module_spec(name: str, mod: nn.Module) -> dict:
     return spec
 
 
-def _user_module(name: str, spec: dict, templates: dict[str, nn.Module]) -> nn.Module:
-    """A copy of the caller's own module for a leaf the file marks as user code (its tensors come from the file)."""
+def _module(name: str, spec: Any, templates: dict[str, nn.Module]) -> nn.Module:
+    """A module record: a listed torch.nn layer rebuilt from its arguments, or a user's leaf module, which
+    comes from the caller's ``templates``, copied (its tensors come from the file)."""
+    if not (isinstance(spec, dict) and set(spec) == {"type", "user_module"} and spec["user_module"] is True
+            and isinstance(spec["type"], str)):
+        return _build_module(spec)
     template = templates.get(name)
     if template is None or _qualname(type(template)) != spec["type"]:
         raise HQPError(f"module {name!r} is a user module of type {spec['type']!r}: the file holds its tensors but "
@@ -363,11 +367,7 @@ def _rebuild(payload: dict, templates: dict[str, nn.Module]) -> fx.GraphModule:
         raise HQPError("the graph record is malformed")
 
     # 1. validate everything and build the modules on the meta device: nothing runs yet
-    root: dict[str, Any] = {
-        _dotted(q, "module name"): _user_module(q, m, templates)
-        if isinstance(m, dict) and set(m) == {"type", "user_module"} and m["user_module"] is True and isinstance(
-            m["type"], str) else _build_module(m)
-        for q, m in spec["modules"].items()}
+    root: dict[str, Any] = {_dotted(q, "module name"): _module(q, m, templates) for q, m in spec["modules"].items()}
     tensors = {**buffers, **params}
     graph = fx.Graph()
     nodes: dict[str, fx.Node] = {}

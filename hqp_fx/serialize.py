@@ -34,9 +34,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import meta
+from . import meta, ops
 from .core import HQPError, atomic_torch_save
-from .passes import dependency as _dep
 from .trace import propagate_shapes
 
 __all__ = ["save", "load", "LOADABLE_FUNCTIONS", "LOADABLE_METHODS", "LOADABLE_MODULES", "LOADABLE_ATTRIBUTES"]
@@ -68,19 +67,15 @@ _EXTRA_FUNCTIONS = {
     F.linear, F.layer_norm, F.batch_norm, F.group_norm, F.instance_norm, F.scaled_dot_product_attention,
     F.embedding, F.unfold, F.fold, F.hardshrink, F.glu, F.logsigmoid, F.softsign, F.prelu,
 }
-_EXTRA_FUNCTIONS |= set(_dep._CONV_FUNCTIONS) | _dep._PAD_FUNCTIONS
-LOADABLE_FUNCTIONS: dict[str, Any] = _table(
-    _dep._MOVE_FUNCTIONS | _dep._ELEMENTWISE_FUNCTIONS | _dep._SPATIAL_FUNCTIONS | _dep._REDUCE_FUNCTIONS
-    | _dep._SOFTMAX | _EXTRA_FUNCTIONS | {getattr})
+LOADABLE_FUNCTIONS: dict[str, Any] = _table(ops.functions() | _EXTRA_FUNCTIONS | {getattr})
 
 # ``getattr`` is what fx records for ``x.shape``; it is loadable only on a graph value and for these names
 LOADABLE_ATTRIBUTES = frozenset({"shape", "dtype", "device", "ndim", "T", "mT", "is_cuda"})
 
 # call_method targets: public, non-mutating-of-the-world tensor methods, each checked to exist on torch.Tensor
 LOADABLE_METHODS = frozenset(
-    m for m in (_dep._MOVE_METHODS | _dep._ELEMENTWISE_METHODS | _dep._REDUCE_METHODS
-                | {"size", "dim", "numel", "softmax", "log_softmax", "matmul", "bmm", "index_select", "sigmoid",
-                   "argmax", "unfold", "masked_fill_"})
+    m for m in (ops.methods() | {"size", "dim", "numel", "matmul", "bmm", "index_select", "argmax", "unfold",
+                                 "masked_fill_"})
     - {"type"}  # Tensor.type(str) parses a type name: not needed by any traced model we know
     if not m.startswith("_") and callable(getattr(torch.Tensor, m, None)))
 

@@ -9,13 +9,15 @@ concat offsets, flatten strides or shuffles are never modelled by hand and canno
 from what the op does. Ops that compute (add, mul, BN, conv, ...) follow small rules:
 elementwise ops union the elements that meet at the same position, producers mint new
 elements, parameterised layers record which parameter entries carry which element.
-Anything unknown pins its channels, with the node named in the reason: never silently wrong.
+Which rule an op follows is the op-rule registry's business (``hqp_fx.ops``); this module is the engine the
+rules call and knows no op by name. Anything unknown pins its channels, with the node named in the reason:
+never silently wrong.
 """
 from __future__ import annotations
 
 import operator
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -23,97 +25,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from .. import meta
+from .. import meta, ops
+from ..branches import find_branches
 from ..core import GraphPass, PassError, PassResult
 from ..groups import NO_LABEL, ChannelAnalysis, ChannelGroup, SliceRecord, labels_along, labels_vary
-from .branch import find_branches
 
 __all__ = ["ChannelDependencyPass", "analyze_channels"]
 
 _PAIR = 1 << 31  # element ids stay below this, so (a, b) packs into one int64
 
-# ---------------------------------------------------------------------------------------
-# Op tables. Each op is classified once; the classification drives both this analysis and
-# (through the stored labels) the shape rewrite in PruneChannelsPass.
-# ---------------------------------------------------------------------------------------
-
-_MOVE_METHODS = {
-    "view", "reshape", "permute", "transpose", "flatten", "unflatten", "squeeze", "unsqueeze",
-    "expand", "expand_as", "view_as", "reshape_as", "repeat", "narrow", "select", "split", "chunk",
-    "tensor_split", "unbind", "flip", "roll", "t", "movedim", "swapaxes", "contiguous",
-}
-_MOVE_FUNCTIONS = {
-    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.cat, torch.concat, torch.stack,
-    torch.split, torch.chunk, torch.tensor_split, torch.unbind, torch.squeeze, torch.unsqueeze,
-    torch.narrow, torch.movedim, torch.flip, torch.roll, torch.pixel_shuffle, torch.pixel_unshuffle,
-    torch.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle, operator.getitem,
-}
-_MOVE_MODULES = (nn.Flatten, nn.Unflatten, nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle)
-
-_ELEMENTWISE_METHODS = {
-    "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "relu", "relu_", "sigmoid", "sigmoid_",
-    "tanh", "exp", "abs", "neg", "sqrt", "rsqrt", "clamp", "clamp_", "clamp_min", "clamp_max", "pow",
-    "to", "float", "half", "double", "type", "type_as", "detach", "clone", "masked_fill", "maximum", "minimum",
-}
-_ELEMENTWISE_FUNCTIONS = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.iadd,
-    operator.isub, operator.imul, operator.itruediv, operator.neg, operator.pow,
-    torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.true_divide,
-    torch.maximum, torch.minimum, torch.where, torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
-    torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt, torch.clamp, torch.clamp_min, torch.clamp_max,
-    torch.pow, torch.erf, torch.square, torch.zeros_like, torch.ones_like, torch.full_like,
-    F.relu, F.relu_, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.gelu, F.elu, F.selu,
-    F.celu, F.leaky_relu, F.mish, F.softplus, F.sigmoid, F.tanh, F.dropout, F.dropout1d, F.dropout2d,
-    F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-}
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
-    nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
-)
-_SPATIAL_FUNCTIONS = {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.upsample, F.lp_pool2d,
-    torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d,
-}
-_SPATIAL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
-    nn.UpsamplingBilinear2d, nn.LPPool2d,
-)
-_REDUCE_METHODS = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod"}
-_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min, torch.std,
-                     torch.var, torch.norm, torch.logsumexp, torch.prod}
-_SOFTMAX = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.normalize}
-_PAD_FUNCTIONS = {F.pad} | ({torch._C._nn.pad} if hasattr(torch._C._nn, "pad") else set())
-_CONV_FUNCTIONS = {F.conv1d: False, F.conv2d: False, F.conv3d: False,
-                   F.conv_transpose1d: True, F.conv_transpose2d: True, F.conv_transpose3d: True}
-_NORM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-
-try:  # torchvision's stochastic depth is fx-wrapped: elementwise on its input
-    from torchvision.ops import stochastic_depth as _stochastic_depth
-
-    _ELEMENTWISE_FUNCTIONS.add(_stochastic_depth)
-except ImportError:  # pragma: no cover - torchvision is a dependency, but the pass does not need it
-    pass
 
 def is_data_movement(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Ops whose output is a rearranged copy of their input (used by PruneChannelsPass too)."""
-    if node.op == "call_method":
-        return node.target in _MOVE_METHODS
-    if node.op == "call_function":
-        return node.target in _MOVE_FUNCTIONS
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _MOVE_MODULES)
-    return False
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
+    """Ops whose output is a rearranged copy of their input (the registry's ``moves_data``)."""
+    rule = ops.rule_for(node, modules)
+    return rule is not None and rule.moves_data
 
 
 def _is_tensor_meta(tm) -> bool:
@@ -259,18 +184,10 @@ class _Propagator:
         tm = node.meta.get("tensor_meta")
         if tm is None:  # not a tensor (sizes, ints): evaluate on the labels' shapes
             return self._execute(node)
-        if node.op == "call_module":
-            mod = self.modules[node.target]
-            handler = _module_handler(mod)
-        elif node.op == "call_function":
-            handler = _FUNCTION_HANDLERS.get(node.target)
-        else:
-            handler = _METHOD_HANDLERS.get(node.target)
-        if handler is None and is_data_movement(node, self.modules):
-            handler = _Propagator._move
-        if handler is None:
-            return self._unknown(node, f"unsupported op {_describe(node, self.modules)}")
-        return handler(self, node)
+        rule = ops.rule_for(node, self.modules)
+        if rule is None:
+            return self.unknown(node, f"unsupported op {_describe(node, self.modules)}")
+        return rule.label(self, node)
 
     def _execute(self, node: fx.Node) -> Any:
         def shaped(n):  # sizes must be the real ones, not the compact label shape
@@ -286,8 +203,8 @@ class _Propagator:
             return getattr(self_obj, node.target)(*rest, **kwargs)
         return self.modules[node.target](*args, **kwargs)
 
-    # ----- rules -----------------------------------------------------------------------
-    def _move(self, node: fx.Node) -> Any:
+    # ----- rules: the op rules of hqp_fx.ops call these ----------------------------------
+    def move(self, node: fx.Node) -> Any:
         def materialise(n):
             v = self.value(n)
             return self.full(n) if isinstance(v, torch.Tensor) else v
@@ -296,7 +213,7 @@ class _Propagator:
             return self.value(node.args[0])[node.args[1]]
         idx = node.args[1] if node.target is operator.getitem and len(node.args) > 1 else None
         if idx is not None and any(isinstance(v, torch.Tensor) for v in _tensors_in(fx.node.map_arg(idx, self.value))):
-            return self._unknown(node, f"tensor-indexed getitem {node.name}")
+            return self.unknown(node, f"tensor-indexed getitem {node.name}")
         args = fx.node.map_arg(node.args, materialise)
         kwargs = fx.node.map_arg(node.kwargs, materialise)
         if node.op == "call_function":
@@ -307,7 +224,7 @@ class _Propagator:
             out = self.modules[node.target](*args, **kwargs)
         return _map_tensors(out, _compact)
 
-    def _elementwise(self, node: fx.Node) -> Any:
+    def elementwise(self, node: fx.Node) -> Any:
         tm = node.meta["tensor_meta"]
         out_shape = tuple(tm.shape)
         nd = len(out_shape)
@@ -340,7 +257,7 @@ class _Propagator:
             out = torch.where(out > 0, out, other)
         return _compact(out)
 
-    def _producer(self, node: fx.Node, x: fx.Node, weight: str, bias: str | None, *,
+    def producer(self, node: fx.Node, x: fx.Node, weight: str, bias: str | None, *,
                   kind: str, groups: int, out_channels: int, display: str) -> torch.Tensor:
         """Conv / ConvTranspose / Linear: consume input channels, mint output channels."""
         lab = self.value(x)
@@ -365,7 +282,7 @@ class _Propagator:
             self.record(bias, 0, out_ids, "out", node)
         return _along(out_ids, cdim, len(self.shape_of(node)))
 
-    def _channelwise(self, node: fx.Node, x: fx.Node, params: list[str | None], *,
+    def channelwise(self, node: fx.Node, x: fx.Node, params: list[str | None], *,
                      norm_dims: int = 0, groups: int = 0, display: str = "") -> torch.Tensor:
         """BN / InstanceNorm / LayerNorm / GroupNorm / PReLU: channels pass through, params follow.
 
@@ -401,20 +318,20 @@ class _Propagator:
                 self.record(p, param_dim, vec, "out", node)
         return lab
 
-    def _spatial(self, node: fx.Node, x: fx.Node) -> torch.Tensor:
+    def spatial(self, node: fx.Node, x: fx.Node) -> torch.Tensor:
         lab = self.value(x)
         nd = lab.ndim
         if any(labels_vary(lab, d) for d in range(2, nd)):
             self.pin(lab, f"{node.name} ({_describe(node, self.modules)}) works over dims that carry channels")
         return lab.amax(dim=tuple(range(2, nd)), keepdim=True) if nd > 2 else lab
 
-    def _reduce(self, node: fx.Node) -> Any:
+    def reduce(self, node: fx.Node) -> Any:
         x = node.args[0]
         lab = self.value(x)
-        dim = _arg(node, 1, "dim", None)
+        dim = ops.arg(node, 1, "dim", None)
         if dim is None:
             dim = node.kwargs.get("axis")
-        keepdim = bool(_arg(node, 2, "keepdim", False))
+        keepdim = bool(ops.arg(node, 2, "keepdim", False))
         if isinstance(dim, int):
             dims = (dim % lab.ndim,)
         elif isinstance(dim, (tuple, list)) and all(isinstance(d, int) for d in dim):
@@ -422,7 +339,7 @@ class _Propagator:
         elif dim is None and len(node.args) <= 1:
             dims = tuple(range(lab.ndim))
         else:
-            return self._unknown(node, f"reduction {node.name} with non-constant dims")
+            return self.unknown(node, f"reduction {node.name} with non-constant dims")
         over_channels = any(labels_vary(lab, d) for d in dims)
         if over_channels:
             self.mark_cross(lab)
@@ -434,13 +351,13 @@ class _Propagator:
             return (out, torch.zeros_like(out))
         return out
 
-    def _softmax(self, node: fx.Node, x: fx.Node, dim: int | None) -> torch.Tensor:
+    def softmax(self, node: fx.Node, x: fx.Node, dim: int | None) -> torch.Tensor:
         lab = self.value(x)
         if dim is None or not isinstance(dim, int) or labels_vary(lab, dim % lab.ndim):
             self.mark_cross(lab)
         return lab
 
-    def _pad(self, node: fx.Node, x: fx.Node, pad: tuple[int, ...], mode: str) -> torch.Tensor:
+    def pad(self, node: fx.Node, x: fx.Node, pad: tuple[int, ...], mode: str) -> torch.Tensor:
         lab = self.value(x)
         full = self.full(x)
         nd = full.ndim
@@ -466,7 +383,7 @@ class _Propagator:
             self.pads[node.name] = entries
         return _compact(out)
 
-    def _unknown(self, node: fx.Node, why: str) -> Any:
+    def unknown(self, node: fx.Node, why: str) -> Any:
         for n in _nodes_in((node.args, node.kwargs)):
             lab = self.value(n)
             for t in _tensors_in(lab):
@@ -479,163 +396,6 @@ class _Propagator:
         if _is_tensor_meta(tm):
             return fresh(tm)
         return tuple(fresh(t) if _is_tensor_meta(t) else None for t in tm)
-
-
-# ---------------------------------------------------------------------------------------
-# Handler tables
-# ---------------------------------------------------------------------------------------
-
-def _weight_name(gm_node: fx.Node | None) -> str | None:
-    if gm_node is None:
-        return None
-    if isinstance(gm_node, fx.Node) and gm_node.op == "get_attr":
-        return gm_node.target
-    return ""  # a computed weight: the caller treats the op as unknown
-
-
-def _module_handler(mod: nn.Module) -> Callable | None:
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        return _conv_module
-    if isinstance(mod, nn.Linear):
-        return _linear_module
-    if isinstance(mod, _NORM_MODULES + (nn.LayerNorm, nn.GroupNorm, nn.PReLU)):
-        return _norm_module
-    if isinstance(mod, _ELEMENTWISE_MODULES):
-        return _Propagator._elementwise
-    if isinstance(mod, _SPATIAL_MODULES):
-        return lambda p, node: p._spatial(node, node.args[0])
-    if isinstance(mod, (nn.Softmax, nn.LogSoftmax, nn.Softmax2d)):
-        return lambda p, node: p._softmax(node, node.args[0], getattr(mod, "dim", 1) if not isinstance(mod, nn.Softmax2d) else -3)
-    if isinstance(mod, nn.LocalResponseNorm):
-        return lambda p, node: p._softmax(node, node.args[0], None)
-    if isinstance(mod, (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)):
-        return lambda p, node: p._pad(node, node.args[0], tuple(mod.padding), "constant")
-    return None
-
-
-def _conv_module(p: _Propagator, node: fx.Node) -> torch.Tensor:
-    mod = p.modules[node.target]
-    kind = "convT" if isinstance(mod, nn.modules.conv._ConvTransposeNd) else "conv"
-    return p._producer(node, node.args[0], f"{node.target}.weight", f"{node.target}.bias" if mod.bias is not None else None,
-                       kind=kind, groups=mod.groups, out_channels=mod.out_channels, display=node.target)
-
-
-def _linear_module(p: _Propagator, node: fx.Node) -> torch.Tensor:
-    mod = p.modules[node.target]
-    return p._producer(node, node.args[0], f"{node.target}.weight", f"{node.target}.bias" if mod.bias is not None else None,
-                       kind="linear", groups=1, out_channels=mod.out_features, display=node.target)
-
-
-def _norm_module(p: _Propagator, node: fx.Node) -> torch.Tensor:
-    mod = p.modules[node.target]
-    names = [f"{node.target}.{n}" for n, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False))
-             if t is not None and t.ndim >= 1]
-    if isinstance(mod, nn.PReLU) and mod.num_parameters == 1:
-        return p._elementwise(node)
-    if isinstance(mod, nn.LayerNorm):
-        return p._channelwise(node, node.args[0], names, norm_dims=len(mod.normalized_shape))
-    if isinstance(mod, nn.GroupNorm):
-        return p._channelwise(node, node.args[0], names, groups=mod.num_groups)
-    return p._channelwise(node, node.args[0], names)
-
-
-def _conv_function(p: _Propagator, node: fx.Node) -> torch.Tensor:
-    transposed = _CONV_FUNCTIONS[node.target]
-    w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
-    wname, bname = _weight_name(w), _weight_name(b)
-    if not wname or bname == "":
-        return p._unknown(node, f"{node.name} convolves with a computed weight")
-    groups = _arg(node, 7 if transposed else 6, "groups", 1)
-    wshape = p.shape_of(w)
-    out_channels = wshape[1] * groups if transposed else wshape[0]
-    return p._producer(node, node.args[0], wname, bname, kind="convT" if transposed else "conv",
-                       groups=groups, out_channels=out_channels, display=node.name)
-
-
-def _linear_function(p: _Propagator, node: fx.Node) -> torch.Tensor:
-    w, b = _arg(node, 1, "weight"), _arg(node, 2, "bias")
-    wname, bname = _weight_name(w), _weight_name(b)
-    if not wname or bname == "":
-        return p._unknown(node, f"{node.name} multiplies by a computed weight")
-    return p._producer(node, node.args[0], wname, bname, kind="linear", groups=1,
-                       out_channels=p.shape_of(w)[0], display=node.name)
-
-
-def _named_params(node: fx.Node, specs: list[tuple[int, str]]) -> list[str | None] | None:
-    names = []
-    for idx, key in specs:
-        n = _arg(node, idx, key)
-        name = _weight_name(n)
-        if name == "":
-            return None
-        names.append(name)
-    return names
-
-
-def _norm_stats_function(p: _Propagator, node: fx.Node) -> torch.Tensor:
-    """F.batch_norm / F.instance_norm: (input, running_mean, running_var, weight, bias, ...)."""
-    names = _named_params(node, [(1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")])
-    if names is None:
-        return p._unknown(node, f"{node.name} normalises with computed statistics")
-    return p._channelwise(node, node.args[0], names)
-
-
-def _layer_norm_function(p: _Propagator, node: fx.Node) -> torch.Tensor:
-    names = _named_params(node, [(2, "weight"), (3, "bias")])
-    shape = _arg(node, 1, "normalized_shape")
-    if names is None or not isinstance(shape, (tuple, list)):
-        return p._unknown(node, f"{node.name} normalises with computed parameters")
-    return p._channelwise(node, node.args[0], names, norm_dims=len(shape))
-
-
-def _group_norm_function(p: _Propagator, node: fx.Node) -> torch.Tensor:
-    names = _named_params(node, [(2, "weight"), (3, "bias")])
-    groups = _arg(node, 1, "num_groups")
-    if names is None or not isinstance(groups, int):
-        return p._unknown(node, f"{node.name} normalises with computed parameters")
-    return p._channelwise(node, node.args[0], names, groups=groups)
-
-
-def _prelu_function(p: _Propagator, node: fx.Node) -> torch.Tensor:
-    w = _arg(node, 1, "weight")
-    if p.shape_of(w) in ((), (1,)):
-        return p._elementwise(node)
-    names = _named_params(node, [(1, "weight")])
-    if names is None:
-        return p._unknown(node, f"{node.name} uses a computed slope")
-    return p._channelwise(node, node.args[0], names)
-
-
-def _softmax_call(p: _Propagator, node: fx.Node) -> torch.Tensor:
-    return p._softmax(node, node.args[0], _arg(node, 1, "dim", None))
-
-
-def _pad_function(p: _Propagator, node: fx.Node) -> torch.Tensor:
-    pad = p.value(_arg(node, 1, "pad"))
-    mode = _arg(node, 2, "mode", "constant")
-    value = _arg(node, 3, "value", None)
-    if not isinstance(pad, (tuple, list)) or not all(isinstance(v, int) for v in pad):
-        return p._unknown(node, f"{node.name} pads by computed amounts")
-    if mode == "constant" and value not in (None, 0, 0.0):
-        return p._unknown(node, f"{node.name} pads with the non-zero value {value}")
-    return p._pad(node, node.args[0], tuple(pad), mode)
-
-
-_FUNCTION_HANDLERS: dict[Any, Callable] = {}
-_FUNCTION_HANDLERS.update({f: _Propagator._elementwise for f in _ELEMENTWISE_FUNCTIONS})
-_FUNCTION_HANDLERS.update({f: (lambda p, node: p._spatial(node, node.args[0])) for f in _SPATIAL_FUNCTIONS})
-_FUNCTION_HANDLERS.update({f: _Propagator._reduce for f in _REDUCE_FUNCTIONS})
-_FUNCTION_HANDLERS.update({f: _softmax_call for f in _SOFTMAX})
-_FUNCTION_HANDLERS.update({f: _pad_function for f in _PAD_FUNCTIONS})
-_FUNCTION_HANDLERS.update({f: _conv_function for f in _CONV_FUNCTIONS})
-_FUNCTION_HANDLERS.update({
-    F.linear: _linear_function, F.batch_norm: _norm_stats_function, F.instance_norm: _norm_stats_function,
-    F.layer_norm: _layer_norm_function, F.group_norm: _group_norm_function, F.prelu: _prelu_function,
-    F.local_response_norm: lambda p, node: p._softmax(node, node.args[0], None),
-})
-_METHOD_HANDLERS: dict[str, Callable] = {m: _Propagator._elementwise for m in _ELEMENTWISE_METHODS}
-_METHOD_HANDLERS.update({m: _Propagator._reduce for m in _REDUCE_METHODS})
-_METHOD_HANDLERS.update({"softmax": _softmax_call, "log_softmax": _softmax_call})
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,27 +24,17 @@ a profile of mobilenet_v3_small with its SE gates removed showed no faster Mul a
 from __future__ import annotations
 
 import heapq
-import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..core import PassError
-from ..groups import ChannelAnalysis, SliceRecord, labels_along, labels_vary
+from . import ops
+from .core import PassError
+from .groups import ChannelAnalysis, SliceRecord, labels_along, labels_vary
 
-__all__ = ["Branch", "find_branches", "remove_branches"]
-
-_CONSUMER_MODULES = (nn.modules.conv._ConvNd, nn.Linear)
-_CONSUMER_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
-                       F.linear}
-# a constant operand of these can be replaced by a stored tensor; in-place forms are left out, since they would
-# write into the stored constant when it is their first operand
-_MEETING_FUNCTIONS = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
-_MEETING_METHODS = {"add", "sub", "mul"}
-
+__all__ = ["Branch", "StoredConstant", "find_branches", "branch_constants", "remove_branches"]
 
 @dataclass(frozen=True)
 class Branch:
@@ -59,17 +49,14 @@ class Branch:
 
 def _is_consumer(node: fx.Node, modules: dict[str, nn.Module], zero: set[str]) -> bool:
     """A layer that reduces over the group's channels: with none of them left, its output is its bias."""
-    if node.op == "call_module":
-        ok = isinstance(modules.get(node.target), _CONSUMER_MODULES)
-    else:
-        ok = node.op == "call_function" and node.target in _CONSUMER_FUNCTIONS
-    return ok and bool(node.args) and isinstance(node.args[0], fx.Node) and node.args[0].name in zero and not any(
+    rule = ops.rule_for(node, modules)
+    return rule is not None and rule.branch == "consumer" and bool(node.args) and isinstance(node.args[0], fx.Node) and node.args[0].name in zero and not any(
         n.name in zero for n in node.all_input_nodes[1:])
 
 
-def _is_meeting(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _MEETING_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _MEETING_METHODS)
+def _is_meeting(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    rule = ops.rule_for(node, modules)
+    return rule is not None and rule.branch == "meeting"
 
 
 def _shape(node: fx.Node):
@@ -136,22 +123,33 @@ def _branch(group: str, zero: set[str], modules: dict[str, nn.Module], nodes: di
             live = [n for n in user.all_input_nodes
                     if n.name not in constant and n.name not in zero and n.op != "get_attr"]
             # the live operand has the result's shape, so the stored batch-1 constant broadcasts to the same result
-            if not _is_meeting(user) or len(live) != 1 or _shape(live[0]) is None or _shape(live[0]) != _shape(user):
+            if not _is_meeting(user, modules) or len(live) != 1 or _shape(live[0]) is None or _shape(live[0]) != _shape(user):
                 return None
             meeting.append((node.name, user.name))
     return Branch(group, frozenset(zero), frozenset(constant), tuple(meeting))
 
 
-def remove_branches(gm: fx.GraphModule, branches: list[Branch], analysis: ChannelAnalysis,
-                    example_inputs) -> list[SliceRecord]:
-    """Replace every branch's constant operands by buffers, in place on ``gm`` (a private copy), and drop the
-    branch's nodes. Returns slice records for the new buffers, whose channels follow the live tensor's groups."""
+@dataclass(frozen=True)
+class StoredConstant:
+    """A removed branch's value where it meets the live net, stored as buffer ``attr`` read by node ``user``
+    instead of node ``node``. ``record`` says which channels its entries carry (None: no channel dim)."""
+
+    attr: str
+    node: str
+    user: str
+    value: torch.Tensor
+    record: SliceRecord | None
+
+
+def branch_constants(gm: fx.GraphModule, branches: list[Branch], analysis: ChannelAnalysis,
+                     example_inputs) -> list[StoredConstant]:
+    """What removing ``branches`` stores, computed without changing ``gm`` (it runs once, in eval mode)."""
     zero = set().union(*(b.zero for b in branches))
     gone = zero | set().union(*(b.constant for b in branches))
     wanted = {c for b in branches for c, user in b.meeting if user not in gone}
     values = _constant_values(gm, zero, wanted, example_inputs)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    records = []
+    taken: set[str] = set()
+    constants = []
     for b in branches:
         for const_name, user_name in b.meeting:
             if user_name in gone:
@@ -165,23 +163,33 @@ def remove_branches(gm: fx.GraphModule, branches: list[Branch], analysis: Channe
                                 f"{const_name!r} with a value that varies over the batch or holds channels along "
                                 "several dims, so it cannot become one stored tensor; keep at least one channel "
                                 "of this group")
-            attr = _free_attr(gm, f"{const_name}_constant")
-            gm.register_buffer(attr, first.detach().clone())
-            user = nodes[user_name]
-            with gm.graph.inserting_before(user):
-                getter = gm.graph.get_attr(attr)
-            user.replace_input_with(nodes[const_name], getter)
+            attr = _free_attr(gm, f"{const_name}_constant", taken)
+            taken.add(attr)
+            record = None
             if channel_dims:
                 d = channel_dims[0]
-                records.append(SliceRecord(attr, d, labels_along(lab, d), "out", const_name))
+                record = SliceRecord(attr, d, labels_along(lab, d), "out", const_name)
+            constants.append(StoredConstant(attr, const_name, user_name, first.detach().clone(), record))
+    return constants
+
+
+def remove_branches(gm: fx.GraphModule, constants: list[StoredConstant], tensors: dict[str, torch.Tensor]) -> None:
+    """Store each constant as a buffer (its tensor from ``tensors``, already sliced) and drop the branches'
+    nodes, in place on ``gm`` (a private copy)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for c in constants:
+        gm.register_buffer(c.attr, tensors[c.attr])
+        user = nodes[c.user]
+        with gm.graph.inserting_before(user):
+            getter = gm.graph.get_attr(c.attr)
+        user.replace_input_with(nodes[c.node], getter)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
-    return records
 
 
-def _free_attr(gm: fx.GraphModule, base: str) -> str:
+def _free_attr(gm: fx.GraphModule, base: str, taken: set[str]) -> str:
     name, k = base, 1
-    while hasattr(gm, name):
+    while hasattr(gm, name) or name in taken:
         k += 1
         name = f"{base}_{k}"
     return name

@@ -1,0 +1,75 @@
+"""What one op rule is (``OpRule``) and the small argument helpers every rule uses."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch.fx as fx
+
+__all__ = ["OpRule", "NodeEdit", "arg", "weight_name"]
+
+
+@dataclass(frozen=True)
+class NodeEdit:
+    """A function or method node's new call: ``target`` (a callable makes it call_function, a str call_method)
+    with ``args`` and ``kwargs``. Rewrites return edits instead of changing the node, so PruneChannelsPass can
+    check them all before it changes anything."""
+
+    target: Any
+    args: tuple
+    kwargs: dict
+
+    @classmethod
+    def of(cls, node: fx.Node) -> "NodeEdit":
+        return cls(node.target, tuple(node.args), dict(node.kwargs))
+
+    def set(self, index: int, name: str, value: Any) -> "NodeEdit":
+        """This call with one argument replaced where it was given (by position, else as keyword ``name``)."""
+        if len(self.args) > index:
+            return NodeEdit(self.target, self.args[:index] + (value,) + self.args[index + 1:], self.kwargs)
+        return NodeEdit(self.target, self.args, {**self.kwargs, name: value})
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """Everything hqp_fx knows about one op, in one place.
+
+    - ``functions`` / ``methods`` / ``modules``: what it matches (call_function targets, call_method names,
+      call_module classes by isinstance).
+    - ``label(p, node)``: the analysis rule, run by ChannelDependencyPass's propagator ``p``; returns the
+      node's label tensor (see ``hqp_fx.passes.dependency``).
+    - ``rewrite(node, kept) -> NodeEdit | None``: the new call of a function/method node once channels are
+      removed (``kept`` is PruneChannelsPass's ``KeptChannels``); None leaves the node as it is.
+    - ``fix_module(module, node, kept) -> dict``: the module attributes to set after its tensors are sliced.
+    - ``moves_data``: the output is a rearranged copy of the input (view, cat, getitem, ...); PruneChannelsPass
+      re-runs such ops on the surviving labels to check its rewrite.
+    - ``branch``: the op's part in depth pruning: "consumer" (a layer reducing over its input channels, whose
+      output is its bias when they are all gone) or "meeting" (where a removed branch's constant may join the
+      live net: an add, sub or mul that does not write in place).
+    """
+
+    name: str
+    label: Callable[[Any, fx.Node], Any]
+    functions: frozenset = frozenset()
+    methods: frozenset = frozenset()
+    modules: tuple[type, ...] = ()
+    rewrite: Callable[[fx.Node, Any], NodeEdit | None] | None = None
+    fix_module: Callable[[Any, fx.Node, Any], dict[str, Any]] | None = None
+    moves_data: bool = False
+    branch: Literal["consumer", "meeting"] | None = None
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``index`` of a call, passed by position or as keyword ``name``."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def weight_name(node: Any) -> str | None:
+    """The parameter a weight argument reads (``get_attr``), None for no argument, "" for a computed tensor."""
+    if node is None:
+        return None
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return node.target
+    return ""

@@ -74,7 +74,9 @@ class ChannelAnalysis:
     gathers: dict[str, str]  # end node of a multi-dim channel permutation -> its single-dim source node
     spread: set[str]  # nodes inside such permutations (channels over several dims); replaced when pruned
     groups: list["ChannelGroup"] = field(default_factory=list)
-    branches: dict = field(default_factory=dict)  # group id -> passes.branch.Branch, for removable groups
+    branches: dict = field(default_factory=dict)  # group id -> branches.Branch, for removable groups
+    # get_attr node -> label tensor of a parameter used directly in forward (a class token, a layer scale)
+    param_labels: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def labels(self, node: str):
         """Full-shape label tensor(s) of a node's output."""

@@ -1,4 +1,4 @@
-"""Channel-wise layers: batch, instance, layer and group norm, PReLU, local response norm.
+"""Channel-wise layers: batch, instance, layer, RMS and group norm, PReLU, local response norm.
 
 Channels pass through and the per-channel parameters and statistics follow them. Statistics over channels
 (LayerNorm over the channel dim, GroupNorm within a group) mark the group cross-channel: removing a channel
@@ -70,6 +70,14 @@ def _layer_norm_fix(mod, node: fx.Node, kept) -> dict:
     return {"normalized_shape": tuple(kept.new_shape(node.args[0].name)[-len(mod.normalized_shape):])}
 
 
+def _rms_norm_function(p, node: fx.Node):
+    names = _named_params(node, [(2, "weight")])
+    shape = arg(node, 1, "normalized_shape")
+    if names is None or not isinstance(shape, (tuple, list)):
+        return p.unknown(node, f"{node.name} normalises with computed parameters")
+    return p.channelwise(node, node.args[0], names, norm_dims=len(shape))
+
+
 def _group_norm_module(p, node: fx.Node):
     return p.channelwise(node, node.args[0], _module_params(p, node), groups=p.modules[node.target].num_groups)
 
@@ -129,6 +137,8 @@ RULES = (
     OpRule("layer norm", _layer_norm_module, modules=(nn.LayerNorm,), fix_module=_layer_norm_fix),
     OpRule("layer norm (functional)", _layer_norm_function, functions=frozenset({F.layer_norm}),
            rewrite=_layer_norm_rewrite),
+    OpRule("rms norm", _layer_norm_module, modules=(nn.RMSNorm,), fix_module=_layer_norm_fix),
+    OpRule("rms norm (functional)", _rms_norm_function, functions=frozenset({F.rms_norm}), rewrite=_layer_norm_rewrite),
     OpRule("group norm", _group_norm_module, modules=(nn.GroupNorm,), fix_module=_group_norm_fix),
     OpRule("group norm (functional)", _group_norm_function, functions=frozenset({F.group_norm}),
            rewrite=_group_norm_rewrite),

@@ -593,6 +593,8 @@ def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
         class_of=class_of, group_of=torch.full((num,), -1, dtype=torch.long), records=p.records,
         node_labels={n.name: p.env[n] for n in gm.graph.nodes if n in p.env and n.name in p.shapes},
         node_shapes=p.shapes, pads=p.pads, grouped=p.grouped, gathers=gathers, spread=spread,
+        param_labels={n.name: p.env[n] for n in gm.graph.nodes
+                      if n.op == "get_attr" and isinstance(p.env.get(n), torch.Tensor)},
     )
     # one group per root, ordered by the first element (= topological order of its first owner)
     order = torch.argsort(roots * num + classes)  # roots are class ids, so this sorts by root then class

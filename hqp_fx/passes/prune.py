@@ -93,6 +93,9 @@ class KeptChannels:
         return isinstance(self.analysis.node_labels.get(name), torch.Tensor)
 
     def _labels(self, name: str, item: int | None):
+        if name in self.analysis.param_labels:
+            lab = self.analysis.param_labels[name]
+            return lab, tuple(lab.shape)
         lab, shape = self.analysis.node_labels[name], self.analysis.node_shapes[name]
         return (lab, shape) if item is None else (lab[item], shape[item])
 
@@ -302,9 +305,12 @@ def _moves_to_gather(new: fx.GraphModule, modules, kept: KeptChannels, changes: 
         name = node.name
         if node.op == "output" or name in gone:
             continue
-        if node.op == "get_attr":
-            env[node] = changes.tensors.get(node.target)
-            if env[node] is None:
+        if node.op == "get_attr":  # a parameter that carries channels is followed by its labels, like a tensor
+            if name in analysis.param_labels:
+                env[node] = kept.restricted(name)
+            elif node.target in changes.tensors:
+                env[node] = changes.tensors[node.target]
+            else:
                 env[node] = operator.attrgetter(node.target)(new)
             continue
         if name in analysis.spread:

@@ -9,7 +9,7 @@
                                                 [--out DIR]
     python benchmarks/cifar_resnet56.py widths  --pruned DIR/model.hqp [--multiple 16] [--out DIR]
 
-``loop``: ``hqp_fx.hqp.prune_loop`` under delta_max (each round fine-tunes ``--finetune-epochs`` and validates
+``loop``: ``hqp_fx.prune_loop.prune_loop`` under delta_max (each round fine-tunes ``--finetune-epochs`` and validates
 on all 10,000 test images; rejected rounds roll back and shrink the step). ``--distill w`` fine-tunes with
 weight w on distillation from the dense checkpoint (temperature ``--temperature``), 1 - w on the labels.
 ``--align`` rounds kept widths (16 suits ONNX Runtime's int8 kernels: see ``widths`` below); ``--ignore conv1``
@@ -62,10 +62,12 @@ import hqp_fx
 from hqp_fx import meta
 from hqp_fx.core import atomic_write_text
 from hqp_fx.data import BatchLoader
-from hqp_fx.deploy import OrtModel, machine_description, onnxruntime_top1, versions, write_json
-from hqp_fx.hqp import HQPConfig, prune_loop
+from hqp_fx.artifacts import write_json
+from hqp_fx.engines.ort import OrtModel, onnxruntime_top1
+from hqp_fx.measure import machine_description, versions
+from hqp_fx.prune_loop import PruneLoopConfig, prune_loop
 from hqp_fx.passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels, select_channels
-from hqp_fx.passes.onnx import export_onnx
+from hqp_fx.lower_onnx import export_onnx
 from hqp_fx.passes.quantize import QuantConfig, hybrid_quantize, quantize, take_samples
 from hqp_fx.train import FinetuneConfig, evaluate, finetune
 from quantize_speed import (  # same folder: the model, data, ORT-quantizer baseline and latency protocol
@@ -125,7 +127,7 @@ def cmd_loop(args, train, test, log) -> None:
         finetune_images(m, train, args.recover_epochs * len(train), seed=999,  # a seed no round uses
                         teacher=teacher, distill=args.distill, temperature=args.temperature)
 
-    config = HQPConfig(delta_max=args.delta_max, steps=tuple(args.steps), criterion=args.criterion,
+    config = PruneLoopConfig(delta_max=args.delta_max, steps=tuple(args.steps), criterion=args.criterion,
                        flops_normalize=args.flops_normalize, align=args.align, target_macs=args.target_macs,
                        ignore=tuple(args.ignore), remove_branches=args.remove_branches)
     start = time.time()

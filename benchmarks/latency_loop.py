@@ -1,7 +1,7 @@
 """Selection by channels vs by predicted latency in the whole HQP job (``hqp_fx.compress.compress``), to one
 measured latency target, on a real CIFAR ResNet: which one ends more accurate at equal engine time?
 
-Both runs get the same settings but ``HQPConfig.select``; each decides on a validation split held out from the
+Both runs get the same settings but ``PruneLoopConfig.select``; each decides on a validation split held out from the
 training images and reports on the test split. The target is a fraction of the quantize-only INT8 latency in ONNX
 Runtime at ``--batch`` (batch 1 is too noisy on a 2-core VM to judge a 20% target). Run one selector per process
 (``--select``) so that the two runs do not share ORT's threads; a second call appends to the same JSON.
@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hqp_fx.compress import CompressConfig, compress  # noqa: E402
-from hqp_fx.deploy import write_json  # noqa: E402
-from hqp_fx.hqp import HQPConfig  # noqa: E402
+from hqp_fx.artifacts import write_json  # noqa: E402
+from hqp_fx.prune_loop import PruneLoopConfig  # noqa: E402
 from hqp_fx.models import build_model  # noqa: E402
 from hqp_fx.passes.quantize import QuantConfig  # noqa: E402
 from hqp_fx.train import FinetuneConfig  # noqa: E402
@@ -54,7 +54,7 @@ def main() -> None:
     model = build_model(args.model, str(SHARED / "models/cifar-resnet" / WEIGHTS[args.model])).model
     train, test = cifar_splits(Path(args.data))
     config = CompressConfig(
-        prune=HQPConfig(delta_max=args.delta_max, criterion=args.criterion, align=16, target_latency=args.target_latency,
+        prune=PruneLoopConfig(delta_max=args.delta_max, criterion=args.criterion, align=16, target_latency=args.target_latency,
                         select=args.select, ignore=tuple(args.ignore), max_rounds=args.max_rounds),
         finetune=FinetuneConfig(epochs=args.finetune_epochs, lr=0.01, distill=args.distill),
         quant=QuantConfig(backend="onnxruntime", calibration="histogram", num_samples=256),

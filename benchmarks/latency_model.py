@@ -26,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import hqp_fx  # noqa: E402
 from hqp_fx import meta  # noqa: E402
 from hqp_fx.data import BatchLoader  # noqa: E402
-from hqp_fx.deploy import machine_description, measure_onnx, versions, write_json  # noqa: E402
+from hqp_fx.artifacts import write_json  # noqa: E402
+from hqp_fx.measure import machine_description, measure_onnx, versions  # noqa: E402
 from hqp_fx.latency import LatencyModel, select_for_latency  # noqa: E402
 from hqp_fx.models import build_model  # noqa: E402
 from hqp_fx.passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels  # noqa: E402
 from hqp_fx.passes import select_channels  # noqa: E402
-from hqp_fx.passes.onnx import export_onnx  # noqa: E402
+from hqp_fx.lower_onnx import export_onnx  # noqa: E402
 from hqp_fx.passes.quantize import QuantConfig, cpu_lacks_vnni, quantize  # noqa: E402
 from hqp_fx.train import evaluate  # noqa: E402
 from quantize_speed import SHARED, cifar_splits, logger  # noqa: E402

@@ -31,7 +31,8 @@ import time
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from hqp_fx.deploy import machine_description, versions, write_json
+from hqp_fx.artifacts import write_json
+from hqp_fx.measure import machine_description, versions
 from ort_profile import kernel_times  # same folder
 
 STAGES = ((16, 32), (32, 16), (64, 8))  # (stream channels C, spatial size S) of the CIFAR ResNet-56 stages

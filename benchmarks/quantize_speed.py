@@ -5,7 +5,7 @@
 
 For two models, ``torchvision:resnet18`` (random init, 1x3x224x224, calibrated on 64 random-normal samples:
 there is no ImageNet here) and ``cifar:resnet56`` (the real checkpoint, 1x3x32x32, calibrated on 512 CIFAR-10
-training images), every variant is written as an ONNX file and timed with ``hqp_fx.deploy.measure_onnx``
+training images), every variant is written as an ONNX file and timed with ``hqp_fx.measure.measure_onnx``
 (ONNX Runtime CPU, a fresh process per model, ``--threads`` intra-op threads, 10 warm-ups, median of ``--runs``;
 repeated ``--rounds`` times interleaved across the variants, the median of the round medians reported), with its
 file size and peak memory (VmHWM of that process; ``session_rss_mb`` is the growth from loading and running it):
@@ -45,15 +45,11 @@ import onnx
 import torch
 
 from hqp_fx.data import BatchLoader, load_split, unpack_once
-from hqp_fx.deploy import (
-    OrtModel,
-    machine_description,
-    measure_onnx,
-    versions,
-    write_json,
-)
+from hqp_fx.artifacts import write_json
+from hqp_fx.engines.ort import OrtModel
+from hqp_fx.measure import machine_description, measure_onnx, versions
 from hqp_fx.models import build_model
-from hqp_fx.passes.onnx import export_onnx
+from hqp_fx.lower_onnx import export_onnx
 from hqp_fx.passes.quantize import QuantConfig, quantize, take_samples
 from hqp_fx.train import evaluate
 

@@ -14,12 +14,13 @@ contributes its running-statistics shift). Pruning all channels of the group in 
 slices zeroed) computes the same function.
 
 The buffer keeps the value's full shape at the traced resolution (batch 1): ``[1, C, H, W]``, not the per-channel
-``[1, C, 1, 1]`` it usually is. ONNX Runtime's int8 add broadcasts a per-channel operand on a slow path, while
-one that only broadcasts over the batch runs at full speed: a ResNet-56 with five blocks removed spent 10.3 of its
-36.3 ms (batch 32) in its adds with per-channel constants, 1.6 of 26.5 ms with full-shape ones
-(benchmarks/RESULTS.md). The price: the pruned model runs at the traced input size only. An SE gate's constant
-is per channel by nature (``[1, C, 1, 1]``) and keeps that shape: the INT8 files run that multiply in float, and
-a profile of mobilenet_v3_small with its SE gates removed showed no faster Mul at full shape, only a larger file.
+``[1, C, 1, 1]`` it usually is, because ONNX Runtime's int8 add broadcasts a per-channel operand on a slow path
+and one that only broadcasts over the batch at full speed (profiles in benchmarks/RESULTS.md). The price: the
+pruned model runs at the traced input size only. An SE gate's constant is per channel by nature and keeps that
+shape: the INT8 files run that multiply in float, and full shape made it no faster, only larger.
+
+Which ops consume a group's channels and where a branch may meet the live net is each op rule's ``branch`` role
+(``hqp_fx.ops``).
 """
 from __future__ import annotations
 

@@ -93,7 +93,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .data import IMAGENET_MEAN, IMAGENET_STD, BatchLoader
-    from .deploy import stage_output, ship_quantized, write_json
+    from .artifacts import StagedOutput, ship_quantized, write_json
     from .passes.quantize import QuantConfig
 
     console = Console(stderr=True)
@@ -106,7 +106,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.max_drop is not None and validation is None:  # the fallback decides: never on the reported split
         train, validation = train.hold_out(args.val_fraction, args.val_max, seed=args.seed)
     calibration = BatchLoader(train, batch_size=32, shuffle=True, seed=args.seed)
-    with stage_output(args.out) as stage:
+    with StagedOutput(args.out) as stage:
         with console.status("quantizing") as status:
             shipped = ship_quantized(spec.model, example, calibration, BatchLoader(evaluation, batch_size=100),
                                      config, stage, max_drop=args.max_drop, dynamic_batch=args.dynamic_batch,
@@ -147,8 +147,8 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, va
     ``_checkpoint_folder``, checked before the data was loaded; ``identity`` joins the checkpoints' run fingerprint
     (what a resume must share: the model spec, ...)."""
     from .compress import CompressConfig, compress, remove_checkpoints
-    from .deploy import stage_output
-    from .hqp import HQPConfig, step_schedule
+    from .artifacts import StagedOutput
+    from .prune_loop import PruneLoopConfig, step_schedule
     from .passes.align import engine_alignment
     from .passes.quantize import QuantConfig
     from .progress import RunProgress
@@ -157,7 +157,7 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, va
     steps = step_schedule(args.step)
     align = engine_alignment(args.backend) if args.align == "auto" else args.align
     config = CompressConfig(
-        prune=HQPConfig(delta_max=args.delta_max, steps=steps, criterion=args.criterion,
+        prune=PruneLoopConfig(delta_max=args.delta_max, steps=steps, criterion=args.criterion,
                         flops_normalize=args.flops_normalize, align=align,
                         target_macs=args.target_macs, target_latency=args.target_latency,
                         ignore=tuple(args.ignore or ()), remove_branches=args.remove_branches, seed=args.seed,
@@ -169,7 +169,7 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, va
         batch_size=args.batch_size, augment=augment, ablation=args.ablation, hybrid=not args.no_hybrid,
         threads=args.threads, val_fraction=args.val_fraction, val_max_images=args.val_max)
     base_macs = count_macs(model, example) if args.target_macs is not None else None
-    with stage_output(args.out) as stage, RunProgress(args.max_rounds, base_macs=base_macs,
+    with StagedOutput(args.out) as stage, RunProgress(args.max_rounds, base_macs=base_macs,
                                                       target_macs=args.target_macs) as progress:
         report = compress(model, example, train, test, config, stage, validation=validation, checkpoint_dir=checkpoints,
                           resume=args.resume, progress=progress.phase, on_round=progress.round,
@@ -261,7 +261,7 @@ def _backend(text: str) -> str:
     """``--backend``: a preset, or ``auto``: tensorrt where ``import tensorrt`` works and a GPU is present (the
     engine can then be built and verified), else onnxruntime (what this machine can run and measure)."""
     if text == "auto":
-        from .passes.tensorrt import tensorrt_unavailable_reason
+        from .engines.tensorrt import tensorrt_unavailable_reason
 
         return "onnxruntime" if tensorrt_unavailable_reason() else "tensorrt"
     if text not in BACKENDS:

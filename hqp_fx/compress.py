@@ -1,6 +1,6 @@
 """The whole HQP job: prune under delta_max, quantize the accepted model, export, verify, measure, report.
 
-``compress`` writes into a staging folder (see ``deploy.stage_output``); round checkpoints live next to the output
+``compress`` writes into a staging folder (see ``artifacts.StagedOutput``); round checkpoints live next to the output
 folder in ``<out>.checkpoints`` so ``resume`` survives a killed run, and are removed once the job succeeds.
 """
 from __future__ import annotations
@@ -18,14 +18,17 @@ import torch
 import torch.nn as nn
 
 from . import meta
-from .core import atomic_write, atomic_write_text
+from .core import atomic_write_text
 from .count import count_macs, count_params
 from .data import BatchLoader, ImageSet
-from .deploy import OrtModel, measure_alternating, measure_onnx, ship_quantized, versions, write_json
-from .hqp import HQPConfig, PruneResult, RoundRecord, prune_loop
+from .artifacts import ship_quantized, write_json
+from .engines.ort import OrtModel
+from .measure import measure_alternating, measure_onnx, versions
+from .prune_loop import PruneLoopConfig, PruneResult, RoundRecord, prune_loop
 from .latency import LatencyModel
-from .passes.onnx import export_onnx
+from .lower_onnx import export_onnx
 from .passes.quantize import QuantConfig, quantize
+from .report import plot_report, render_report
 from .serialize import save
 from .train import FinetuneConfig, evaluate, finetune
 
@@ -36,7 +39,7 @@ HQP_JSON_SCHEMA = json.loads(resources.files("hqp_fx").joinpath("hqp.schema.json
 
 @dataclass(frozen=True)
 class CompressConfig:
-    prune: HQPConfig = field(default_factory=HQPConfig)
+    prune: PruneLoopConfig = field(default_factory=PruneLoopConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     recover_epochs: float = 0.0  # a final, longer fine-tune of the pruned model (same optimizer settings); 0: none
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -269,100 +272,6 @@ def _channels_per_layer(dense: nn.Module, pruned: nn.Module) -> dict[str, list[i
                 for n, x in m.named_modules() if isinstance(x, (nn.modules.conv._ConvNd, nn.Linear))}
     before, after = widths(dense), widths(pruned)
     return {n: [before[n], after.get(n, 0)] for n in before}
-
-
-def render_report(r: dict) -> str:
-    acc, comp, var = r["accuracy"], r["compression"], r["variants"]
-    verdict = ("within" if r["within_delta_max"] else "**BROKE**") + f" delta_max = {r['delta_max']} points"
-    val, splits = acc["validation"], r["splits"]
-    lines = [
-        "# HQP report", "",
-        f"- Final INT8 top-1 drop on the test split: **{acc['final_drop']:.2f}** points ({verdict}); on the validation "
-        f"split that decided the run: {val['final_drop']:.2f}.",
-        f"- Top-1, test ({splits['test']} images): dense FP32 {acc['dense_fp32']['top1']:.2f}% → pruned FP32 "
-        f"{acc['pruned_fp32']['top1']:.2f}% → HQP INT8 (ONNX Runtime) {acc['hqp_int8_onnxruntime']['top1']:.2f}%",
-        f"- Top-1, validation ({splits['validation']} images, {splits['validation_source']}): dense FP32 "
-        f"{val['dense_fp32']['top1']:.2f}% → pruned FP32 {val['pruned_fp32']['top1']:.2f}% → HQP INT8 "
-        f"{val['hqp_int8_onnxruntime']['top1']:.2f}%. {splits['protocol'].capitalize()}.",
-        f"- MACs {comp['macs'][0] / 1e6:.2f}M → {comp['macs'][1] / 1e6:.2f}M ({comp['macs_reduction']:.2f}×), params "
-        f"{comp['params'][0] / 1e3:.1f}K → {comp['params'][1] / 1e3:.1f}K ({comp['params_reduction']:.2f}×), "
-        f"file {comp['size_mb'][0]:.2f} MB → {comp['size_mb'][1]:.2f} MB",
-        f"- Pruning: {len(r['rounds'])} rounds ({sum(x['accepted'] for x in r['rounds'])} accepted), criterion "
-        f"`{r['criterion']}`, kept channels multiples of {r['config']['prune']['align']}"
-        + (f", layers removed with their branches: {sum(kept == 0 for _, kept in r['channels'].values())}"
-           if r["config"]["prune"]["remove_branches"] else "") + f"; stopped: {r['stop_reason']}",
-        *([f"- Recovery fine-tune ({rec['epochs']:g} epoch(s)): top-1 {rec['top1_before']:.2f}% → "
-           f"{rec['top1_after']:.2f}%, " + ("kept" if rec["kept"] else "discarded (it lowered top-1)")]
-          if (rec := r.get("recovery")) else []),
-        *([f"- Latency model (selection by predicted latency): predicted vs measured on {len(lm['rounds'])} accepted "
-           f"round(s), mean error {100 * lm['mean_abs_error']:.1f}%, max {100 * lm['max_abs_error']:.1f}%"]
-          if (lm := r.get("latency_model")) else []),
-        f"- Quantization: backend `{r['quantization']['backend']}`, calibration `{r['quantization']['calibration']}` "
-        f"({r['quantization']['samples']} samples), layers kept in FP: "
-        + (", ".join(f"`{k}` ({v})" for k, v in r["quantization"]["float_layers"].items()) or "none"),
-        f"- Verification: {r['verification']['fp32']['summary']}; {r['verification']['int8']['summary']}",
-        f"- {r['tensorrt']['reason'] or 'TensorRT: INT8 engine built and verified'}",
-        *(["- HQP INT8 against quantize-only INT8 (the same engine, the median of round-paired ratios): "
-           + (f"**{q:.2f}× faster**" if (q := r["hqp_vs_quantize_only"]) >= 1 else f"**{1 / q:.2f}× slower**")]
-          if r.get("hqp_vs_quantize_only") else []),
-        "", f"Latency: {r['latency_engine']} on {r['machine']}; speed-ups are medians of round-paired ratios.", "",
-        "| variant | test top-1 % | test drop | val top-1 % | val drop | latency ms | speed-up | size MB | "
-        "compression | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, v in var.items():
-        lines.append(f"| {name} | {v['top1']:.2f} | {v['drop']:+.2f} | {v['val_top1']:.2f} | {v['val_drop']:+.2f} | "
-                     f"{v['latency_ms']:.3f} | {v['speedup']:.2f}× | {v['size_mb']:.2f} | {v['compression']:.2f}× | "
-                     f"{v['peak_rss_mb']:.0f} |")
-    lines += ["", "Rounds are judged on the validation split.", "",
-              "| round | step | accepted | val top-1 % | drop | MACs |", "|---|---|---|---|---|---|"]
-    for x in r["rounds"]:
-        lines.append(f"| {x['round']} | {x['step']:.2f} | {'yes' if x['accepted'] else 'rolled back'} | "
-                     f"{x['top1']:.2f} | {x['drop']:+.2f} | {x['macs'] / 1e6:.2f}M |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_report(r: dict, folder: Path) -> None:
-    """accuracy_vs_macs.png, channels_per_layer.png, latency_size.png (matplotlib, headless)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def save_fig(fig, name):
-        atomic_write(folder / name, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
-        plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    base = r["accuracy"]["validation"]["dense_fp32"]["top1"]  # the rounds are judged on validation
-    ax.scatter([r["compression"]["macs"][0] / 1e6], [base], c="k", label="dense")
-    for accepted, style in ((True, "o"), (False, "x")):
-        pts = [(x["macs"] / 1e6, x["top1"]) for x in r["rounds"] if x["accepted"] == accepted]
-        if pts:
-            ax.scatter(*zip(*pts), marker=style, label="accepted" if accepted else "rolled back")
-    ax.axhline(base - r["delta_max"], ls="--", c="r", label="baseline − delta_max")
-    ax.set(xlabel="MACs (M)", ylabel="validation top-1 (%)", title="accuracy vs MACs per round")
-    ax.legend()
-    save_fig(fig, "accuracy_vs_macs.png")
-
-    names = list(r["channels"])
-    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(names)), 4))
-    ax.bar(range(len(names)), [r["channels"][n][0] for n in names], color="lightgray", label="dense")
-    ax.bar(range(len(names)), [r["channels"][n][1] for n in names], label="kept")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    ax.set(ylabel="output channels", title="channels kept per layer")
-    ax.legend()
-    save_fig(fig, "channels_per_layer.png")
-
-    variants = r["variants"]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a1.bar(list(variants), [v["latency_ms"] for v in variants.values()])
-    a1.set(ylabel="ms", title="ONNX Runtime CPU latency")
-    a2.bar(list(variants), [v["size_mb"] for v in variants.values()], color="tab:orange")
-    a2.set(ylabel="MB", title="file size")
-    for a in (a1, a2):
-        a.tick_params(axis="x", rotation=30, labelsize=7)
-    save_fig(fig, "latency_size.png")
 
 
 def remove_checkpoints(checkpoint_dir: Path) -> None:

@@ -115,7 +115,7 @@ class ChannelGroup:
     layers: tuple[str, ...]  # node names that produce the group's channels, topological order
     record_ids: tuple[int, ...]
     analysis: ChannelAnalysis = field(repr=False)
-    removable: bool = False  # all channels may go: the branch they feed then becomes a constant (passes.branch)
+    removable: bool = False  # all channels may go: the branch they feed then becomes a constant (hqp_fx.branches)
 
     def check_indices(self, indices: Iterable[int]) -> torch.Tensor:
         """Validate channel indices for this group; ValueError names the group and the problem."""

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import TextIO
 
-from .hqp import RoundRecord
+from .prune_loop import RoundRecord
 
 __all__ = ["RunProgress"]
 

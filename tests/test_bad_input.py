@@ -19,8 +19,8 @@ from hqp_fx import meta
 from hqp_fx.cli import _times, main
 from hqp_fx.core import HQPError
 from hqp_fx.data import load_split
-from hqp_fx.deploy import stage_output, write_json
-from hqp_fx.hqp import STATE_FILE, HQPConfig, prune_loop
+from hqp_fx.artifacts import StagedOutput, write_json
+from hqp_fx.prune_loop import STATE_FILE, PruneLoopConfig, prune_loop
 from hqp_fx.models import CifarResNet, build_model
 from hqp_fx.passes import ChannelDependencyPass, PruneChannelsPass
 from hqp_fx.passes.quantize import CALIBRATIONS, QuantConfig, QuantizeError, quantize
@@ -193,21 +193,21 @@ def test_output_folder_honours_the_umask_and_cleans_abandoned_stages(tmp_path):
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = tmp_path / ".out.partial-dead"
     dead.mkdir()
-    (dead / stage_output.OWNER).write_text(done.stdout.strip())  # its process has exited
+    (dead / StagedOutput.OWNER).write_text(done.stdout.strip())  # its process has exited
     orphan = tmp_path / ".out.partial-noowner"
     orphan.mkdir()
     live = tmp_path / ".out.partial-live"
     live.mkdir()
-    (live / stage_output.OWNER).write_text(str(os.getpid()))
+    (live / StagedOutput.OWNER).write_text(str(os.getpid()))
     other = tmp_path / ".other.partial-x"  # another output's stage is not ours to judge
     other.mkdir()
     old = os.umask(0o027)
     try:
-        with stage_output(out) as stage:
+        with StagedOutput(out) as stage:
             (stage / "result.txt").write_text("ok")
     finally:
         os.umask(old)
-    assert (out / "result.txt").read_text() == "ok" and not (out / stage_output.OWNER).exists()
+    assert (out / "result.txt").read_text() == "ok" and not (out / StagedOutput.OWNER).exists()
     assert out.stat().st_mode & 0o777 == 0o750
     assert not dead.exists() and not orphan.exists() and live.exists() and other.exists()
 
@@ -216,7 +216,7 @@ def test_an_out_created_meanwhile_says_where_the_results_are(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(HQPError, match=r"created by something else while this run was going, so the results were "
                                        r"left in .*\.out\.partial-"):
-        with stage_output(out) as stage:
+        with StagedOutput(out) as stage:
             (stage / "report.md").write_text("results")
             out.mkdir()
             (out / "theirs.txt").write_text("someone else's")
@@ -232,7 +232,7 @@ def test_an_unwritable_out_location_is_one_line(tmp_path, capsys):
         locked.mkdir(mode=0o555)
         out = str(locked / "out")
     with pytest.raises(HQPError, match="cannot write the output folder .*; pick an --out in a folder you can write"):
-        with stage_output(out):
+        with StagedOutput(out):
             pass
 
 
@@ -250,7 +250,7 @@ def _loop(ckpt, *, depth=20, resume=False, fail=False, **cfg):
         if fail and rnd == 1:
             raise KeyboardInterrupt("simulated kill")
 
-    config = HQPConfig(**{"delta_max": 50.0, "align": 4, "max_rounds": 3, **cfg})
+    config = PruneLoopConfig(**{"delta_max": 50.0, "align": 4, "max_rounds": 3, **cfg})
     return prune_loop(model, X, calibration=CALIB, finetune_fn=finetune,
                       evaluate_fn=lambda m: {"top1": 90.0 * hqp_fx.count_params(m) / 300000},
                       config=config, checkpoint_dir=ckpt, resume=resume, fingerprint={"data": "set A"})
@@ -272,7 +272,7 @@ def test_resume_refuses_another_model_config_or_data(interrupted, monkeypatch):
     with pytest.raises(HQPError, match=r"refusing to resume: .*\(data: \"set A\" then, \"set B\" now\)"):
         torch.manual_seed(0)
         prune_loop(realistic_random(CifarResNet(20), X), X, calibration=CALIB, finetune_fn=lambda m, r: None,
-                   evaluate_fn=lambda m: {"top1": 1.0}, config=HQPConfig(delta_max=50.0, align=4, max_rounds=3),
+                   evaluate_fn=lambda m: {"top1": 1.0}, config=PruneLoopConfig(delta_max=50.0, align=4, max_rounds=3),
                    checkpoint_dir=interrupted, resume=True, fingerprint={"data": "set B"})
     resumed = _loop(interrupted, resume=True, max_rounds=4)  # the same run (max_rounds may grow) continues
     assert len(resumed.history) == 4
@@ -380,9 +380,9 @@ def test_backend_auto_picks_the_engine_this_machine_can_build(monkeypatch, capsy
     from hqp_fx.cli import build_parser
 
     base = ["compress", "cifar:resnet20", "--data", "d", "--out", "o"]
-    monkeypatch.setattr("hqp_fx.passes.tensorrt.tensorrt_unavailable_reason", lambda: "TensorRT: not run (no GPU)")
+    monkeypatch.setattr("hqp_fx.engines.tensorrt.tensorrt_unavailable_reason", lambda: "TensorRT: not run (no GPU)")
     assert build_parser().parse_args(base).backend == "onnxruntime"  # the default is auto
-    monkeypatch.setattr("hqp_fx.passes.tensorrt.tensorrt_unavailable_reason", lambda: None)
+    monkeypatch.setattr("hqp_fx.engines.tensorrt.tensorrt_unavailable_reason", lambda: None)
     assert build_parser().parse_args(base + ["--backend", "auto"]).backend == "tensorrt"
     assert build_parser().parse_args(base + ["--backend", "x86-inductor"]).backend == "x86-inductor"
     with pytest.raises(SystemExit):
@@ -392,8 +392,8 @@ def test_backend_auto_picks_the_engine_this_machine_can_build(monkeypatch, capsy
 
 def test_ort_model_feeds_a_static_batch_file_any_number_of_images(tmp_path):
     """A file exported at batch 4 scores 10 images: the last slice is padded, not refused by ONNX Runtime."""
-    from hqp_fx.deploy import OrtModel
-    from hqp_fx.passes.onnx import export_onnx
+    from hqp_fx.engines.ort import OrtModel
+    from hqp_fx.lower_onnx import export_onnx
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
     export_onnx(model, (torch.randn(4, 3, 8, 8),), tmp_path / "b4.onnx")

@@ -8,7 +8,7 @@ import torch.nn as nn
 import hqp_fx
 from hqp_fx import meta
 from hqp_fx.compress import _channels_per_layer
-from hqp_fx.hqp import HQPConfig, _floor
+from hqp_fx.prune_loop import PruneLoopConfig, _floor
 from hqp_fx.passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, select_channels
 from hqp_fx.passes.quantize import BACKENDS, QuantConfig, QuantizePass
 
@@ -119,8 +119,8 @@ def test_selection_empties_a_removable_group_only_when_asked():
 def test_remove_branches_lowers_the_reachable_floor():
     gm, x = _analysed("cifar:resnet20")
     dense = hqp_fx.count_macs(gm, x)
-    channels_only, _ = _floor(gm, 16, HQPConfig(align=16), x)
-    with_branches, _ = _floor(gm, 16, HQPConfig(align=16, remove_branches=True), x)
+    channels_only, _ = _floor(gm, 16, PruneLoopConfig(align=16), x)
+    with_branches, _ = _floor(gm, 16, PruneLoopConfig(align=16, remove_branches=True), x)
     assert with_branches < channels_only < dense
 
 

@@ -19,7 +19,7 @@ from hqp_fx.cli import main
 from hqp_fx.compress import HQP_JSON_SCHEMA, onnx_latency
 from hqp_fx.data import BatchLoader
 from hqp_fx.demo import digits
-from hqp_fx.deploy import OrtModel
+from hqp_fx.engines.ort import OrtModel
 from hqp_fx.passes.quantize import QuantConfig
 from hqp_fx.train import evaluate
 
@@ -137,19 +137,20 @@ def test_hybrid_fallback_judges_candidates_in_onnxruntime(monkeypatch, tmp_path)
 
     def capture(model, example, calibration, config, *, max_drop, evaluate):
         judges.append(evaluate)
-        return hqp_fx.deploy.quantize(model, example, calibration, config)
+        return hqp_fx.artifacts.quantize(model, example, calibration, config)
 
-    monkeypatch.setattr(hqp_fx.deploy, "OrtModel", SpyOrtModel)
-    monkeypatch.setattr(hqp_fx.deploy, "hybrid_quantize", capture)
+    monkeypatch.setattr(hqp_fx.artifacts, "OrtModel", SpyOrtModel)
+    monkeypatch.setattr(hqp_fx.engines.ort, "OrtModel", SpyOrtModel)  # where the fallback's judge runs files
+    monkeypatch.setattr(hqp_fx.artifacts, "hybrid_quantize", capture)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
     example = torch.randn(1, 3, 8, 8)
     batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))) for _ in range(2)]
     config = QuantConfig(backend="onnxruntime", num_samples=8)
-    hqp_fx.deploy.ship_quantized(model, example, batches, batches, config, tmp_path, max_drop=0.5, threads=1, runs=2)
+    hqp_fx.artifacts.ship_quantized(model, example, batches, batches, config, tmp_path, max_drop=0.5, threads=1, runs=2)
     (judge,) = judges
     judged.clear()
-    int8 = hqp_fx.deploy.quantize(model, example, batches, config).model
+    int8 = hqp_fx.artifacts.quantize(model, example, batches, config).model
     with torch.no_grad():
         expected = (int8(torch.cat([x for x, _ in batches])).argmax(1) == torch.cat([y for _, y in batches]))
     score = judge(int8)
@@ -211,7 +212,7 @@ def test_decisions_use_the_validation_split_and_the_test_split_is_only_reported(
     from hqp_fx.compress import CompressConfig, compress
     from hqp_fx.data import ImageSet
     from hqp_fx.demo import train_demo_model
-    from hqp_fx.hqp import HQPConfig
+    from hqp_fx.prune_loop import PruneLoopConfig
     from hqp_fx.train import FinetuneConfig, finetune
 
     train, test = digits()
@@ -220,7 +221,7 @@ def test_decisions_use_the_validation_split_and_the_test_split_is_only_reported(
     seen = []
     monkeypatch.setattr("hqp_fx.compress.finetune", lambda m, loader, *a, **k: (seen.append(loader.data),
                                                                                finetune(m, loader, *a, **k)))
-    config = CompressConfig(prune=HQPConfig(delta_max=1.0, align=8, max_rounds=3, steps=(0.2, 0.1)),
+    config = CompressConfig(prune=PruneLoopConfig(delta_max=1.0, align=8, max_rounds=3, steps=(0.2, 0.1)),
                             finetune=FinetuneConfig(epochs=0.2, lr=0.01), quant=QuantConfig(backend="onnxruntime",
                             num_samples=64), batch_size=64, augment=False, threads=1, latency_runs=3)
     reports = []
@@ -275,7 +276,7 @@ def test_demo_selects_by_predicted_latency_and_reports_the_prediction_error(tmp_
 
 
 def test_variants_are_timed_in_alternating_rounds_and_the_median_round_is_kept(monkeypatch, tmp_path):
-    from hqp_fx import deploy
+    from hqp_fx import measure as measurement
 
     calls = []
     fake = {"a": [5.0, 1.0, 3.0], "b": [2.0, 9.0, 4.0]}
@@ -284,8 +285,8 @@ def test_variants_are_timed_in_alternating_rounds_and_the_median_round_is_kept(m
         calls.append(path.name)
         return {"median_ms": fake[path.name].pop(0), "size_mb": 1.0, "peak_rss_mb": 1.0}
 
-    monkeypatch.setattr(deploy, "measure_onnx", measure)
-    out = deploy.measure_alternating({"a": tmp_path / "a", "b": tmp_path / "b"}, (1, 3, 8, 8), rounds=3)
+    monkeypatch.setattr(measurement, "measure_onnx", measure)
+    out = measurement.measure_alternating({"a": tmp_path / "a", "b": tmp_path / "b"}, (1, 3, 8, 8), rounds=3)
     assert calls == ["a", "b", "a", "b", "a", "b"]  # a slow spell hits both files, not one
     assert out["a"]["median_ms"] == 3.0 and out["a"]["rounds_ms"] == [5.0, 1.0, 3.0]
     assert out["b"]["median_ms"] == 4.0

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import hqp_fx
 from hqp_fx import meta
-from hqp_fx.hqp import STATE_FILE, HQPConfig, prune_loop
+from hqp_fx.prune_loop import STATE_FILE, PruneLoopConfig, prune_loop
 from hqp_fx.models import CifarResNet
 from hqp_fx.passes import AlignChannelsPass, ChannelDependencyPass, score_channels, select_channels
 
@@ -48,7 +48,7 @@ class Stubs:
 
 def run(tmp_path=None, stubs=None, resume=False, latency_fn=None, recover_fn=None, **cfg):
     stubs = stubs or Stubs()
-    config = HQPConfig(**{"delta_max": 2.0, "align": 4, "criterion": "fisher", **cfg})
+    config = PruneLoopConfig(**{"delta_max": 2.0, "align": 4, "criterion": "fisher", **cfg})
     return prune_loop(model(), X, calibration=CALIB, finetune_fn=stubs.finetune, evaluate_fn=stubs.evaluate,
                       config=config, checkpoint_dir=tmp_path, resume=resume, latency_fn=latency_fn,
                       recover_fn=recover_fn)
@@ -191,18 +191,18 @@ def test_flops_normalize_reaches_the_loops_ranking():
         res = run(criterion="taylor", flops_normalize=per_mac, max_rounds=1, delta_max=50.0)
         assert res.history[0].removed == by_hand[per_mac]
     with pytest.raises(ValueError, match="flops_normalize divides an estimated loss change by MACs"):
-        HQPConfig(criterion="fisher", flops_normalize=True)
+        PruneLoopConfig(criterion="fisher", flops_normalize=True)
 
 
 def test_bad_configuration_is_explained(tmp_path):
     with pytest.raises(ValueError, match="delta_max must be >= 0"):
-        HQPConfig(delta_max=-1)
+        PruneLoopConfig(delta_max=-1)
     with pytest.raises(ValueError, match="steps must be decreasing fractions"):
-        HQPConfig(steps=(0.01, 0.05))
+        PruneLoopConfig(steps=(0.01, 0.05))
     with pytest.raises(ValueError, match="target_macs is a fraction"):
-        HQPConfig(target_macs=2)
+        PruneLoopConfig(target_macs=2)
     with pytest.raises(ValueError, match=r"min_keep \(4\) must be at least the alignment multiple \(8\)"):
-        HQPConfig(min_keep=4, align=8)
+        PruneLoopConfig(min_keep=4, align=8)
     with pytest.raises(FileNotFoundError, match="resume=True but"):
         run(tmp_path / "none", resume=True)
 

@@ -12,7 +12,7 @@ import torchvision
 
 import hqp_fx
 from hqp_fx import meta
-from hqp_fx.hqp import HQPConfig, prune_loop
+from hqp_fx.prune_loop import PruneLoopConfig, prune_loop
 from hqp_fx.latency import LatencyModel, LayerShape, _Layer, _qdq_layer, select_for_latency
 from hqp_fx.models import CifarResNet
 from hqp_fx.passes import ChannelDependencyPass, PruneChannelsPass
@@ -131,7 +131,7 @@ def _loop(tmp_path, stubs=None, resume=False, **cfg):
     calib = [(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 10)]
     stubs = stubs or Stubs()
     measured = step_table(analysed(model))  # the "engine": the same synthetic table, plus 0.05 ms of overhead
-    config = HQPConfig(**{"delta_max": 50.0, "align": 16, "max_rounds": 4, "select": "latency", "steps": (0.1,),
+    config = PruneLoopConfig(**{"delta_max": 50.0, "align": 16, "max_rounds": 4, "select": "latency", "steps": (0.1,),
                           **cfg})
     return prune_loop(model, X, calibration=calib, finetune_fn=stubs.finetune, evaluate_fn=stubs.evaluate,
                       config=config, checkpoint_dir=tmp_path, resume=resume,
@@ -153,4 +153,4 @@ def test_the_loop_predicts_and_measures_every_accepted_round_and_resumes_exactly
     assert resumed.history == res.history
     with pytest.raises(ValueError, match="select='latency' needs latency_model"):
         prune_loop(CifarResNet(20), X, calibration=[], finetune_fn=lambda m, r: None, evaluate_fn=lambda m: {},
-                   config=HQPConfig(select="latency"))
+                   config=PruneLoopConfig(select="latency"))

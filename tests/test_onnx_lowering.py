@@ -10,13 +10,8 @@ import torchvision
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from hqp_fx.passes.onnx import (
-    OnnxExportError,
-    _cleanup,
-    _torch_export,
-    check_tensorrt_rules,
-    export_onnx,
-)
+from hqp_fx.engines.tensorrt import check_tensorrt_rules
+from hqp_fx.lower_onnx import OnnxExportError, _cleanup, _torch_export, export_onnx
 
 
 class SmallCNN(nn.Module):

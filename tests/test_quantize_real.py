@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hqp_fx.deploy import OrtModel
+from hqp_fx.engines.ort import OrtModel
 from hqp_fx.models import build_model
-from hqp_fx.passes.onnx import export_onnx
+from hqp_fx.lower_onnx import export_onnx
 from hqp_fx.passes.quantize import QuantConfig, quantize
 from hqp_fx.train import evaluate
 

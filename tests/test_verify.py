@@ -16,15 +16,8 @@ from torch import nn
 
 from hqp_fx.core import HQPError
 from hqp_fx.models import CifarResNet, load_weights
-from hqp_fx.passes.tensorrt import (
-    TOLERANCES,
-    TensorRTResult,
-    Verification,
-    VerificationError,
-    build_tensorrt_engine,
-    tensorrt_unavailable_reason,
-    verify_onnx,
-)
+from hqp_fx.engines.tensorrt import TensorRTResult, build_tensorrt_engine, tensorrt_unavailable_reason
+from hqp_fx.verify import TOLERANCES, Verification, VerificationError, verify_onnx
 
 SHAPE = (8, 3, 16, 16)
 RESNET20 = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "cifar-resnet" / "resnet20-12fca82f.th"

@@ -3,7 +3,7 @@
 Data flow: ``torch.export`` (dynamic batch where the model allows it) → torchao's ``prepare_pt2e`` with one of
 hqp_fx's quantizers (BN is folded into the convs there) → calibrate on real batches → range checks →
 ``convert_pt2e``. The result is a GraphModule with explicit quantize/dequantize ops that
-``hqp_fx.passes.onnx.export_onnx`` lowers to Q/DQ ONNX.
+``hqp_fx.lower_onnx.export_onnx`` lowers to Q/DQ ONNX.
 
 torch.ao's ``quantize_fx`` is not used: it is deprecated and its reference graphs do not export to ONNX.
 

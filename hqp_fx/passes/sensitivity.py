@@ -39,7 +39,7 @@ _LOSS_CHANGE = {"group-fisher", "taylor"}  # estimates of a loss change: per MAC
 
 
 def check_flops_normalize(criterion: str, flops_normalize: bool) -> None:
-    """Refuse ``flops_normalize`` for a criterion that is not a loss estimate; HQPConfig calls it before any round."""
+    """Refuse ``flops_normalize`` for a criterion that is not a loss estimate; PruneLoopConfig calls it before any round."""
     if flops_normalize and criterion not in _LOSS_CHANGE:
         raise ValueError(f"flops_normalize divides an estimated loss change by MACs "
                          f"({', '.join(sorted(_LOSS_CHANGE))}); {criterion!r} is not one: drop "
@@ -158,9 +158,8 @@ def score_channels(
     - ``"group"``: each group's total is divided by its mean (every group equally prunable);
     - ``"none"``: raw sums (taylor and group-fisher: estimates of the loss change).
 
-    On the CIFAR ResNet-56 at 2x fewer MACs (benchmarks/RESULTS.md) fisher with ``"group"`` pruned the
-    residual stream and ended 5.1 points below ``"layer"`` (79.70% vs 84.82%) after the same
-    fine-tuning. The module's parameters, gradients, buffers and train/eval mode are left as they were.
+    ``"layer"`` is the default because ``"group"`` lets fisher prune a residual stream as readily as
+    a single layer, which cost points on a CIFAR ResNet-56 (benchmarks/RESULTS.md). The module's parameters, gradients, buffers and train/eval mode are left as they were.
     """
     analysis = meta.channel_analysis(gm)
     if criterion not in CRITERIA:

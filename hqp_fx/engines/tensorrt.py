@@ -1,34 +1,32 @@
-"""ONNX lowering: export a float or pt2e-quantized model to a clean single-file ONNX, and check TensorRT's QDQ rules.
+"""TensorRT: its explicit-quantization rules as a lint of the Q/DQ ONNX, and the INT8 engine build.
 
-``export_onnx`` runs torch's dynamo exporter, checks the result with ``onnx.checker`` (full check), tidies it with
-onnx-graphsurgeon (constant folding that never touches Q/DQ, dead-node cleanup, topological sort), checks again and
-saves atomically. ``check_tensorrt_rules`` is a structural lint for TensorRT explicit quantization (the rules its
-ONNX parser enforces on QuantizeLinear/DequantizeLinear), so a bad model fails here instead of inside trtexec.
+``check_tensorrt_rules`` enforces the rules TensorRT's ONNX parser applies to QuantizeLinear/DequantizeLinear, so a
+bad model fails here instead of inside trtexec. ``build_tensorrt_engine`` builds an explicitly quantized INT8 engine
+from the Q/DQ ONNX through Polygraphy (TensorRT reads the scales from the graph, so no calibrator) and compares it
+against ONNX Runtime. TensorRT is optional: every ``tensorrt`` import is inside a function, and without TensorRT or
+a CUDA GPU the engine step reports why it did not run instead of failing.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import re
-import warnings
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
 
-from ..core import HQPError, atomic_write_bytes
+from ..core import atomic_write_bytes
+from ..lower_onnx import QDQ_OPS
+from ..verify import (ORT_LEVEL, TOLERANCES, OnnxSignature, Verification, VerificationError, compare, feeds_for,
+                      ort_runner, quiet, read_signature)
 
-__all__ = ["TENSORRT_OPS", "OnnxExportError", "RuleViolation", "check_tensorrt_rules", "export_onnx"]
-
-_PROTO_LIMIT = 2**31 - 1  # protobuf cannot serialize a message of 2 GB or more
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_QDQ = ("QuantizeLinear", "DequantizeLinear")
+__all__ = ["TENSORRT_OPS", "RuleViolation", "check_tensorrt_rules", "TensorRTResult", "tensorrt_unavailable_reason",
+           "build_tensorrt_engine"]
 
 # ONNX ops TensorRT's ONNX parser imports (onnx-tensorrt docs/operators.md, TensorRT 8.5 - 10.x), default domain only.
 TENSORRT_OPS = frozenset({
@@ -49,10 +47,6 @@ TENSORRT_OPS = frozenset({
 })
 
 
-class OnnxExportError(HQPError):
-    """The model could not be lowered to a valid ONNX file; the message names the problem and the fix."""
-
-
 @dataclass(frozen=True)
 class RuleViolation:
     """One broken TensorRT rule at one node (or graph input/output)."""
@@ -64,158 +58,6 @@ class RuleViolation:
 
 
 # --------------------------------------------------------------------------------------------------- export
-
-
-def export_onnx(
-    model: torch.nn.Module,
-    example_inputs: tuple[torch.Tensor, ...],
-    path: str | os.PathLike,
-    *,
-    dynamic_batch: bool = False,
-    opset: int = 18,
-    input_names: Sequence[str] = ("input",),
-    output_names: Sequence[str] = ("output",),
-) -> onnx.ModelProto:
-    """torch.onnx.export(dynamo=True) -> onnx.checker full check -> onnx-graphsurgeon cleanup -> check again -> atomic save.
-
-    ``model`` is a float module or a pt2e-converted GraphModule (its quantize/dequantize ops become QDQ nodes).
-    Shapes are static unless ``dynamic_batch``, which makes dim 0 of every input symbolic.
-    """
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
-    name = type(model).__name__
-    proto = _torch_export(model, example_inputs, dynamic_batch, opset, list(input_names), list(output_names))
-    _check(proto, name, "torch.onnx.export")
-    proto = _cleanup(proto)
-    _check(proto, name, "onnx-graphsurgeon cleanup")
-    if dynamic_batch:
-        static = [i.name for i in proto.graph.input if not _dim0_is_symbolic(i)]
-        if static:
-            why = (
-                "a torch.export'ed GraphModule keeps the batch size it was captured with; capture it with "
-                "dynamic_shapes={0: torch.export.Dim.AUTO} (hqp_fx's quantize does)"
-                if isinstance(model, torch.fx.GraphModule)
-                else "the forward pins the batch size, e.g. x.view(2, -1) or a shape read as a python int; "
-                "use x.flatten(1) or x.view(x.shape[0], -1)"
-            )
-            raise OnnxExportError(
-                f"{name} cannot be exported with a dynamic batch: the exporter fixed dim 0 of inputs {static} "
-                f"({why}), or export with dynamic_batch=False"
-            )
-    _save(proto, Path(path))
-    return proto
-
-
-def _torch_export(model, example_inputs, dynamic_batch, opset, input_names, output_names) -> onnx.ModelProto:
-    """Run the dynamo exporter quietly and return its ModelProto (its own file is never written)."""
-    dynamic_shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch")
-        dynamic_shapes = tuple({0: batch} for _ in example_inputs)
-    chatter = io.StringIO()
-    try:
-        with _eval_mode(model), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), \
-                warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                model, example_inputs, dynamo=True, opset_version=opset, verbose=False, input_names=input_names,
-                output_names=output_names, dynamic_shapes=dynamic_shapes, external_data=False,
-            )
-    except Exception as e:  # the exporter raises many types; all of them mean "this model does not lower"
-        root = e
-        while root.__cause__ is not None:
-            root = root.__cause__
-        name, first = type(model).__name__, _first_line(root) or _first_line(e)
-        if dynamic_batch and "batch" in _ANSI.sub("", f"{e}\n{root}"):  # the symbolic dim 0 is named "batch"
-            raise OnnxExportError(
-                f"{name} cannot be exported with a dynamic batch: {type(root).__name__}: {first}. Fix: let forward() "
-                "work for any batch size (x.flatten(1), not x.view(2, -1)), or export with dynamic_batch=False"
-            ) from e
-        raise OnnxExportError(
-            f"torch.onnx.export(dynamo=True) failed for {name}: {type(root).__name__}: {first}. "
-            "Fix: make forward() traceable by torch.export (no data-dependent python control flow such as "
-            "`if x.sum() > 0`, no .item()/.numpy(), only ops with an ONNX lowering); "
-            "see https://pytorch.org/docs/stable/generated/exportdb/index.html"
-        ) from e
-    return program.model_proto
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    """Export inference graphs: switch a training-mode module to eval for the export and back afterwards.
-
-    torch.export'ed GraphModules refuse .eval()/.train() (they are already fixed graphs), so they are left alone.
-    """
-    flipped = False
-    if model.training:
-        try:
-            model.eval()
-            flipped = True
-        except NotImplementedError:
-            pass
-    try:
-        yield
-    finally:
-        if flipped:
-            model.train()
-
-
-def _first_line(e: BaseException) -> str:
-    for line in _ANSI.sub("", str(e)).splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
-
-
-def _check(proto: onnx.ModelProto, name: str, stage: str) -> None:
-    if proto.ByteSize() > _PROTO_LIMIT:
-        raise OnnxExportError(
-            f"the ONNX model of {name} is {proto.ByteSize() / 2**30:.1f} GiB after {stage}, over protobuf's 2 GB "
-            "limit for a single file; prune/shrink the model (external-data export is not supported here)"
-        )
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except Exception as e:  # checker and shape inference raise their own error types
-        raise OnnxExportError(
-            f"onnx.checker rejected the ONNX model of {name} after {stage}: {_first_line(e)}; "
-            "this is an exporter bug or an op without a valid lowering at this opset - try another opset"
-        ) from e
-
-
-def _keep_qdq(node) -> bool:
-    """graphsurgeon should_exclude_node hook: never fold Q/DQ.
-
-    Folding a weight DequantizeLinear would turn the int8 initializer back into FP32 and erase the explicit
-    quantization TensorRT and ONNX Runtime read from the graph. graphsurgeon 0.6.1 already refuses to fold Q/DQ;
-    this hook keeps that guarantee on versions that do not.
-    """
-    return node.op in _QDQ
-
-
-def _cleanup(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """fold_constants (Q/DQ excluded) -> cleanup -> toposort."""
-    import onnx_graphsurgeon as gs
-
-    graph = gs.import_onnx(proto)
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        graph.fold_constants(should_exclude_node=_keep_qdq).cleanup().toposort()
-    return gs.export_onnx(graph, do_type_check=True)  # keeps ir_version, opset imports and producer
-
-
-def _dim0_is_symbolic(value: onnx.ValueInfoProto) -> bool:
-    dims = value.type.tensor_type.shape.dim
-    return len(dims) > 0 and not dims[0].HasField("dim_value")
-
-
-def _save(proto: onnx.ModelProto, path: Path) -> None:
-    """Single-file save; readers see the old file or the complete new one, never a partial write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, proto.SerializeToString())
-
-
-# --------------------------------------------------------------------------------------------------- TensorRT rules
 
 
 def check_tensorrt_rules(model: onnx.ModelProto | str | os.PathLike, *, allow_dynamic_batch: bool = False) -> list[RuleViolation]:
@@ -250,7 +92,7 @@ def check_tensorrt_rules(model: onnx.ModelProto | str | os.PathLike, *, allow_dy
             bad("unsupported-op", f"{node.op_type}{domain} is not an op TensorRT's ONNX parser imports; "
                                   "replace it or provide a TensorRT plugin")
             continue
-        if node.op_type not in _QDQ:
+        if node.op_type not in QDQ_OPS:
             continue
         _check_qdq(node, consts, bad)
         x = node.input[0]
@@ -357,3 +199,80 @@ def _output_channel_axis(user: onnx.NodeProto, slot: int, rank: int) -> int | No
     if user.op_type == "MatMul":
         return rank - 1
     return None
+
+
+@dataclass
+class TensorRTResult:
+    """What the TensorRT step did: ``ran`` False with ``reason`` when TensorRT or a GPU is missing."""
+
+    ran: bool
+    reason: str
+    engine_path: Path | None
+    verification: Verification | None
+
+
+def tensorrt_unavailable_reason() -> str | None:
+    """None when `import tensorrt` works and torch.cuda.is_available(); else the reason string."""
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 -- ImportError, or a broken install failing to load its libraries
+        return f"TensorRT: not run (import tensorrt failed: {exc})"
+    if not torch.cuda.is_available():
+        return "TensorRT: not run (no CUDA GPU: torch.cuda.is_available() is False)"
+    return None
+
+
+def _profile(sig: OnnxSignature, feeds: list[OrderedDict[str, np.ndarray]]) -> list[Any] | None:
+    """An optimisation profile spanning the given batch shapes when the ONNX input has dynamic dimensions."""
+    if all(isinstance(d, int) for d in sig.input_shape):
+        return None
+    from polygraphy.backend.trt import Profile
+
+    shapes = np.array([f[sig.input_name].shape for f in feeds])
+    lo, hi = tuple(int(v) for v in shapes.min(0)), tuple(int(v) for v in shapes.max(0))
+    return [Profile().add(sig.input_name, min=lo, opt=hi, max=hi)]
+
+
+def build_tensorrt_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
+                          inputs: Sequence[torch.Tensor], *, int8: bool = True) -> TensorRTResult:
+    """When TensorRT + GPU exist: build (explicit quantization from the QDQ ONNX, no calibrator) through Polygraphy,
+    save the .engine atomically, compare TensorRT against ONNX Runtime on `inputs`. Otherwise ran=False with the reason.
+
+    The arguments are checked first (missing ONNX, empty inputs, wrong shapes raise VerificationError), so a
+    pipeline fails the same way on a machine without TensorRT. Without TensorRT or a GPU nothing is written.
+    The reference is ONNX Runtime with no graph optimisations, i.e. the Q/DQ graph as written, judged with
+    TOLERANCES["int8-tensorrt"] (TOLERANCES["fp32"] for an ``int8=False`` float engine, built without TF32).
+    """
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    sig = read_signature(onnx_path)
+    feeds = feeds_for(sig, inputs, onnx_path)
+    reason = tensorrt_unavailable_reason()
+    if reason is not None:
+        return TensorRTResult(ran=False, reason=reason, engine_path=None, verification=None)
+
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        EngineBytesFromNetwork,
+        EngineFromBytes,
+        NetworkFromOnnxPath,
+        TrtRunner,
+    )
+    from polygraphy.exception import PolygraphyException
+
+    # int8=True only permits INT8 kernels; where they run is fixed by the Q/DQ nodes (explicit quantization).
+    config = CreateConfig(int8=int8, profiles=_profile(sig, feeds))
+    with quiet():
+        try:
+            engine_bytes = EngineBytesFromNetwork(NetworkFromOnnxPath(str(onnx_path)), config=config)()
+        except PolygraphyException as exc:
+            raise VerificationError(f"TensorRT could not build an engine from {onnx_path}: {exc}; see the TensorRT "
+                                    "log above for the unsupported layer") from None
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(engine_path, bytes(engine_bytes))
+
+    kind = "int8-tensorrt" if int8 else "fp32"
+    candidate = TrtRunner(EngineFromBytes(bytes(engine_bytes)), name="tensorrt")
+    reference = ort_runner(onnx_path, ORT_LEVEL["int8-tensorrt"], "onnxruntime")
+    verification = compare(candidate, reference, feeds, TOLERANCES[kind])
+    return TensorRTResult(ran=True, reason=f"TensorRT: ran ({'INT8' if int8 else 'FP32'} engine)",
+                          engine_path=engine_path, verification=verification)

@@ -1,13 +1,9 @@
-"""Numerical verification of exported models with Polygraphy, and the TensorRT INT8 engine.
+"""Numerical verification of exported models with Polygraphy.
 
-An exported model is only worth shipping if it computes what the PyTorch model computes, so
-``verify_onnx`` runs both on the same real inputs through Polygraphy's ``Comparator``: the
-PyTorch module on CPU (our own runner; Polygraphy's ``PytRunner`` moves everything to CUDA) and
-ONNX Runtime at the optimisation level deployment uses. ``build_tensorrt_engine`` builds an
-explicitly quantized INT8 engine from the Q/DQ ONNX (TensorRT reads the scales from the graph,
-so no calibrator) and compares it against ONNX Runtime. TensorRT is optional: every ``tensorrt``
-import is inside a function, and without TensorRT or a CUDA GPU the engine step reports why it
-did not run instead of failing.
+An exported model is only worth shipping if it computes what the PyTorch model computes, so ``verify_onnx`` runs
+both on the same real inputs through Polygraphy's ``Comparator``: the PyTorch module on CPU (our own runner;
+Polygraphy's ``PytRunner`` moves everything to CUDA) and ONNX Runtime at the optimisation level deployment uses.
+``hqp_fx.engines.tensorrt`` compares a TensorRT engine the same way.
 """
 from __future__ import annotations
 
@@ -18,55 +14,33 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from ..core import HQPError, atomic_write_bytes
+from .core import HQPError
 
-__all__ = [
-    "TOLERANCES",
-    "TensorRTResult",
-    "Verification",
-    "VerificationError",
-    "build_tensorrt_engine",
-    "tensorrt_unavailable_reason",
-    "verify_onnx",
-]
+__all__ = ["TOLERANCES", "ORT_LEVEL", "Verification", "VerificationError", "verify_onnx", "compare", "ort_runner",
+           "read_signature", "feeds_for", "quiet", "OnnxSignature"]
 
 # backend kind -> (atol as a fraction of the reference output's max |value|, rtol).
 # The check is Polygraphy's element-wise one: an element fails when it is off by more than atol AND by more
 # than rtol * |reference element|. Since |reference element| <= max |reference|, an rtol no larger than the
 # atol fraction never loosens the check: atol governs, and it scales with the output's range.
 #
-# Measured on this machine (2-core x86 CPU, torch 2.14.1, onnxruntime 1.32.0, polygraphy 0.53.6, dynamo export at
-# opset 18) as max |ORT - PyTorch| / max |PyTorch| over all logits of all samples:
-#   fp32:  trained CIFAR ResNet-20 (resnet20-12fca82f.th): 6.3e-7 (2048 random-normal samples), 4.3e-7 (512 CIFAR
-#          test images); trained ResNet-56: 6.8e-7 (512 random normal); random-weight torchvision ResNet-18 1.5e-6,
-#          ResNet-50 9.7e-7, MobileNetV2 3.8e-6 (224x224, 16-32 random-normal samples). Worst 3.8e-6.
-#   int8-onnxruntime: torchao pt2e INT8 (per-tensor symmetric activations, per-channel symmetric weights, MinMax
-#          observers) of the trained ResNet-20. ORT with all optimisations runs integer kernels whose float
-#          accumulation order differs from PyTorch's simulated quantization, so values near a rounding boundary land
-#          on the neighbouring int8 level and the flips propagate through the net. Random-normal inputs, five
-#          calibrations of 64-512 samples, 512 samples each: 2.3%-3.4% (top-1 agreement 97.7%-98.8%); 2048 samples:
-#          2.7%; CIFAR test images (calibrated on other test images): 2.1% (resnet20_cifar10jpeg.pt: 1.5%), top-1
-#          agreement 99.2%-99.4%; random-weight ResNet-18 at 224x224: 2.6%. Worst 3.4%. (ORT with optimisations off,
-#          i.e. float Q/DQ simulation, gives 0 to 2.3%: the same flips, from float summation order alone; more
-#          calibration data widens the ranges, coarsens the steps and raises the error.)
-#   int8-tensorrt: NOT measured (no TensorRT and no GPU here). TensorRT's integer kernels are compared with ORT without
-#          graph optimisations (the Q/DQ graph as written), the same situation as ORT's integer kernels against
-#          PyTorch above, so it gets the same tolerance; remeasure on a GPU machine.
+# The values are a few times the worst ORT-vs-PyTorch error measured on trained and random-weight CNNs; the
+# measurements are in benchmarks/RESULTS.md ("Figures behind constants"). INT8 differs more than FP32 because ORT's
+# integer kernels round a few values near a step boundary to the neighbouring level. TensorRT is unmeasured here.
 TOLERANCES: dict[str, tuple[float, float]] = {
-    "fp32": (2e-5, 2e-5),              # ~5x the worst of 3.8e-6 (float kernels differ across CPUs)
-    "int8-onnxruntime": (0.08, 0.08),  # ~2.4x the worst of 3.4%; a wrong weight or scale gives tens of %
-    "int8-tensorrt": (0.08, 0.08),     # unmeasured; see above
+    "fp32": (2e-5, 2e-5),              # float kernels differ across CPUs
+    "int8-onnxruntime": (0.08, 0.08),  # a wrong weight or scale gives tens of %
+    "int8-tensorrt": (0.08, 0.08),     # unmeasured: the same situation as ORT's integer kernels against PyTorch
 }
 
 # Which ONNX Runtime optimisation level plays each role. verify_onnx checks what deployment runs, and ORT's
 # default (ORT_ENABLE_ALL) is what an InferenceSession uses unless told otherwise; for INT8 that means the
 # integer kernels. As the reference for TensorRT, ORT runs with no optimisations: the Q/DQ graph as written.
-_ORT_LEVEL = {"fp32": "ORT_ENABLE_ALL", "int8-onnxruntime": "ORT_ENABLE_ALL", "int8-tensorrt": "ORT_DISABLE_ALL"}
+ORT_LEVEL = {"fp32": "ORT_ENABLE_ALL", "int8-onnxruntime": "ORT_ENABLE_ALL", "int8-tensorrt": "ORT_DISABLE_ALL"}
 
 
 class VerificationError(HQPError):
@@ -102,45 +76,25 @@ class Verification:
                 f"{self.samples} samples")
 
 
-@dataclass
-class TensorRTResult:
-    """What the TensorRT step did: ``ran`` False with ``reason`` when TensorRT or a GPU is missing."""
-
-    ran: bool
-    reason: str
-    engine_path: Path | None
-    verification: Verification | None
-
-
-def tensorrt_unavailable_reason() -> str | None:
-    """None when `import tensorrt` works and torch.cuda.is_available(); else the reason string."""
-    try:
-        import tensorrt  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 -- ImportError, or a broken install failing to load its libraries
-        return f"TensorRT: not run (import tensorrt failed: {exc})"
-    if not torch.cuda.is_available():
-        return "TensorRT: not run (no CUDA GPU: torch.cuda.is_available() is False)"
-    return None
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Inputs and the ONNX signature
 
 
 @dataclass(frozen=True)
-class _Signature:
+class OnnxSignature:
     input_name: str
     input_shape: tuple[int | str | None, ...]  # int, or a dim_param name / None where dynamic
     input_dtype: np.dtype
     output_names: tuple[str, ...]
 
 
-def _read_signature(onnx_path: Path) -> _Signature:
+def read_signature(onnx_path: Path) -> OnnxSignature:
     import onnx
 
     if not onnx_path.is_file():
         raise VerificationError(f"ONNX file {onnx_path} does not exist; export the model first "
-                                "(hqp_fx.passes.onnx.export_onnx or torch.onnx.export) and pass its path")
+                                "(hqp_fx.lower_onnx.export_onnx or torch.onnx.export) and pass its path")
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 -- protobuf's DecodeError, or OSError; both mean: not usable
@@ -155,10 +109,10 @@ def _read_signature(onnx_path: Path) -> _Signature:
     tensor_type = inp.type.tensor_type
     shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-    return _Signature(inp.name, shape, dtype, tuple(o.name for o in model.graph.output))
+    return OnnxSignature(inp.name, shape, dtype, tuple(o.name for o in model.graph.output))
 
 
-def _feeds(sig: _Signature, inputs: Sequence[torch.Tensor], onnx_path: Path) -> list[OrderedDict[str, np.ndarray]]:
+def feeds_for(sig: OnnxSignature, inputs: Sequence[torch.Tensor], onnx_path: Path) -> list[OrderedDict[str, np.ndarray]]:
     """One ``{input_name: array}`` feed per batch, after checking every batch against the ONNX input."""
     if isinstance(inputs, torch.Tensor):
         raise VerificationError("inputs must be a sequence of batch tensors, got one tensor; pass [x]")
@@ -186,7 +140,7 @@ def _feeds(sig: _Signature, inputs: Sequence[torch.Tensor], onnx_path: Path) -> 
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """Polygraphy logs every runner start and iteration at INFO; keep warnings and errors, uncoloured (colouring
     needs the optional `colored` package and otherwise prints a note about it)."""
     from polygraphy.logger import G_LOGGER
@@ -200,7 +154,7 @@ def _quiet() -> Iterator[None]:
         G_LOGGER.colors = colors
 
 
-def _make_torch_runner(model: torch.nn.Module, sig: _Signature, name: str):
+def _make_torch_runner(model: torch.nn.Module, sig: OnnxSignature, name: str):
     """A Polygraphy runner for a PyTorch module on CPU (subclassed here so polygraphy imports lazily)."""
     from polygraphy.backend.base import BaseRunner
     from polygraphy.common import TensorMetadata
@@ -230,12 +184,12 @@ def _make_torch_runner(model: torch.nn.Module, sig: _Signature, name: str):
     return TorchCpuRunner()
 
 
-def _ort_runner(onnx_path: Path, level: str, name: str):
+def ort_runner(onnx_path: Path, level: str, name: str):
     import onnxruntime
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
     try:
-        with _quiet():
+        with quiet():
             session = SessionFromOnnx(str(onnx_path), providers=["cpu"],
                                       graph_optimization_level=getattr(onnxruntime.GraphOptimizationLevel, level))()
     except Exception as exc:  # noqa: BLE001 -- ORT's own exception classes (InvalidGraph, Fail, ...)
@@ -244,7 +198,7 @@ def _ort_runner(onnx_path: Path, level: str, name: str):
     return OnnxrtRunner(session, name=name)
 
 
-def _compare(candidate, reference, feeds, tolerance: tuple[float, float]) -> Verification:
+def compare(candidate, reference, feeds, tolerance: tuple[float, float]) -> Verification:
     """Run candidate and reference through Polygraphy's Comparator and judge with its element-wise check.
 
     The candidate runs first so that Polygraphy's relative difference is taken against the reference.
@@ -259,7 +213,7 @@ def _compare(candidate, reference, feeds, tolerance: tuple[float, float]) -> Ver
 
         SimpleCompareFunc = CompareFunc.simple
 
-    with _quiet():
+    with quiet():
         try:
             results = Comparator.run([candidate, reference], data_loader=feeds)
         except PolygraphyException as exc:
@@ -314,64 +268,8 @@ def verify_onnx(onnx_path: str | os.PathLike, reference_model: torch.nn.Module, 
         raise VerificationError(f"kind must be 'fp32' or 'int8-onnxruntime', got {kind!r} "
                                 "(TensorRT is verified by build_tensorrt_engine)")
     onnx_path = Path(onnx_path)
-    sig = _read_signature(onnx_path)
-    feeds = _feeds(sig, inputs, onnx_path)
-    candidate = _ort_runner(onnx_path, _ORT_LEVEL[kind], "onnxruntime")
+    sig = read_signature(onnx_path)
+    feeds = feeds_for(sig, inputs, onnx_path)
+    candidate = ort_runner(onnx_path, ORT_LEVEL[kind], "onnxruntime")
     reference = _make_torch_runner(reference_model, sig, "pytorch")
-    return _compare(candidate, reference, feeds, TOLERANCES[kind])
-
-
-def _profile(sig: _Signature, feeds: list[OrderedDict[str, np.ndarray]]) -> list[Any] | None:
-    """An optimisation profile spanning the given batch shapes when the ONNX input has dynamic dimensions."""
-    if all(isinstance(d, int) for d in sig.input_shape):
-        return None
-    from polygraphy.backend.trt import Profile
-
-    shapes = np.array([f[sig.input_name].shape for f in feeds])
-    lo, hi = tuple(int(v) for v in shapes.min(0)), tuple(int(v) for v in shapes.max(0))
-    return [Profile().add(sig.input_name, min=lo, opt=hi, max=hi)]
-
-
-def build_tensorrt_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike,
-                          inputs: Sequence[torch.Tensor], *, int8: bool = True) -> TensorRTResult:
-    """When TensorRT + GPU exist: build (explicit quantization from the QDQ ONNX, no calibrator) through Polygraphy,
-    save the .engine atomically, compare TensorRT against ONNX Runtime on `inputs`. Otherwise ran=False with the reason.
-
-    The arguments are checked first (missing ONNX, empty inputs, wrong shapes raise VerificationError), so a
-    pipeline fails the same way on a machine without TensorRT. Without TensorRT or a GPU nothing is written.
-    The reference is ONNX Runtime with no graph optimisations, i.e. the Q/DQ graph as written, judged with
-    TOLERANCES["int8-tensorrt"] (TOLERANCES["fp32"] for an ``int8=False`` float engine, built without TF32).
-    """
-    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    sig = _read_signature(onnx_path)
-    feeds = _feeds(sig, inputs, onnx_path)
-    reason = tensorrt_unavailable_reason()
-    if reason is not None:
-        return TensorRTResult(ran=False, reason=reason, engine_path=None, verification=None)
-
-    from polygraphy.backend.trt import (
-        CreateConfig,
-        EngineBytesFromNetwork,
-        EngineFromBytes,
-        NetworkFromOnnxPath,
-        TrtRunner,
-    )
-    from polygraphy.exception import PolygraphyException
-
-    # int8=True only permits INT8 kernels; where they run is fixed by the Q/DQ nodes (explicit quantization).
-    config = CreateConfig(int8=int8, profiles=_profile(sig, feeds))
-    with _quiet():
-        try:
-            engine_bytes = EngineBytesFromNetwork(NetworkFromOnnxPath(str(onnx_path)), config=config)()
-        except PolygraphyException as exc:
-            raise VerificationError(f"TensorRT could not build an engine from {onnx_path}: {exc}; see the TensorRT "
-                                    "log above for the unsupported layer") from None
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(engine_path, bytes(engine_bytes))
-
-    kind = "int8-tensorrt" if int8 else "fp32"
-    candidate = TrtRunner(EngineFromBytes(bytes(engine_bytes)), name="tensorrt")
-    reference = _ort_runner(onnx_path, _ORT_LEVEL["int8-tensorrt"], "onnxruntime")
-    verification = _compare(candidate, reference, feeds, TOLERANCES[kind])
-    return TensorRTResult(ran=True, reason=f"TensorRT: ran ({'INT8' if int8 else 'FP32'} engine)",
-                          engine_path=engine_path, verification=verification)
+    return compare(candidate, reference, feeds, TOLERANCES[kind])

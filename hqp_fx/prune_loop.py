@@ -11,7 +11,10 @@ round is checkpointed atomically, and ``resume=True`` continues after an interru
 (fine-tuning and scoring are seeded by round, not by wall-clock state); resuming a finished run returns its
 result.
 
-Quantization, export and reporting (the rest of HQP) come after this loop.
+A round is composed of the passes, each through a checked ``Pipeline``: SensitivityPass scores, selection picks
+(a function: it decides from scores, rolled-back plans and the latency table, and changes no graph),
+AlignChannelsPass rounds, then PruneChannelsPass and ChannelDependencyPass give the analysed candidate.
+Quantization, export and reporting (the rest of HQP, ``hqp_fx.compress``) come after this loop.
 """
 from __future__ import annotations
 
@@ -29,15 +32,15 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import meta
-from .core import HQPError, atomic_write_text
+from .core import HQPError, Pipeline, atomic_write_text
 from .count import count_macs, count_params
 from .latency import LatencyModel, select_for_latency
-from .passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels, select_channels
+from .passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, SensitivityPass, select_channels
 from .passes.sensitivity import CRITERIA, check_flops_normalize
 from .serialize import load, save
 from .trace import trace
 
-__all__ = ["HQPConfig", "RoundRecord", "PruneResult", "prune_loop", "step_schedule", "run_fingerprint"]
+__all__ = ["PruneLoopConfig", "RoundRecord", "PruneResult", "prune_loop", "step_schedule", "run_fingerprint"]
 
 STATE_FILE = "hqp_state.json"
 LATENCY_FILE = "latency_model.json"  # the table a select="latency" run decides with, kept for an exact resume
@@ -50,7 +53,7 @@ def step_schedule(first: float = 0.05) -> tuple[float, ...]:
 
 
 @dataclass(frozen=True)
-class HQPConfig:
+class PruneLoopConfig:
     delta_max: float = 1.0  # largest allowed top-1 drop (points) against the dense baseline
     steps: tuple[float, ...] = step_schedule()  # fraction of prunable channels per round; shrinks on rollback
     criterion: str = "fisher"
@@ -123,7 +126,7 @@ def _analysed(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _floor(gm: fx.GraphModule, min_keep: int, config: HQPConfig, example) -> tuple[int, int]:
+def _floor(gm: fx.GraphModule, min_keep: int, config: PruneLoopConfig, example) -> tuple[int, int]:
     """MACs and params with every eligible group pruned down to ``min_keep`` (or away, with remove_branches):
     the most pruning can do."""
     groups = meta.channel_groups(gm)
@@ -141,7 +144,7 @@ def prune_loop(
     calibration: Iterable,
     finetune_fn: Callable[[nn.Module, int], Any],
     evaluate_fn: Callable[[nn.Module], dict[str, float]],
-    config: HQPConfig = HQPConfig(),
+    config: PruneLoopConfig = PruneLoopConfig(),
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     on_round: Callable[[RoundRecord], None] | None = None,
@@ -241,15 +244,17 @@ def prune_loop(
             break
         step = config.steps[step_index]
         torch.manual_seed(config.seed * 1000 + rnd)
-        scores = score_channels(current, config.criterion, calibration, num_batches=config.calib_batches,
-                                flops_normalize=config.flops_normalize, seed=config.seed * 1000 + rnd)
+        scoring = SensitivityPass(config.criterion, calibration, num_batches=config.calib_batches,
+                                  flops_normalize=config.flops_normalize, seed=config.seed * 1000 + rnd)
+        Pipeline([scoring], available=tuple(current.meta))(current)
+        scores = current.meta[meta.SENSITIVITY]["scores"]
         if by_latency:
             plan = select_for_latency(current, scores, engine, step, align=config.align, min_keep=min_keep,
                                       ignore=config.ignore)
         else:
             plan = select_channels(meta.channel_groups(current), scores, step, min_keep=min_keep, unit=config.align,
                                    ignore=config.ignore, remove_branches=config.remove_branches)
-        AlignChannelsPass(plan, config.align, scores)(current)
+        Pipeline([AlignChannelsPass(plan, config.align, scores)], available=tuple(current.meta))(current)
         aligned = current.meta[meta.ALIGN]["plan"]
         if not aligned or _same_plan(aligned, rejected):  # alignment can round a smaller step to the same plan
             if step_index + 1 < len(config.steps):
@@ -259,7 +264,9 @@ def prune_loop(
                     if not aligned else f"round {history[-1].round} broke delta_max and every smaller step aligns to "
                     "the same plan; rolled back")
             break
-        candidate = PruneChannelsPass(aligned)(current).graph_module
+        # the aligned plan is pruned and the result analysed at once: fine-tuning changes weights, not structure
+        candidate = Pipeline([PruneChannelsPass(), ChannelDependencyPass()], available=tuple(current.meta))(
+            current).graph_module
         torch.manual_seed(config.seed * 1000 + rnd)
         finetune_fn(candidate, rnd)
         stats = evaluate_fn(candidate)
@@ -272,7 +279,7 @@ def prune_loop(
         history.append(record)
         rejected = None if accepted else {k: sorted(v) for k, v in aligned.items()}
         if accepted:
-            current = _analysed(candidate)
+            current = candidate
             current_macs, current_params, accepted_top1 = record.macs, record.params, record.top1
             current_latency = record.latency
         elif step_index + 1 < len(config.steps):
@@ -308,7 +315,7 @@ def prune_loop(
     return PruneResult(current, baseline, final, base_macs, base_params, history, stop, base_latency, recovery)
 
 
-def _check_targets(gm, config: HQPConfig, min_keep: int, example, base_macs: int, base_params: int) -> None:
+def _check_targets(gm, config: PruneLoopConfig, min_keep: int, example, base_macs: int, base_params: int) -> None:
     if config.target_macs is None and config.target_params is None:
         return
     floor_macs, floor_params = _floor(gm, min_keep, config, example)
@@ -335,7 +342,7 @@ def _weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def run_fingerprint(model: nn.Module, example_inputs: Any, config: HQPConfig,
+def run_fingerprint(model: nn.Module, example_inputs: Any, config: PruneLoopConfig,
                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """What decides a pruning run, as JSON values: a resume must see the same (``max_rounds`` may grow)."""
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)

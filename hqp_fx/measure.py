@@ -1,0 +1,74 @@
+"""Measurement: ONNX Runtime latency, file size and peak memory of an ONNX file, and what machine and software
+produced a figure."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .core import HQPError
+
+__all__ = ["measure_onnx", "measure_alternating", "machine_description", "versions"]
+
+_CHILD = Path(__file__).with_name("ort_timing_child.py")
+
+
+def measure_onnx(path: str | os.PathLike, input_shape: tuple[int, ...], *, threads: int = 2, warmup: int = 10,
+                 runs: int = 100) -> dict:
+    """ONNX Runtime CPU latency (median of ``runs`` after ``warmup``, fixed threads), file size and peak memory.
+
+    Runs in a fresh process so the peak resident memory (Linux VmHWM) is this model's alone: ``session_rss_mb`` is
+    the growth from loading and running the session, ``peak_rss_mb`` includes Python and ONNX Runtime themselves.
+    """
+    args = json.dumps([str(path), list(input_shape), threads, warmup, runs])
+    proc = subprocess.run([sys.executable, str(_CHILD), args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise HQPError(f"measuring {path} in ONNX Runtime failed: {proc.stderr.strip().splitlines()[-1:]}")
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    stats.update(size_mb=Path(path).stat().st_size / 2**20, threads=threads, runs=runs, warmup=warmup)
+    return stats
+
+
+def measure_alternating(paths: dict[str, Path], input_shape: tuple[int, ...], *, threads: int = 2, runs: int = 100,
+                        rounds: int = 3) -> dict[str, dict]:
+    """``measure_onnx`` of every file, in ``rounds`` rounds alternating between them; per file the stats of its
+    median round, plus ``rounds_ms``. On a shared VM one measurement of an unchanged file moves by tens of percent
+    (benchmarks/RESULTS.md); alternating spreads a slow spell over every file instead of one."""
+    results: dict[str, list[dict]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, path in paths.items():
+            results[name].append(measure_onnx(path, input_shape, threads=threads, runs=runs))
+    out = {}
+    for name, stats in results.items():
+        middle = sorted(stats, key=lambda st: st["median_ms"])[len(stats) // 2]
+        out[name] = {**middle, "rounds_ms": [st["median_ms"] for st in stats]}
+    return out
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torchao
+
+    import hqp_fx
+
+    return {"hqp_fx": getattr(hqp_fx, "__version__", "0.1.0"), "torch": torch.__version__,
+            "torchao": torchao.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version()}

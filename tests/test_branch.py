@@ -139,3 +139,48 @@ def test_an_in_place_meeting_point_is_not_removable():
     gm = ChannelDependencyPass()(hqp_fx.trace(_InPlaceBranch().eval(), torch.randn(1, 4, 6, 6))).graph_module
     group = next(g for g in meta.channel_groups(gm) if g.id == "a")
     assert group.prunable and not group.removable  # a stored constant would be written into on every call
+
+
+class _PreNormBlock(nn.Module):
+    """A block whose depthwise conv and norm feed only the removable group's layer (ConvNeXt's layout): removing
+    the group leaves them feeding nothing, so they go too."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.bn = nn.BatchNorm2d(8)
+        self.pw1 = nn.Conv2d(8, 16, 1)
+        self.pw2 = nn.Conv2d(16, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(x + self.pw2(torch.relu(self.pw1(self.bn(self.dw(x))))))
+
+
+@pytest.mark.parametrize("name", ["pre-norm block", "convnext_tiny"])
+def test_layers_feeding_only_a_removed_branch_go_with_it(name):
+    if name == "convnext_tiny":
+        model, x = build_zoo_model(name)
+        with torch.no_grad():  # torchvision starts layer scales at 1e-6: masking would not move the output
+            for m in model.modules():
+                if hasattr(m, "layer_scale"):
+                    m.layer_scale.copy_(torch.rand(m.layer_scale.shape) + 0.5)
+        gm = ChannelDependencyPass()(hqp_fx.trace(model, x)).graph_module
+        gid = "features.5.3.block.3"
+    else:
+        torch.manual_seed(0)
+        x = torch.randn(1, 3, 6, 6)
+        gm = ChannelDependencyPass()(hqp_fx.trace(_PreNormBlock(), x)).graph_module
+        gid = "pw1"
+    group = next(g for g in meta.channel_groups(gm) if g.id == gid)
+    assert group.removable
+    plan = {gid: list(range(group.size))}
+    with torch.no_grad():
+        masked = masked_copy(gm, plan)(x)
+        assert float((gm(x) - masked).abs().max()) > 1e-3 * float(masked.abs().max())  # the check can fail
+        pruned = PruneChannelsPass(plan)(gm).graph_module
+        assert_close(pruned(x), masked, 1e-4, f"{name}: pruned vs masked")
+    if name != "convnext_tiny":
+        assert not {"dw", "bn", "pw1", "pw2"} & set(dict(pruned.named_modules()))

@@ -228,7 +228,7 @@ def _plan_changes(new: fx.GraphModule, analysis: ChannelAnalysis, plan: dict[str
     sizes = {g.id: g.size for g in analysis.groups}
     branches = [analysis.branches[gid] for gid, idx in plan.items() if len(idx) == sizes[gid]]
     constants = branch_constants(new, branches, analysis, meta.example_inputs(new)) if branches else []
-    gone = set().union(*(b.zero | b.constant for b in branches))
+    gone = _removed_with(new, set().union(*(b.zero | b.constant for b in branches)))
     live = [n for n in new.graph.nodes if n.name not in gone]
     for node in live:  # fail before anything is decided when a node's pruned layout is not a slice
         if kept.is_tensor(node.name):
@@ -263,6 +263,17 @@ def _plan_changes(new: fx.GraphModule, analysis: ChannelAnalysis, plan: dict[str
         if gather is not None:
             changes.gathers.append(gather)
     return changes
+
+
+def _removed_with(gm: fx.GraphModule, branch_nodes: set[str]) -> set[str]:
+    """The nodes removing the branches deletes: their own, and those left feeding nothing but them (the layers
+    before a removed block's group, which dead-code elimination then takes too)."""
+    gone = set(branch_nodes)
+    for node in reversed(gm.graph.nodes):
+        if node.name not in gone and node.op not in ("placeholder", "output") and node.users and not node.is_impure() \
+                and all(user.name in gone for user in node.users):
+            gone.add(node.name)
+    return gone
 
 
 def _pruned_tensors(new: fx.GraphModule, records: list[SliceRecord], removed: torch.Tensor,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import linecache
 import os
@@ -19,11 +20,19 @@ from .core import HQPError
 
 __all__ = ["trace", "TraceError", "propagate_shapes"]
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep  # with the separator: torchvision's frames are the user's
 
 
 class TraceError(HQPError):
     """The model cannot be symbolically traced; the message names the module, the code and the fix."""
+
+
+class _Proxy(fx.Proxy):
+    """A Proxy that knows how many pieces a chunk/split call returns, so ``len`` and ``list`` of it trace."""
+
+    def __len__(self) -> int:
+        count = _piece_count(self.node)
+        return super().__len__() if count is None else count
 
 
 class _Tracer(fx.Tracer):
@@ -35,6 +44,35 @@ class _Tracer(fx.Tracer):
         self.leaf_names = leaf_names
         self.hqp_module_stack: list[tuple[str, str]] = []
         self.failed_in: tuple[str, str] | None = None  # innermost module when tracing raised
+
+    num_inputs: int = 1
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        """A ``forward(x, *args, **kwargs)`` is traced as ``forward(x)``: one placeholder per example input, the
+        named parameters first (fx would make ``*args`` one Proxy, which the model's code then cannot unpack)."""
+        fn = inspect.unwrap(root_fn)
+        code = fn.__code__
+        if concrete_args is not None or not code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        named = list(code.co_varnames[int(is_module):code.co_argcount])
+        names = named[:self.num_inputs] + [f"input_{i}" for i in range(len(named), self.num_inputs)]
+        if len(names) > len(named) and not code.co_flags & inspect.CO_VARARGS:
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        args = [self.root] if is_module else []
+        args += [self.create_proxy("placeholder", name, (), {}) for name in names]
+        return root_fn, args
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+    def iter(self, obj):
+        """Iterating the pieces of ``chunk(n)`` or ``split([sizes])`` (``list(x.chunk(2, 1))``): their number is
+        in the call. fx itself only unpacks into a fixed tuple of names; any other iteration stays an error. A
+        ``chunk`` of a dim too short for ``n`` pieces fails at shape propagation, naming the node."""
+        count = _piece_count(obj.node)
+        if count is None:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(count)])
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -52,6 +90,19 @@ class _Tracer(fx.Tracer):
         finally:
             self.hqp_module_stack.pop()
         return out
+
+
+def _piece_count(node: fx.Node) -> int | None:
+    """How many tensors a chunk/split call returns, when the call itself says."""
+    if node.op == "call_method" and node.target in ("chunk", "split"):
+        count = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks", node.kwargs.get("split_size"))
+    elif node.op == "call_function" and node.target in (torch.chunk, torch.split):
+        count = node.args[1] if len(node.args) > 1 else None
+    else:
+        return None
+    if node.target in ("chunk", torch.chunk):
+        return count if isinstance(count, int) and count > 0 else None
+    return len(count) if isinstance(count, (list, tuple)) else None  # split(int) depends on the dim's size
 
 
 def _user_frame(exc: BaseException) -> tuple[str, int, str] | None:
@@ -116,6 +167,7 @@ def trace(
 
     root = copy.deepcopy(model).eval()
     tracer = _Tracer(leaf_types, leaf_names)
+    tracer.num_inputs = len(inputs)
     try:
         graph = tracer.trace(root)
     except Exception as exc:

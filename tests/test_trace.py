@@ -66,3 +66,69 @@ def test_bad_inputs_are_explained():
         hqp_fx.trace(Net(), torch.randn(1, 3, 4, 4), leaf_modules=["nope"])
     with pytest.raises(hqp_fx.TraceError, match="shape propagation failed.*Check that example_inputs"):
         hqp_fx.trace(CifarResNet(20), torch.randn(1, 5, 32, 32))
+
+
+class _VarArgsChunks(nn.Module):
+    """ultralytics' layout: ``forward(x, *args, **kwargs)`` delegating to another method, and C2f's
+    ``list(self.cv1(x).chunk(2, 1))`` extended in a loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.cv1 = nn.Conv2d(3, 8, 1)
+        self.m = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1) for _ in range(2))
+        self.cv2 = nn.Conv2d(16, 6, 1)
+
+    def forward(self, x, *args, **kwargs):
+        return self.predict(x, *args, **kwargs)
+
+    def predict(self, x, augment=False):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        first, second = torch.split(self.cv2(torch.cat(y, 1)), [2, 4], 1)  # fx's own tuple unpacking still works
+        return torch.cat([first, second], 1) + (2.0 if augment else 0.0)
+
+
+def test_varargs_forward_and_iterated_chunks_trace_without_workarounds():
+    from hqp_fx.passes import ChannelDependencyPass, PruneChannelsPass
+    from helpers import assert_close, masked_copy
+
+    torch.manual_seed(0)
+    model, x = _VarArgsChunks().eval(), torch.randn(2, 3, 6, 6)
+    gm = hqp_fx.trace(model, x)
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    ChannelDependencyPass()(gm)
+    plan = {"cv1": [0, 5]}  # one channel of each chunk
+    with torch.no_grad():
+        masked = masked_copy(gm, plan)(x)
+        assert float((masked - gm(x)).abs().max()) > 1e-3
+        assert_close(PruneChannelsPass(plan)(gm).graph_module(x), masked, 1e-5, "pruned vs masked")
+
+
+def test_iterating_a_split_of_unknown_count_is_still_refused():
+    class SplitBySize(nn.Module):
+        def forward(self, x):
+            return torch.cat(list(x.split(2, 1)), 1)
+
+    with pytest.raises(hqp_fx.TraceError, match="list\\(x.split\\(2, 1\\)\\)"):
+        hqp_fx.trace(SplitBySize(), torch.randn(1, 4, 2, 2))
+
+
+def test_a_trace_error_inside_torchvision_names_the_torchvision_line():
+    import torchvision
+
+    model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
+    with pytest.raises(hqp_fx.TraceError) as info:
+        hqp_fx.trace(model, torch.randn(1, 3, 320, 320))
+    assert f"torchvision{__import__('os').sep}models{__import__('os').sep}detection" in str(info.value)
+
+
+def test_an_aten_graph_gets_one_clear_error():
+    import torchvision
+    from hqp_fx.core import PassError
+    from hqp_fx.passes import ChannelDependencyPass
+
+    exported = torch.export.export(torchvision.models.resnet18().eval(), (torch.randn(1, 3, 32, 32),)).module()
+    with pytest.raises(PassError, match="ATen-level graph .* hqp_fx.trace"):
+        ChannelDependencyPass()(exported)

@@ -532,8 +532,23 @@ def _chain_source(end: fx.Node, p: _Propagator) -> fx.Node | None:
 # Assembling groups
 # ---------------------------------------------------------------------------------------
 
+def _refuse_aten_graphs(gm: fx.GraphModule) -> None:
+    """One clear error for an ATen-level graph (torch.export, or QuantizePass's output), instead of one
+    "unsupported op" pin per node: the op rules are written for the torch-level calls hqp_fx.trace records."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    aten = [n for n in calls if isinstance(n.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+            and getattr(n.target, "namespace", "") == "aten"]
+    if aten and 2 * len(aten) >= len(calls):
+        raise PassError(
+            f"ChannelDependencyPass: {gm.__class__.__name__} is an ATen-level graph ({len(aten)} of its {len(calls)} "
+            f"calls are aten ops, e.g. {aten[0].target}), as torch.export and QuantizePass produce; the channel analysis "
+            "reads torch-level graphs. Trace the nn.Module with hqp_fx.trace(model, example_inputs) and prune before "
+            "exporting or quantizing")
+
+
 def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
     """Run the label propagation and build the groups (see the module docstring)."""
+    _refuse_aten_graphs(gm)
     if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
         raise PassError(
             "ChannelDependencyPass needs shape metadata on the graph; build the GraphModule with "

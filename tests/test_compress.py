@@ -37,6 +37,7 @@ def demo_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # a whole compress job
 def test_demo_writes_every_output_and_a_valid_sidecar(demo_run):
     assert sorted(p.name for p in demo_run.iterdir()) == OUTPUTS
     assert not (demo_run.parent / "out.checkpoints").exists(), "checkpoints are removed after a successful run"
@@ -62,6 +63,7 @@ def test_demo_writes_every_output_and_a_valid_sidecar(demo_run):
             assert img.size[0] > 200 and img.size[1] > 200
 
 
+@pytest.mark.slow  # a whole compress job
 def test_demo_reported_accuracies_remeasure_the_same(demo_run):
     report = json.loads((demo_run / "hqp.json").read_text())
     _, test = digits()
@@ -75,6 +77,7 @@ def test_demo_reported_accuracies_remeasure_the_same(demo_run):
     assert pruned.get_submodule("stem.0").out_channels == widths["stem.0"][1]
 
 
+@pytest.mark.slow  # a whole compress job
 def test_demo_with_depth_pruning_ships_a_model_without_the_removed_blocks(tmp_path):
     out = tmp_path / "out"
     # a 90% step accepted whatever it costs: the other groups stop at 16 channels, so the demo net's two residual
@@ -206,6 +209,7 @@ def test_compress_refuses_mismatched_or_empty_data(tmp_path, monkeypatch, capsys
     assert not out.exists()
 
 
+@pytest.mark.slow  # a whole compress job
 def test_decisions_use_the_validation_split_and_the_test_split_is_only_reported(tmp_path, monkeypatch):
     """Two runs that differ only in their test split (the second one's labels are scrambled) make the same
     decisions and ship the same model; fine-tuning never sees the held-out validation images."""
@@ -241,6 +245,7 @@ def test_decisions_use_the_validation_split_and_the_test_split_is_only_reported(
     assert "on the validation split that decided the run" in (tmp_path / "a" / "report.md").read_text()
 
 
+@pytest.mark.slow  # a whole compress job
 def test_a_run_without_a_terminal_logs_one_line_per_phase_and_round(tmp_path):
     """nohup / CI / a log file: rich would print nothing until the end."""
     out = tmp_path / "out"
@@ -257,6 +262,7 @@ def test_a_run_without_a_terminal_logs_one_line_per_phase_and_round(tmp_path):
     assert any("exporting" in ln for ln in lines) and "━" not in proc.stderr  # no progress bars in a log
 
 
+@pytest.mark.slow  # a whole compress job
 def test_demo_selects_by_predicted_latency_and_reports_the_prediction_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HQP_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"

@@ -1,7 +1,7 @@
-"""Graph passes, one file per stage of the data flow.
+"""Graph passes, one file per stage of the data flow: dependency → sensitivity → align → prune → quantize.
 
-The quantization stage (``quantize``, ``onnx``, ``tensorrt``) is imported on first use: torchao and onnxscript
-take seconds to import and print registration warnings, which ``hqp inspect`` and the pruning passes do not need.
+``QuantizePass`` is imported on first use: torchao takes seconds to import and prints registration warnings,
+which ``hqp inspect`` and the pruning passes do not need.
 """
 from .dependency import ChannelDependencyPass
 from .prune import PruneChannelsPass

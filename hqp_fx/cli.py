@@ -209,14 +209,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import digits, train_demo_model
 
     checkpoints = _checkpoint_folder(args)
-    train, test = digits()
+    train, test = digits(size=args.size)
     train, validation = train.hold_out(args.val_fraction, args.val_max, seed=args.seed)  # before training: unseen
     print(f"demo: scikit-learn handwritten digits ({len(train)} train / {len(validation)} validation / {len(test)} "
-          "test images, 8x8), training a small CNN on the spot ...", flush=True)
+          f"test images, 8x8 upsampled to {args.size}x{args.size}), training a small CNN on the spot ...", flush=True)
     model = train_demo_model(train, seed=args.seed)
-    report = _run_compress(args, model, torch.randn(1, 3, 8, 8), train, validation, test, augment=False, lr=args.lr,
-                           checkpoints=checkpoints,
-                           identity={"model spec": "demo"},
+    report = _run_compress(args, model, torch.randn(1, 3, args.size, args.size), train, validation, test,
+                           augment=False, lr=args.lr, checkpoints=checkpoints,
+                           identity={"model spec": "demo", "input size": args.size},
                            validation_source=f"held out from the training images before the demo model was trained "
                                              f"(stratified, {args.val_fraction:g} of each class, seed {args.seed})")
     _summarise(report, args.out)
@@ -290,8 +290,9 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
                    "pruned model this many epochs more (kept only if top-1 does not fall); 0: no recovery fine-tune")
     c.add_argument("--lr", type=_number(float, 0, open_low=True), default=0.01,
                    help="fine-tune learning rate (1/10 of the base rate)")
-    c.add_argument("--distill", type=_number(float, 0, 1), default=0.0, help="fine-tune with this weight on "
-                   "distillation from the dense model (e.g. 0.9; the rest on the labels); 0: labels only")
+    c.add_argument("--distill", type=_number(float, 0, 1), default=0.9 if demo else 0.0,
+                   help="fine-tune with this weight on distillation from the dense model (e.g. 0.9; the rest on the "
+                   "labels); 0: labels only" + (" (demo default 0.9)" if demo else ""))
     c.add_argument("--temperature", type=_number(float, 0, open_low=True), default=4.0, help="distillation temperature")
     c.add_argument("--align", type=_align_arg, default="auto", help="round kept channels to this multiple; auto "
                    "(default): the block width of the --backend's INT8 convolutions, 16 for every backend "
@@ -372,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the whole HQP job in a few CPU minutes on scikit-learn's handwritten digits")
     _add_compress_options(d, demo=True)
+    d.add_argument("--size", type=_COUNT, default=16,
+                   help="the 8x8 digits are upsampled to SIZE x SIZE (default 16: at 8x8 latencies are noise)")
     d.set_defaults(func=cmd_demo)
     return parser
 

@@ -31,8 +31,8 @@ OUTPUTS = ["accuracy_vs_macs.png", "channels_per_layer.png", "hqp.json", "latenc
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    code = main(["demo", "--out", str(out), "--max-rounds", "3", "--finetune-epochs", "0.5", "--samples", "64",
-                 "--threads", "1", "--distill", "0.9"])
+    code = main(["demo", "--out", str(out), "--size", "8", "--max-rounds", "3", "--finetune-epochs", "0.5",
+                 "--samples", "64", "--threads", "1", "--distill", "0.9"])
     assert code == 0
     return out
 
@@ -66,7 +66,7 @@ def test_demo_writes_every_output_and_a_valid_sidecar(demo_run):
 @pytest.mark.slow  # a whole compress job
 def test_demo_reported_accuracies_remeasure_the_same(demo_run):
     report = json.loads((demo_run / "hqp.json").read_text())
-    _, test = digits()
+    _, test = digits(size=8)
     loader = list(BatchLoader(test, 500))
     pruned = hqp_fx.load(demo_run / "model_pruned.hqp")
     assert evaluate(pruned, loader)["top1"] == pytest.approx(report["accuracy"]["pruned_fp32"]["top1"])
@@ -81,8 +81,8 @@ def test_demo_reported_accuracies_remeasure_the_same(demo_run):
 def test_demo_with_depth_pruning_ships_a_model_without_the_removed_blocks(tmp_path):
     out = tmp_path / "out"
     # a 90% step accepted whatever it costs: the other groups stop at 16 channels, so the demo net's two residual
-    # blocks (inner widths 32 and 64) must go whole
-    assert main(["demo", "--out", str(out), "--max-rounds", "1", "--step", "0.9", "--delta-max", "100",
+    # blocks (inner widths 64 and 128) must go whole
+    assert main(["demo", "--out", str(out), "--size", "8", "--max-rounds", "1", "--step", "0.9", "--delta-max", "100",
                  "--finetune-epochs", "0.2", "--recover-epochs", "0.3",
                  "--samples", "64", "--threads", "1", "--remove-branches"]) == 0
     report = json.loads((out / "hqp.json").read_text())
@@ -101,7 +101,7 @@ def test_demo_with_depth_pruning_ships_a_model_without_the_removed_blocks(tmp_pa
     assert f"layers removed with their branches: {len(removed)}" in (out / "report.md").read_text()
     pruned = hqp_fx.load(out / "model_pruned.hqp")
     assert not any(n in dict(pruned.named_modules()) for n in removed)
-    _, test = digits()
+    _, test = digits(size=8)
     loader = list(BatchLoader(test, 500))
     int8 = evaluate(OrtModel(out / "model_int8.onnx"), loader)["top1"]
     assert int8 == pytest.approx(report["accuracy"]["hqp_int8_onnxruntime"]["top1"])
@@ -219,8 +219,8 @@ def test_decisions_use_the_validation_split_and_the_test_split_is_only_reported(
     from hqp_fx.prune_loop import PruneLoopConfig
     from hqp_fx.train import FinetuneConfig, finetune
 
-    train, test = digits()
-    model = train_demo_model(train, epochs=2)
+    train, test = digits(size=8)
+    model = train_demo_model(train, epochs=2, width=32)
     scrambled = ImageSet(test.images, test.labels.roll(1), test.classes)
     seen = []
     monkeypatch.setattr("hqp_fx.compress.finetune", lambda m, loader, *a, **k: (seen.append(loader.data),
@@ -249,7 +249,7 @@ def test_decisions_use_the_validation_split_and_the_test_split_is_only_reported(
 def test_a_run_without_a_terminal_logs_one_line_per_phase_and_round(tmp_path):
     """nohup / CI / a log file: rich would print nothing until the end."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "hqp_fx.cli", "demo", "--out", str(out), "--max-rounds", "2",
+    proc = subprocess.run([sys.executable, "-m", "hqp_fx.cli", "demo", "--out", str(out), "--size", "8", "--max-rounds", "2",
                            "--finetune-epochs", "0.2", "--samples", "32", "--threads", "1", "--target-macs", "0.5"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -266,7 +266,7 @@ def test_a_run_without_a_terminal_logs_one_line_per_phase_and_round(tmp_path):
 def test_demo_selects_by_predicted_latency_and_reports_the_prediction_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HQP_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    assert main(["demo", "--out", str(out), "--max-rounds", "2", "--select", "latency", "--step", "0.1",
+    assert main(["demo", "--out", str(out), "--size", "8", "--max-rounds", "2", "--select", "latency", "--step", "0.1",
                  "--delta-max", "100", "--finetune-epochs", "0.2", "--samples", "32", "--threads", "1"]) == 0
     report = json.loads((out / "hqp.json").read_text())
     jsonschema.validate(report, HQP_JSON_SCHEMA)

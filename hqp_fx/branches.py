@@ -51,8 +51,9 @@ class Branch:
 def _is_consumer(node: fx.Node, modules: dict[str, nn.Module], zero: set[str]) -> bool:
     """A layer that reduces over the group's channels: with none of them left, its output is its bias."""
     rule = ops.rule_for(node, modules)
-    return rule is not None and rule.branch == "consumer" and bool(node.args) and isinstance(node.args[0], fx.Node) and node.args[0].name in zero and not any(
-        n.name in zero for n in node.all_input_nodes[1:])
+    if rule is None or rule.branch != "consumer" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    return node.args[0].name in zero and not any(n.name in zero for n in node.all_input_nodes[1:])
 
 
 def _is_meeting(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

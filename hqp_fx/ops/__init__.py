@@ -11,9 +11,10 @@ How to add an op: add an ``OpRule`` to the ``RULES`` tuple of its family module.
 propagator's rules (``p.elementwise``, ``p.producer``, ``p.channelwise``, ``p.move``, ``p.spatial``,
 ``p.reduce``, ``p.softmax``, ``p.pad``, ``p.unknown``); give it a ``rewrite`` when one of its arguments
 counts channels (a shape, a split size, a group count) and a ``fix_module`` when a module attribute does. Then
-add a test to ``tests/test_ops.py`` that builds a tiny model using the op, prunes every prunable group
-(``helpers.assert_prunes_equivalently``) and checks the pruned model equals the masked original. An op without a
-rule pins its channels, with the node named: never silently wrong.
+add a test to ``tests/test_ops.py``: a tiny model using the op, pruned with ``assert_prunes_exactly`` (which first
+shows that masking moves the output, so the check can fail), and the model added to
+``test_every_prunable_group_prunes_alone``. An op without a rule pins its channels, with the node named: never
+silently wrong.
 """
 from __future__ import annotations
 

@@ -22,9 +22,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import conv_linear, data_movement, elementwise, norms, pooling
-from .base import NodeEdit, OpRule, arg, weight_name
+from .base import NodeEdit, OpRule, arg, run_call, weight_name
 
-__all__ = ["OpRule", "NodeEdit", "RULES", "rule_for", "arg", "weight_name", "functions", "methods"]
+__all__ = ["OpRule", "NodeEdit", "RULES", "rule_for", "moves_data", "arg", "weight_name", "run_call", "functions",
+           "methods"]
 
 RULES: tuple[OpRule, ...] = (conv_linear.RULES + norms.RULES + elementwise.RULES + data_movement.RULES
                              + pooling.RULES)
@@ -55,6 +56,12 @@ def rule_for(node: fx.Node, modules: dict[str, nn.Module]) -> OpRule | None:
             if isinstance(mod, rule.modules):
                 return rule
     return None
+
+
+def moves_data(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether a node's output is a rearranged copy of its input (its rule's ``moves_data``)."""
+    rule = rule_for(node, modules)
+    return rule is not None and rule.moves_data
 
 
 def functions() -> frozenset:

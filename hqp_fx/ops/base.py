@@ -6,7 +6,7 @@ from typing import Any, Callable, Literal
 
 import torch.fx as fx
 
-__all__ = ["OpRule", "NodeEdit", "arg", "weight_name"]
+__all__ = ["OpRule", "NodeEdit", "arg", "weight_name", "run_call"]
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,10 @@ class NodeEdit:
     target: Any
     args: tuple
     kwargs: dict
+
+    @property
+    def op(self) -> str:
+        return "call_function" if callable(self.target) else "call_method"
 
     @classmethod
     def of(cls, node: fx.Node) -> "NodeEdit":
@@ -73,3 +77,12 @@ def weight_name(node: Any) -> str | None:
     if isinstance(node, fx.Node) and node.op == "get_attr":
         return node.target
     return ""
+
+
+def run_call(op: str, target: Any, args: tuple, kwargs: dict, modules: dict) -> Any:
+    """Run one call's op (``op`` and ``target`` as in an fx node) on the given arguments: labels, sizes or tensors."""
+    if op == "call_function":
+        return target(*args, **kwargs)
+    if op == "call_method":
+        return getattr(args[0], target)(*args[1:], **kwargs)
+    return modules[target](*args, **kwargs)

@@ -9,8 +9,8 @@ concat offsets, flatten strides or shuffles are never modelled by hand and canno
 from what the op does. Ops that compute (add, mul, BN, conv, ...) follow small rules:
 elementwise ops union the elements that meet at the same position, producers mint new
 elements, parameterised layers record which parameter entries carry which element.
-Which rule an op follows is the op-rule registry's business (``hqp_fx.ops``); this module is the engine the
-rules call and knows no op by name. Anything unknown pins its channels, with the node named in the reason:
+Which rule an op follows is the op-rule registry's business (``hqp_fx.ops``); this module is the engine whose
+primitives the rules call, and holds no op's rule (its generic ``move`` only special-cases indexing a tuple). Anything unknown pins its channels, with the node named in the reason:
 never silently wrong.
 """
 from __future__ import annotations
@@ -33,12 +33,6 @@ from ..groups import NO_LABEL, ChannelAnalysis, ChannelGroup, SliceRecord, label
 __all__ = ["ChannelDependencyPass", "analyze_channels"]
 
 _PAIR = 1 << 31  # element ids stay below this, so (a, b) packs into one int64
-
-
-def is_data_movement(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Ops whose output is a rearranged copy of their input (the registry's ``moves_data``)."""
-    rule = ops.rule_for(node, modules)
-    return rule is not None and rule.moves_data
 
 
 def _is_tensor_meta(tm) -> bool:
@@ -196,12 +190,7 @@ class _Propagator:
 
         args = fx.node.map_arg(node.args, shaped)
         kwargs = fx.node.map_arg(node.kwargs, shaped)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            self_obj, *rest = args
-            return getattr(self_obj, node.target)(*rest, **kwargs)
-        return self.modules[node.target](*args, **kwargs)
+        return ops.run_call(node.op, node.target, args, kwargs, self.modules)
 
     # ----- rules: the op rules of hqp_fx.ops call these ----------------------------------
     def move(self, node: fx.Node) -> Any:
@@ -216,13 +205,7 @@ class _Propagator:
             return self.unknown(node, f"tensor-indexed getitem {node.name}")
         args = fx.node.map_arg(node.args, materialise)
         kwargs = fx.node.map_arg(node.kwargs, materialise)
-        if node.op == "call_function":
-            out = node.target(*args, **kwargs)
-        elif node.op == "call_method":
-            out = getattr(args[0], node.target)(*args[1:], **kwargs)
-        else:
-            out = self.modules[node.target](*args, **kwargs)
-        return _map_tensors(out, _compact)
+        return _map_tensors(ops.run_call(node.op, node.target, args, kwargs, self.modules), _compact)
 
     def elementwise(self, node: fx.Node) -> Any:
         tm = node.meta["tensor_meta"]
@@ -258,7 +241,7 @@ class _Propagator:
         return _compact(out)
 
     def producer(self, node: fx.Node, x: fx.Node, weight: str, bias: str | None, *,
-                  kind: str, groups: int, out_channels: int, display: str) -> torch.Tensor:
+                 kind: str, groups: int, out_channels: int, display: str) -> torch.Tensor:
         """Conv / ConvTranspose / Linear: consume input channels, mint output channels."""
         lab = self.value(x)
         in_shape = self.shape_of(x)
@@ -283,7 +266,7 @@ class _Propagator:
         return _along(out_ids, cdim, len(self.shape_of(node)))
 
     def channelwise(self, node: fx.Node, x: fx.Node, params: list[str | None], *,
-                     norm_dims: int = 0, groups: int = 0, display: str = "") -> torch.Tensor:
+                    norm_dims: int = 0, groups: int = 0, display: str = "") -> torch.Tensor:
         """BN / InstanceNorm / LayerNorm / GroupNorm / PReLU: channels pass through, params follow.
 
         ``norm_dims`` > 0: LayerNorm over the last ``norm_dims`` dims (params span them).
@@ -482,7 +465,7 @@ def _find_gathers(p: _Propagator) -> tuple[dict[str, str], set[str]]:
         lab = p.env.get(node)
         if not isinstance(lab, torch.Tensor) or not _multi_dim(lab):
             continue
-        if node.op != "placeholder" and not (is_data_movement(node, p.modules) and _single_input_move(node, p)):
+        if node.op != "placeholder" and not (ops.moves_data(node, p.modules) and _single_input_move(node, p)):
             p.pin(lab, f"{node.name} lays channels over several dims and is not pure data movement")
             continue
         spread.add(node.name)
@@ -495,7 +478,7 @@ def _find_gathers(p: _Propagator) -> tuple[dict[str, str], set[str]]:
                 continue
             source = _chain_source(user, p)
             ok = False
-            if source is not None and is_data_movement(user, p.modules) and _single_input_move(user, p):
+            if source is not None and ops.moves_data(user, p.modules) and _single_input_move(user, p):
                 s_shape, e_shape = p.shape_of(source), p.shape_of(user)
                 s_lab, e_lab = p.value(source), ulab
                 cdims = [d for d in range(len(s_shape)) if labels_vary(s_lab, d)]
@@ -608,8 +591,9 @@ def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
         class_of=class_of, group_of=torch.full((num,), -1, dtype=torch.long), records=p.records,
         node_labels={n.name: p.env[n] for n in gm.graph.nodes if n in p.env and n.name in p.shapes},
         node_shapes=p.shapes, pads=p.pads, grouped=p.grouped, gathers=gathers, spread=spread,
-        param_labels={n.name: p.env[n] for n in gm.graph.nodes
-                      if n.op == "get_attr" and isinstance(p.env.get(n), torch.Tensor)},
+        param_labels={n.name: p.env[n] for n in gm.graph.nodes  # what PruneChannelsPass re-runs data movement on
+                      if n.op == "get_attr" and isinstance(p.env.get(n), torch.Tensor)
+                      and any(ops.moves_data(u, p.modules) for u in n.users)},
     )
     # one group per root, ordered by the first element (= topological order of its first owner)
     order = torch.argsort(roots * num + classes)  # roots are class ids, so this sorts by root then class

@@ -328,8 +328,7 @@ def _moves_to_gather(new: fx.GraphModule, modules, kept: KeptChannels, changes: 
             env[node] = None  # inside a replaced permutation run: checked at its end node
             continue
         labelled = name in analysis.node_labels
-        rule = ops.rule_for(node, modules)
-        if node.op == "placeholder" or name in analysis.gathers or (labelled and not (rule and rule.moves_data)):
+        if node.op == "placeholder" or name in analysis.gathers or (labelled and not ops.moves_data(node, modules)):
             env[node] = kept.restricted_value(name) if labelled else None
             continue
 
@@ -344,12 +343,7 @@ def _moves_to_gather(new: fx.GraphModule, modules, kept: KeptChannels, changes: 
             env[node] = None
             continue
         try:
-            if node.op == "call_module":
-                actual = modules[node.target](*args, **kwargs)
-            elif callable(call.target):
-                actual = call.target(*args, **kwargs)
-            else:
-                actual = getattr(args[0], call.target)(*args[1:], **kwargs)
+            actual = ops.run_call(node.op if node.op == "call_module" else call.op, call.target, args, kwargs, modules)
         except Exception as exc:
             if not labelled:
                 raise PassError(f"PruneChannelsPass: {node.format_node()} fails on the pruned shapes: {exc}") from None
@@ -433,8 +427,7 @@ def _apply_changes(new: fx.GraphModule, changes: _Changes) -> None:
         else:
             owner._buffers[attr] = changes.tensors[name]
     for node, edit in changes.edits.items():
-        node.op = "call_function" if callable(edit.target) else "call_method"
-        node.target, node.args, node.kwargs = edit.target, edit.args, edit.kwargs
+        node.op, node.target, node.args, node.kwargs = edit.op, edit.target, edit.args, edit.kwargs
     for target, attrs in changes.module_attrs.items():
         module = new.get_submodule(target)
         for attr, value in attrs.items():

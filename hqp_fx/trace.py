@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from . import meta
+from . import meta, ops
 from .core import HQPError
 
 __all__ = ["trace", "TraceError", "propagate_shapes"]
@@ -38,14 +38,13 @@ class _Proxy(fx.Proxy):
 class _Tracer(fx.Tracer):
     """fx.Tracer that honours user leaf modules and remembers which module it is inside."""
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]):
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str], num_inputs: int):
         super().__init__()
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
+        self.num_inputs = num_inputs  # example inputs: the placeholders of a forward(x, *args, **kwargs)
         self.hqp_module_stack: list[tuple[str, str]] = []
         self.failed_in: tuple[str, str] | None = None  # innermost module when tracing raised
-
-    num_inputs: int = 1
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         """A ``forward(x, *args, **kwargs)`` is traced as ``forward(x)``: one placeholder per example input, the
@@ -92,14 +91,14 @@ class _Tracer(fx.Tracer):
         return out
 
 
+_PIECE_COUNT_ARG = {"chunk": "chunks", torch.chunk: "chunks", "split": "split_size", torch.split: "split_size_or_sections"}
+
+
 def _piece_count(node: fx.Node) -> int | None:
     """How many tensors a chunk/split call returns, when the call itself says."""
-    if node.op == "call_method" and node.target in ("chunk", "split"):
-        count = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks", node.kwargs.get("split_size"))
-    elif node.op == "call_function" and node.target in (torch.chunk, torch.split):
-        count = node.args[1] if len(node.args) > 1 else None
-    else:
+    if node.op not in ("call_method", "call_function") or node.target not in _PIECE_COUNT_ARG:
         return None
+    count = ops.arg(node, 1, _PIECE_COUNT_ARG[node.target])
     if node.target in ("chunk", torch.chunk):
         return count if isinstance(count, int) and count > 0 else None
     return len(count) if isinstance(count, (list, tuple)) else None  # split(int) depends on the dim's size
@@ -166,8 +165,7 @@ def trace(
         raise ValueError(f"leaf_modules names {unknown} are not modules of the model; use names from model.named_modules()")
 
     root = copy.deepcopy(model).eval()
-    tracer = _Tracer(leaf_types, leaf_names)
-    tracer.num_inputs = len(inputs)
+    tracer = _Tracer(leaf_types, leaf_names, len(inputs))
     try:
         graph = tracer.trace(root)
     except Exception as exc:

@@ -55,17 +55,15 @@ def _table(objects) -> dict[str, Any]:
     return {_qualname(o): o for o in objects}
 
 
-# call_function targets: what the tracer emits for the ops ChannelDependencyPass knows, what the passes insert,
+# call_function targets: what the tracer emits for the ops the registry (hqp_fx.ops) knows, what the passes insert,
 # and a named set of other pure tensor math. Nothing here reads or writes files, imports, spawns or evaluates.
 _EXTRA_FUNCTIONS = {
     operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.mod, operator.pos,
     operator.matmul, operator.imatmul, operator.and_, operator.or_, operator.not_, operator.truth,
     operator.is_, operator.is_not, math.sqrt, math.ceil, math.floor,
-    torch.matmul, torch.bmm, torch.mm, torch.einsum, torch.softmax, torch.log_softmax, torch.index_select,
-    torch.swapaxes, torch.swapdims, torch.sigmoid, torch.argmax,
-    torch._assert, torch.conv2d, torch.batch_norm, torch.layer_norm, torch.group_norm,
-    F.linear, F.layer_norm, F.batch_norm, F.group_norm, F.instance_norm, F.scaled_dot_product_attention,
-    F.embedding, F.unfold, F.fold, F.hardshrink, F.glu, F.logsigmoid, F.softsign, F.prelu,
+    torch.matmul, torch.bmm, torch.mm, torch.einsum, torch.index_select, torch.swapaxes, torch.swapdims,
+    torch.argmax, torch._assert, torch.batch_norm, torch.layer_norm, torch.group_norm,
+    F.scaled_dot_product_attention, F.embedding, F.unfold, F.fold, F.hardshrink, F.glu, F.logsigmoid, F.softsign,
 }
 LOADABLE_FUNCTIONS: dict[str, Any] = _table(ops.functions() | _EXTRA_FUNCTIONS | {getattr})
 

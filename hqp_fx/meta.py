@@ -20,6 +20,7 @@ SENSITIVITY = "hqp.sensitivity"  # {"criterion": str, "scores": {group id: Tenso
 PRUNE_PLAN = "hqp.prune_plan"  # dict[group id, list[int]] actually applied by PruneChannelsPass
 EXAMPLE_INPUTS = "hqp.example_inputs"  # tuple of tensors used for tracing / shape propagation
 SOURCE_NAMES = "hqp.source_names"  # qualified module names of the user's original model
+LEAVES = "hqp.leaves"  # dict[module name, why it is opaque]: the user's and hqp_fx.trace's own leaf modules
 QUANTIZATION = "hqp.quantization"  # QuantizeResult.report() of the converted model, by QuantizePass
 
 # node.meta keys

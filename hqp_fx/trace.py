@@ -23,6 +23,9 @@ __all__ = ["trace", "TraceError", "propagate_shapes"]
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep  # with the separator: torchvision's frames are the user's
 
 
+_MAX_AUTO_LEAVES = 64  # a guard against a retry loop; real models need a handful
+
+
 class TraceError(HQPError):
     """The model cannot be symbolically traced; the message names the module, the code and the fix."""
 
@@ -147,12 +150,19 @@ def trace(
     example_inputs: Any,
     *,
     leaf_modules: Iterable[type | str] = (),
+    auto_leaf: bool = True,
 ) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule whose every node carries shape metadata.
 
     The model is deep-copied and traced in eval mode (the deployment graph: training-only
     branches such as auxiliary heads are dropped); the user's model is never touched. Module
     qualified names are kept. ``leaf_modules`` (types or qualified names) are kept opaque.
+
+    With ``auto_leaf`` a submodule whose code fx cannot trace (data-dependent control flow, shape
+    arithmetic in Python, such as a detector's decode or TF "same" padding) is kept opaque instead, as a
+    user would by hand; ``gm.meta[meta.LEAVES]`` says which and why, and the channel analysis keeps
+    the channels through it (a torch.nn conv subclass stays a prunable conv). Only a failure in the
+    root's own forward is an error.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -165,25 +175,46 @@ def trace(
         raise ValueError(f"leaf_modules names {unknown} are not modules of the model; use names from model.named_modules()")
 
     root = copy.deepcopy(model).eval()
-    tracer = _Tracer(leaf_types, leaf_names, len(inputs))
-    try:
-        graph = tracer.trace(root)
-    except Exception as exc:
-        where = tracer.failed_in or ("", type(model).__name__)
-        frame = _user_frame(exc)
-        code = f" at {frame[0]}:{frame[1]}: `{frame[2]}`" if frame else ""
-        name = where[0] or "<root>"
-        fix = (
-            f"pass leaf_modules=[{where[1]}] (or the name {where[0]!r}) to hqp_fx.trace to keep it opaque "
-            f"(on the command line: --leaf {where[0]})"
-            if where[0]
-            else "rewrite the data-dependent part of forward() or move it into a submodule passed as a leaf module"
-        )
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TraceError(f"cannot trace module {name!r} ({where[1]}){code}: {msg}. Fix: {fix}.") from None
+    made_leaves: dict[str, str] = {}  # submodule -> why fx could not trace it
+    while True:
+        tracer = _Tracer(leaf_types, leaf_names | frozenset(made_leaves), len(inputs))
+        try:
+            graph = tracer.trace(root)
+            break
+        except Exception as exc:
+            where = tracer.failed_in or ("", type(model).__name__)
+            frame = _user_frame(exc)
+            code = f" at {frame[0]}:{frame[1]}: `{frame[2]}`" if frame else ""
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if auto_leaf and where[0] and where[0] not in made_leaves and len(made_leaves) < _MAX_AUTO_LEAVES:
+                made_leaves[where[0]] = f"{where[1]} cannot be traced{code}: {msg}"
+                continue
+            name = where[0] or "<root>"
+            fix = (
+                f"pass leaf_modules=[{where[1]}] (or the name {where[0]!r}) to hqp_fx.trace to keep it opaque "
+                f"(on the command line: --leaf {where[0]})"
+                if where[0]
+                else "rewrite the data-dependent part of forward() or move it into a submodule passed as a leaf module"
+            )
+            raise TraceError(f"cannot trace module {name!r} ({where[1]}){code}: {msg}. Fix: {fix}.") from None
 
     gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
     propagate_shapes(gm, inputs)
     gm.meta[meta.EXAMPLE_INPUTS] = tuple(t.detach().clone() for t in inputs)
     gm.meta[meta.SOURCE_NAMES] = tuple(name for name, _ in model.named_modules() if name)
+    gm.meta[meta.LEAVES] = _leaf_record(gm, leaf_types, leaf_names, made_leaves)
     return gm
+
+
+def _leaf_record(gm: fx.GraphModule, leaf_types, leaf_names, made_leaves: dict[str, str]) -> dict[str, str]:
+    """Every opaque module the graph calls that is not a torch.nn layer, with why it is opaque."""
+    record = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in record:
+            continue
+        mod = gm.get_submodule(node.target)
+        if node.target in made_leaves:
+            record[node.target] = f"made a leaf: {made_leaves[node.target]}"
+        elif node.target in leaf_names or (leaf_types and isinstance(mod, leaf_types)):
+            record[node.target] = "a leaf because leaf_modules names it"
+    return record

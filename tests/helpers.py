@@ -20,9 +20,18 @@ def realistic_random(model: nn.Module, example: torch.Tensor, seed: int = 0) -> 
     """Random weights with BN statistics calibrated on random data, then random BN affine.
 
     Calibrated statistics keep activations O(1) through deep nets (so a float tolerance
-    means something); the random affine makes every channel matter.
+    means something); the random affine makes every channel matter, and so does re-drawing the
+    parameters a model starts near zero (heads, layer scales).
     """
     gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # zero-initialised heads (ViT) and 1e-6 layer scales (ConvNeXt) would hide any pruning error
+            if p.numel() > 1 and not name.endswith("bias") and float(p.abs().max()) < 1e-4:
+                if p.ndim >= 2:
+                    p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+                else:
+                    p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.reset_running_stats()
@@ -97,14 +106,15 @@ def layer_macs(model: nn.Module, example) -> int:
                if isinstance(model.get_submodule(name), (nn.modules.conv._ConvNd, nn.Linear)))
 
 
-def onnx_roundtrip(model: nn.Module, example: torch.Tensor, tmp_path) -> np.ndarray:
-    """Export with torch.onnx (dynamo) and run in ONNX Runtime on the CPU."""
+def onnx_roundtrip(model: nn.Module, example: torch.Tensor, tmp_path, *, every_output: bool = False):
+    """Export with torch.onnx (dynamo) and run in ONNX Runtime on the CPU: the first output, or all of them."""
     import onnxruntime as ort
 
     path = tmp_path / "model.onnx"
     torch.onnx.export(model, (example,), str(path), dynamo=True, verbose=False)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: example.numpy()})[0]
+    outputs = sess.run(None, {sess.get_inputs()[0].name: example.numpy()})
+    return outputs if every_output else outputs[0]
 
 
 def assert_close(actual, expected, rtol=1e-4, what=""):
@@ -150,13 +160,58 @@ ZOO_TORCHVISION = [
     "shufflenet_v2_x1_0", "regnet_x_400mf", "regnet_y_400mf", "convnext_tiny",
 ]
 ZOO_CIFAR = [f"cifar:resnet{d}" for d in (20, 32, 44, 56, 110)]
+# detectors, segmenters and transformers: dict/tuple outputs, attention, opaque decode heads
+ZOO_BEYOND = [
+    "seg:lraspp_mobilenet_v3_large", "seg:deeplabv3_mobilenet_v3_large", "det:ssdlite320_mobilenet_v3_large",
+    "vit:small", "vit_b_16", "swin_t", "timm:convnext_atto", "timm:tf_efficientnet_b0", "yolo:yolov8n", "yolo:yolo11n",
+]
+
+
+class DetectorBody(nn.Module):
+    """What a deployment exports of a torchvision SSD: backbone and head; anchors, decoding and NMS run outside."""
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        self.backbone, self.head = detector.backbone, detector.head
+
+    def forward(self, x):
+        return self.head(list(self.backbone(x).values()))
+
+
+def _beyond_model(name: str) -> tuple[nn.Module, int]:
+    import pytest
+
+    family, _, arch = name.partition(":")
+    tv = torchvision.models
+    if family == "seg":
+        return tv.get_model(arch, weights=None, weights_backbone=None), 64
+    if family == "det":
+        return DetectorBody(tv.get_model(arch, weights=None, weights_backbone=None)), 320
+    if family == "vit":  # a small VisionTransformer: 2 layers, 2 heads
+        return tv.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64), 32
+    if family == "timm":
+        timm = pytest.importorskip("timm", reason="timm is a test dependency (pip install -e '.[dev]')")
+        return timm.create_model(arch, pretrained=False), 64
+    if family == "yolo":  # built from the YAML that ships in the package: random weights, nothing downloaded
+        pytest.importorskip("ultralytics", reason="ultralytics is the 'yolo' extra (pip install -e '.[dev]')")
+        from ultralytics.nn.tasks import DetectionModel
+
+        return DetectionModel(f"{arch}.yaml", verbose=False), 64
+    if name == "vit_b_16":  # the full structure at a 32x32 input (4 patches)
+        return tv.vit_b_16(weights=None, image_size=32), 32
+    return tv.get_model(name, weights=None), 64
 
 
 def build_zoo_model(name: str) -> tuple[nn.Module, torch.Tensor]:
-    """A zoo model (torchvision name or cifar:resnetN) with realistic random weights, and its example input."""
+    """A zoo model (torchvision name, cifar:resnetN or a ZOO_BEYOND name) with realistic random weights, and its
+    example input."""
     torch.manual_seed(0)
     if name.startswith("cifar:"):
         model, size = CifarResNet(int(name.removeprefix("cifar:resnet"))), 32
+    elif name in ZOO_BEYOND:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, size = _beyond_model(name)
     else:
         kwargs = {"init_weights": True} if name in ("googlenet", "inception_v3") else {}
         with warnings.catch_warnings():
@@ -165,3 +220,10 @@ def build_zoo_model(name: str) -> tuple[nn.Module, torch.Tensor]:
         size = 75 if name == "inception_v3" else 64
     example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
     return realistic_random(model, example), example
+
+
+def output_tensors(out) -> list[torch.Tensor]:
+    """The tensors of a model's output (a tensor, or dicts/lists/tuples of them) in ONNX output order."""
+    import torch.utils._pytree as pytree
+
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]

@@ -44,12 +44,40 @@ def test_shapes_on_every_node_and_names_preserved():
 
 def test_untraceable_model_names_module_code_and_fix():
     with pytest.raises(hqp_fx.TraceError) as info:
-        hqp_fx.trace(Net(), torch.randn(1, 3, 4, 4))
+        hqp_fx.trace(Net(), torch.randn(1, 3, 4, 4), auto_leaf=False)
     msg = str(info.value)
     assert "'gate' (DataDependent)" in msg
     assert "if x.sum() > 0:" in msg and "test_trace.py" in msg
     assert "leaf_modules=[DataDependent]" in msg
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_untraceable_submodules_become_leaves_and_say_why():
+    from hqp_fx.passes import ChannelDependencyPass
+
+    model, x = Net().eval(), torch.randn(2, 3, 4, 4)
+    gm = hqp_fx.trace(model, x)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["conv", "gate", "head"]
+    why = gm.meta[meta.LEAVES]["gate"]
+    assert why.startswith("made a leaf: DataDependent cannot be traced") and "`if x.sum() > 0:`" in why, why
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x)) and torch.equal(gm(-x), model(-x))  # both branches still run
+    ChannelDependencyPass()(gm)
+    conv = next(g for g in meta.channel_groups(gm) if "conv" in g.layers)
+    assert not conv.prunable and "opaque DataDependent module gate (made a leaf" in conv.reason, conv.reason
+
+
+def test_data_dependent_code_in_the_root_forward_is_still_an_error():
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else x
+
+    with pytest.raises(hqp_fx.TraceError, match="'<root>' \\(Root\\).*rewrite the data-dependent part"):
+        hqp_fx.trace(Root(), torch.randn(1, 3, 4, 4))
 
 
 def test_leaf_modules_by_type_or_name():

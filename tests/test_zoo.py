@@ -1,8 +1,9 @@
 """The equivalence property on every architecture the foundation promises to handle.
 
 For each model: remove a seeded random 30% of every prunable group's channels and check
-(a) shapes, (b) pruned == masked original (groups without cross-channel ops), (c) params and
-MACs drop exactly by what the slices imply, (d) ONNX Runtime == PyTorch, (e) reasons.
+(a) shapes, (b) pruned == masked original (groups without cross-channel ops), with masking shown to
+move the output, (c) params and MACs drop exactly by what the slices imply, (d) ONNX Runtime ==
+PyTorch, (e) reasons. Detectors and segmenters are checked on every output tensor.
 """
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from hqp_fx import meta
 from hqp_fx.count import count_params
 from hqp_fx.passes import ChannelDependencyPass, PruneChannelsPass
 
-from helpers import (ZOO_CIFAR, ZOO_TORCHVISION, assert_close, build_zoo_model, expected_counts, layer_macs, masked_copy,
-                     onnx_roundtrip, random_plan)
+from helpers import (ZOO_BEYOND, ZOO_CIFAR, ZOO_TORCHVISION, assert_close, build_zoo_model, expected_counts, layer_macs, masked_copy,
+                     onnx_roundtrip, output_tensors, random_plan)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ZOO_TORCHVISION + ZOO_CIFAR)
+@pytest.mark.parametrize("name", ZOO_TORCHVISION + ZOO_CIFAR + ZOO_BEYOND)
 def test_equivalence_property(name, tmp_path):
     model, x = build_zoo_model(name)
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -36,14 +37,20 @@ def test_equivalence_property(name, tmp_path):
     assert out_group, "the classifier's outputs must be pinned"
 
     with torch.no_grad():
-        reference = gm(x)
+        reference = output_tensors(gm(x))
 
-    # (b) exactness on groups without cross-channel ops
+    # (b) exactness on groups without cross-channel ops, on a plan whose masking shows
     exact_plan = random_plan(groups, 0.3, seed=0, include=lambda g: not g.cross_channel)
     if exact_plan:
         pruned = PruneChannelsPass(exact_plan)(gm).graph_module
         with torch.no_grad():
-            assert_close(pruned(x), masked_copy(gm, exact_plan)(x), 1e-4, f"{name}: pruned vs masked")
+            masked = output_tensors(masked_copy(gm, exact_plan)(x))
+            got = output_tensors(pruned(x))
+        moved = max(float((m - r).abs().max() / r.abs().max()) for m, r in zip(masked, reference))
+        assert moved > 1e-2, f"{name}: masking {len(exact_plan)} groups moves the output by only {moved:.2g} of its scale"
+        assert len(got) == len(masked)
+        for i, (a, e) in enumerate(zip(got, masked)):
+            assert_close(a, e, 1e-4, f"{name}: pruned vs masked, output {i}")
 
     # (a), (c), (d) on every prunable group
     plan = random_plan(groups, 0.3, seed=0)
@@ -52,12 +59,15 @@ def test_equivalence_property(name, tmp_path):
     assert res.modified and pruned is not gm
     pruned.graph.lint()
     with torch.no_grad():
-        out = pruned(x)
-    assert out.shape == reference.shape
+        out = output_tensors(pruned(x))
+    assert [t.shape for t in out] == [t.shape for t in reference]
     exp_params, exp_macs = expected_counts(gm, plan, x)
     assert count_params(pruned) == exp_params < count_params(gm)
     assert layer_macs(pruned, x) == exp_macs < layer_macs(gm, x)
-    assert_close(onnx_roundtrip(pruned, x, tmp_path), out, 1e-4, f"{name}: ONNX Runtime vs PyTorch")
+    onnx_out = onnx_roundtrip(pruned, x, tmp_path, every_output=True)
+    assert len(onnx_out) == len(out)
+    for i, (a, e) in enumerate(zip(onnx_out, out)):
+        assert_close(a, e, 1e-4, f"{name}: ONNX Runtime vs PyTorch, output {i}")
 
     # the user's model is untouched
     for k, v in model.state_dict().items():

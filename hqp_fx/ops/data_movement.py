@@ -43,15 +43,26 @@ def _rank(keep: torch.Tensor, pos: int) -> int:
 
 
 def _reshape_rewrite(node: fx.Node, kept) -> NodeEdit | None:
-    """view/reshape/expand: explicit sizes that changed take the new size; -1 stays -1."""
-    if kept.keep(node.name) is None:
+    """view/reshape/expand: explicit sizes that changed take the new size; -1 stays -1.
+
+    A size computed in forward that counts channels (``view(B, C, H, W)`` with ``C`` read from another
+    tensor's shape) becomes the pruned count: that tensor may be pruned differently, and a channel count
+    is fixed by the weights anyway. Computed sizes of dims without channel labels (batch, tokens, spatial)
+    stay computed, so the graph still takes any batch or image size.
+    """
+    lab = kept.analysis.node_labels.get(node.name)
+    if not isinstance(lab, torch.Tensor):
         return None
     new_shape, old_shape = kept.new_shape(node.name), kept.shape(node.name)
     packed = node.op == "call_function" or (len(node.args) == 2 and isinstance(node.args[1], (tuple, list)))
     sizes = list(node.args[1]) if packed else list(node.args[1:])
+    changed = False
     for i, s in enumerate(sizes):
-        if isinstance(s, int) and s != -1 and old_shape[i] != new_shape[i]:
-            sizes[i] = new_shape[i]
+        counts_channels = isinstance(s, fx.Node) and i < lab.ndim and lab.shape[i] > 1
+        if (isinstance(s, int) and s != -1 and old_shape[i] != new_shape[i]) or counts_channels:
+            sizes[i], changed = new_shape[i], True
+    if not changed:
+        return None
     if packed:
         return NodeEdit(node.target, (node.args[0], type(node.args[1])(sizes)) + tuple(node.args[2:]), dict(node.kwargs))
     return NodeEdit(node.target, (node.args[0], *sizes), dict(node.kwargs))

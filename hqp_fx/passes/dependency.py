@@ -180,7 +180,9 @@ class _Propagator:
             return self._execute(node)
         rule = ops.rule_for(node, self.modules)
         if rule is None:
-            return self.unknown(node, f"unsupported op {_describe(node, self.modules)}")
+            leaf = self.gm.meta.get(meta.LEAVES, {}).get(node.target) if node.op == "call_module" else None
+            what = f"opaque {_describe(node, self.modules)} ({leaf})" if leaf else f"unsupported op {_describe(node, self.modules)}"
+            return self.unknown(node, what)
         return rule.label(self, node)
 
     def _execute(self, node: fx.Node) -> Any:

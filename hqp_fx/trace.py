@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from . import meta, ops
+from .capture_export import capture_with_export
 from .core import HQPError
 
 __all__ = ["trace", "TraceError", "propagate_shapes"]
@@ -151,6 +152,7 @@ def trace(
     *,
     leaf_modules: Iterable[type | str] = (),
     auto_leaf: bool = True,
+    capture: str = "auto",
 ) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule whose every node carries shape metadata.
 
@@ -161,8 +163,11 @@ def trace(
     With ``auto_leaf`` a submodule whose code fx cannot trace (data-dependent control flow, shape
     arithmetic in Python, such as a detector's decode or TF "same" padding) is kept opaque instead, as a
     user would by hand; ``gm.meta[meta.LEAVES]`` says which and why, and the channel analysis keeps
-    the channels through it (a torch.nn conv subclass stays a prunable conv). Only a failure in the
-    root's own forward is an error.
+    the channels through it (a torch.nn conv subclass stays a prunable conv).
+
+    ``capture`` picks the front-end: ``"fx"`` (symbolic tracing), ``"export"`` (torch.export, its ATen
+    graph converted to torch level by ``capture_export``), or ``"auto"``: fx, and torch.export when the
+    root's own forward cannot be traced. The error names module, code and fix when neither can.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -174,13 +179,34 @@ def trace(
     if unknown:
         raise ValueError(f"leaf_modules names {unknown} are not modules of the model; use names from model.named_modules()")
 
+    if capture not in ("auto", "fx", "export"):
+        raise ValueError(f"capture must be 'auto', 'fx' or 'export', got {capture!r}")
     root = copy.deepcopy(model).eval()
     made_leaves: dict[str, str] = {}  # submodule -> why fx could not trace it
+    if capture == "export":
+        graph = _export_or_raise(root, inputs, None)
+    else:
+        graph = _fx_trace(root, model, inputs, leaf_types, leaf_names, made_leaves, auto_leaf)
+        if isinstance(graph, TraceError):
+            if capture == "fx":
+                raise graph
+            graph = _export_or_raise(root, inputs, graph)
+
+    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    propagate_shapes(gm, inputs)
+    gm.meta[meta.EXAMPLE_INPUTS] = tuple(t.detach().clone() for t in inputs)
+    gm.meta[meta.SOURCE_NAMES] = tuple(name for name, _ in model.named_modules() if name)
+    gm.meta[meta.LEAVES] = _leaf_record(gm, leaf_types, leaf_names, made_leaves)
+    return gm
+
+
+def _fx_trace(root, model, inputs, leaf_types, leaf_names, made_leaves: dict[str, str], auto_leaf: bool):
+    """The fx graph of ``root``, making untraceable submodules leaves (recorded in ``made_leaves``); the
+    TraceError naming module, code and fix when the root's own forward cannot be traced."""
     while True:
         tracer = _Tracer(leaf_types, leaf_names | frozenset(made_leaves), len(inputs))
         try:
-            graph = tracer.trace(root)
-            break
+            return tracer.trace(root)
         except Exception as exc:
             where = tracer.failed_in or ("", type(model).__name__)
             frame = _user_frame(exc)
@@ -196,14 +222,20 @@ def trace(
                 if where[0]
                 else "rewrite the data-dependent part of forward() or move it into a submodule passed as a leaf module"
             )
-            raise TraceError(f"cannot trace module {name!r} ({where[1]}){code}: {msg}. Fix: {fix}.") from None
+            return TraceError(f"cannot trace module {name!r} ({where[1]}){code}: {msg}. Fix: {fix}.")
 
-    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
-    propagate_shapes(gm, inputs)
-    gm.meta[meta.EXAMPLE_INPUTS] = tuple(t.detach().clone() for t in inputs)
-    gm.meta[meta.SOURCE_NAMES] = tuple(name for name, _ in model.named_modules() if name)
-    gm.meta[meta.LEAVES] = _leaf_record(gm, leaf_types, leaf_names, made_leaves)
-    return gm
+
+def _export_or_raise(root: nn.Module, inputs, fx_error: TraceError | None) -> fx.Graph:
+    """The torch.export capture converted to torch level, or one error with both capture's reasons."""
+    try:
+        return capture_with_export(root, inputs)
+    except TraceError:
+        raise
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if fx_error is None:
+            raise TraceError(f"torch.export cannot capture {type(root).__name__}: {type(exc).__name__}: {msg}") from None
+        raise TraceError(f"{fx_error} torch.export cannot capture it either ({type(exc).__name__}: {msg})") from None
 
 
 def _leaf_record(gm: fx.GraphModule, leaf_types, leaf_names, made_leaves: dict[str, str]) -> dict[str, str]:

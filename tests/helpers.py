@@ -164,6 +164,7 @@ ZOO_CIFAR = [f"cifar:resnet{d}" for d in (20, 32, 44, 56, 110)]
 ZOO_BEYOND = [
     "seg:lraspp_mobilenet_v3_large", "seg:deeplabv3_mobilenet_v3_large", "det:ssdlite320_mobilenet_v3_large",
     "vit:small", "vit_b_16", "swin_t", "timm:convnext_atto", "timm:tf_efficientnet_b0", "yolo:yolov8n", "yolo:yolo11n",
+    "export:resnet18", "export:mobilenet_v3_small",  # captured with torch.export instead of fx
 ]
 
 
@@ -185,6 +186,8 @@ def _beyond_model(name: str) -> tuple[nn.Module, int]:
     tv = torchvision.models
     if family == "seg":
         return tv.get_model(arch, weights=None, weights_backbone=None), 64
+    if family == "export":
+        return tv.get_model(arch, weights=None), 64
     if family == "det":
         return DetectorBody(tv.get_model(arch, weights=None, weights_backbone=None)), 320
     if family == "vit":  # a small VisionTransformer: 2 layers, 2 heads

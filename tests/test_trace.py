@@ -136,13 +136,16 @@ def test_varargs_forward_and_iterated_chunks_trace_without_workarounds():
         assert_close(PruneChannelsPass(plan)(gm).graph_module(x), masked, 1e-5, "pruned vs masked")
 
 
-def test_iterating_a_split_of_unknown_count_is_still_refused():
+def test_iterating_a_split_of_unknown_count_is_refused_by_fx_and_captured_by_export():
     class SplitBySize(nn.Module):
         def forward(self, x):
             return torch.cat(list(x.split(2, 1)), 1)
 
+    x = torch.randn(1, 4, 2, 2)
     with pytest.raises(hqp_fx.TraceError, match="list\\(x.split\\(2, 1\\)\\)"):
-        hqp_fx.trace(SplitBySize(), torch.randn(1, 4, 2, 2))
+        hqp_fx.trace(SplitBySize(), x, capture="fx")
+    gm = hqp_fx.trace(SplitBySize(), x)  # torch.export knows the dim's size
+    assert torch.split in {n.target for n in gm.graph.nodes} and torch.equal(gm(x), x)
 
 
 def test_a_trace_error_inside_torchvision_names_the_torchvision_line():
@@ -162,3 +165,40 @@ def test_an_aten_graph_gets_one_clear_error():
     exported = torch.export.export(torchvision.models.resnet18().eval(), (torch.randn(1, 3, 32, 32),)).module()
     with pytest.raises(PassError, match="ATen-level graph .* hqp_fx.trace"):
         ChannelDependencyPass()(exported)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_torch_export_capture_gives_the_fx_graph_verdicts(name):
+    """The ATen graph is converted to module calls: the same groups, layers and verdicts as fx's."""
+    import torchvision
+    from hqp_fx.passes import ChannelDependencyPass
+
+    model, x = torchvision.models.get_model(name).eval(), torch.randn(1, 3, 64, 64)
+    verdicts = {}
+    for capture in ("fx", "export"):
+        gm = hqp_fx.trace(model, x, capture=capture)
+        with torch.no_grad():
+            assert torch.equal(gm(x), model(x))
+        ChannelDependencyPass()(gm)
+        verdicts[capture] = [(g.id, g.size, g.prunable, g.reason, tuple(g.layers)) for g in meta.channel_groups(gm)]
+    assert verdicts["export"] == verdicts["fx"]
+
+
+def test_export_capture_refuses_an_in_place_op_whose_input_is_read_again():
+    class Reread(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            v = y.flatten(1)
+            y.relu_()
+            return v * 2  # v sees the relu through y: the out-of-place relu would be dropped
+
+    model, x = Reread().eval(), torch.randn(1, 3, 4, 4)
+    assert float(model(x).min()) >= 0
+    with pytest.raises(hqp_fx.TraceError, match="in-place .*relu_.* on conv2d, which another op reads"):
+        hqp_fx.trace(Reread(), torch.randn(1, 3, 4, 4), capture="export")
+    with pytest.raises(ValueError, match="capture must be 'auto', 'fx' or 'export'"):
+        hqp_fx.trace(Reread(), torch.randn(1, 3, 4, 4), capture="dynamo")

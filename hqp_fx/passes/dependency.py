@@ -527,8 +527,8 @@ def _refuse_aten_graphs(gm: fx.GraphModule) -> None:
         raise PassError(
             f"ChannelDependencyPass: {gm.__class__.__name__} is an ATen-level graph ({len(aten)} of its {len(calls)} "
             f"calls are aten ops, e.g. {aten[0].target}), as torch.export and QuantizePass produce; the channel analysis "
-            "reads torch-level graphs. Trace the nn.Module with hqp_fx.trace(model, example_inputs) and prune before "
-            "exporting or quantizing")
+            "reads torch-level graphs. Trace the nn.Module with hqp_fx.trace(model, example_inputs) (capture='export' "
+            "captures it with torch.export and converts the graph) and prune before exporting or quantizing")
 
 
 def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:

@@ -48,6 +48,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         table.add_row(g.id, str(g.size), str(len(g.layers)), "yes" if g.prunable else "no",
                       "yes" if g.cross_channel else "", g.reason)
     console.print(table)
+    leaves = gm.meta.get(meta.LEAVES, {})
+    if leaves:  # what fx could not look into: the channels through these are kept
+        opaque = Table(title="opaque modules: kept whole, channels through them are not pruned")
+        opaque.add_column("module")
+        opaque.add_column("why")
+        for name, why in leaves.items():
+            opaque.add_row(name, why)
+        console.print(opaque)
     if args.details:
         for g in groups:
             console.print(g.details(), markup=False, highlight=False)

@@ -42,6 +42,25 @@ def test_inspect_file_factory(tmp_path):
     assert "0: 8 ch" in out.stdout and "in 2.weight dim 1" in out.stdout
 
 
+def test_inspect_lists_the_modules_made_leaves_and_why(tmp_path):
+    src = tmp_path / "gated.py"
+    src.write_text(textwrap.dedent("""
+        import torch.nn as nn
+        INPUT_SHAPE = (1, 3, 16, 16)
+
+        class Decode(nn.Module):  # shape arithmetic in Python: fx cannot trace it
+            def forward(self, x):
+                return x * 2 if x.shape[-1] % 2 == 0 else x
+
+        def build():
+            return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), Decode())
+    """))
+    out = run("inspect", f"{src}:build", "--summary-only")
+    assert out.returncode == 0, out.stderr
+    assert "opaque modules" in out.stdout and "Decode cannot be traced" in out.stdout
+    assert "x.shape[-1] % 2 == 0" in out.stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["inspect", "resnet18"], "must look like torchvision:resnet18"),
     (["inspect", "torchvision:resnet999"], "torchvision has no classification model 'resnet999'"),

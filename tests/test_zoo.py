@@ -117,3 +117,44 @@ def test_every_prunable_group_prunes_alone(name):
         moved.append(max(float((m - r).abs().max() / r.abs().max()) for m, r in zip(masked, reference)))
     # the comparison can fail: masking a third of one group's channels visibly moves the output
     assert not exact or max(moved) > 1e-3, f"{name}: masking single groups barely moves the output"
+
+
+ZOO_INT8 = [name for name in ZOO_BEYOND if not name.startswith("export:")]  # the export captures: ZOO_TORCHVISION's
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ZOO_INT8)
+def test_pruned_int8_runs_in_onnxruntime_as_in_pytorch(name, tmp_path):
+    """Detectors, segmenters and transformers end to end: pruned, quantized with the ONNX Runtime preset (every
+    weighted layer within half a quantization step, the bound test_quantize uses), exported with every output, and
+    run in ONNX Runtime against the quantized PyTorch model.
+
+    ORT's integer kernels round a few values near a step boundary to the neighbouring level, and random-weight nets
+    propagate those flips like quantization noise (single elements off by up to ~40% of the scale on
+    tf_efficientnet_b0, whose INT8 model is itself only 10 dB from FP32). So each output's ORT-vs-PyTorch SQNR must
+    be within 3 dB of the INT8-vs-FP32 SQNR, and above 5 dB: measured, the two agree within 1 dB on every model
+    (benchmarks/RESULTS.md), while a wrong weight, scale or output order measures near 0 dB."""
+    from test_quantize import check_layers_within_one_step, folded_weights
+
+    from hqp_fx.passes.quantize import QuantConfig, quantize, sqnr_db
+
+    model, x = build_zoo_model(name)
+    gm = hqp_fx.trace(model, x)
+    ChannelDependencyPass()(gm)
+    pruned = PruneChannelsPass(random_plan(meta.channel_groups(gm), 0.3, seed=0))(gm).graph_module
+    calib = torch.randn((4,) + tuple(x.shape[1:]), generator=torch.Generator().manual_seed(2))
+    weights = folded_weights(pruned, x)
+    result = quantize(pruned, x, [calib], QuantConfig(backend="onnxruntime", calibration="minmax"))
+    assert len(result.quantized_layers) == len(weights) and not result.float_layers
+    assert check_layers_within_one_step(result.model, weights, calib) == len(weights)
+    with torch.no_grad():
+        expected = output_tensors(result.model(x))
+    got = onnx_roundtrip(result.model, x, tmp_path, every_output=True)
+    assert len(got) == len(expected)
+    with torch.no_grad():
+        floats = output_tensors(pruned(x))
+    for i, (a, e, f) in enumerate(zip(got, expected, floats)):
+        assert a.shape == tuple(e.shape), f"{name}: output {i} shape"
+        ort_db, int8_db = sqnr_db(e, torch.from_numpy(a)), sqnr_db(f, e)
+        assert int8_db > 5 and ort_db > max(5.0, int8_db - 3), (
+            f"{name}: output {i}, ORT vs PyTorch INT8 {ort_db:.1f} dB, PyTorch INT8 vs FP32 {int8_db:.1f} dB")

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch.fx.passes.infra.pass_base import PassResult
 from torchao.quantization.pt2e.observer import ObserverBase
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -275,10 +276,13 @@ def quantize(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...] | 
 
 
 def _output_sqnr(reference: fx.GraphModule, quantized: fx.GraphModule, batches: list[torch.Tensor]) -> float:
+    """SQNR over every float tensor the model returns (detectors and segmenters return tuples and dicts)."""
     static = _static_batch(reference)
-    ref = torch.cat([o.flatten(1) for o in _run_batches(reference, batches, static)])
-    out = torch.cat([o.flatten(1) for o in _run_batches(quantized, batches, static)])
-    return sqnr_db(ref, out)
+
+    def flat(model) -> torch.Tensor:
+        return torch.cat([t.flatten() for out in _run_batches(model, batches, static)
+                          for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()])
+    return sqnr_db(flat(reference), flat(quantized))
 
 
 def layer_sensitivity(model: torch.nn.Module, example_inputs, calibration: Iterable,

@@ -23,3 +23,14 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage():
+    """A GraphModule's graph is a reference cycle, so a test's models (hundreds of MB for the zoo's larger nets) stay
+    alive until Python's cycle collector happens to run; collect after each test so two xdist workers never carry
+    one test's garbage into the next."""
+    yield
+    import gc
+
+    gc.collect()

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import meta
 from .core import HQPError, Pipeline, atomic_write_text
@@ -69,6 +70,7 @@ class PruneLoopConfig:
     calib_batches: int | None = 8
     ignore: tuple[str, ...] = ()
     seed: int = 0
+    metric: str = "top1"  # the key of evaluate_fn's dict that delta_max guards (higher is better, in points)
 
     def __post_init__(self):
         if self.delta_max < 0:
@@ -84,6 +86,8 @@ class PruneLoopConfig:
                 raise ValueError(f"{name} is a fraction of the dense model in (0, 1), got {v}")
         if self.align < 1:
             raise ValueError(f"align must be a positive channel multiple, got {self.align}")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ValueError(f"metric names the key of evaluate_fn's result to guard, e.g. 'top1'; got {self.metric!r}")
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
         if self.select == "latency" and self.remove_branches:
@@ -99,7 +103,7 @@ class RoundRecord:
     round: int
     step: float
     accepted: bool
-    top1: float
+    top1: float  # the value of config.metric (top-1 unless the caller guards another metric, e.g. mAP)
     drop: float
     macs: int
     params: int
@@ -153,12 +157,15 @@ def prune_loop(
     fingerprint: dict[str, Any] | None = None,
     leaf_modules: Iterable[type | str] = (),
     latency_model: Callable[[fx.GraphModule], LatencyModel] | None = None,
+    loss_fn: Callable = F.cross_entropy,
 ) -> PruneResult:
     """Run the HQP pruning loop on a copy of ``model``.
 
     ``finetune_fn(model, round_index)`` trains in place (seed it by the round for exact resume);
-    ``evaluate_fn(model)`` returns at least ``{"top1": percent}``; ``calibration`` yields
-    ``(inputs, targets)`` batches for the sensitivity criterion. ``latency_fn(model)`` measures what
+    ``evaluate_fn(model)`` returns at least ``{config.metric: points}`` (``{"top1": percent}`` by default; a
+    detector returns e.g. ``{"map": 100 * mAP}``); ``calibration`` yields ``(inputs, targets)`` batches for the
+    sensitivity criterion, which scores with ``loss_fn(model(inputs), targets)`` (any task's training loss;
+    cross-entropy by default). Records and results keep the guarded metric under the name ``top1``. ``latency_fn(model)`` measures what
     ``config.target_latency`` is a fraction of (any unit, ideally on the deployment engine; e.g.
     ``hqp_fx.compress.onnx_latency``, ms in ONNX Runtime); it is called on the dense model and on every
     accepted candidate. ``recover_fn(model)`` fine-tunes the final model in place once the rounds stop (not when
@@ -198,7 +205,7 @@ def prune_loop(
     if state is None:
         current = _analysed(trace(model, example_inputs, leaf_modules=leaf_modules))
         example = meta.example_inputs(current)
-        baseline = evaluate_fn(current)
+        baseline = _evaluate(evaluate_fn, current, config.metric)
         base_macs, base_params = count_macs(current, example), count_params(current)
         _check_targets(current, config, min_keep, example, base_macs, base_params)
         base_latency = latency_fn(current) if measure else None
@@ -228,7 +235,7 @@ def prune_loop(
             engine = LatencyModel.from_json((ckpt / LATENCY_FILE).read_text())
 
     current_macs, current_params = count_macs(current, example), count_params(current)
-    accepted_top1 = next((r.top1 for r in reversed(history) if r.accepted), baseline["top1"])
+    accepted_top1 = next((r.top1 for r in reversed(history) if r.accepted), baseline[config.metric])
     current_latency = next((r.latency for r in reversed(history) if r.accepted), base_latency)
     stop = state.get("stop_reason", "") if state else ""
     for rnd in range(next_round, config.max_rounds):
@@ -245,7 +252,8 @@ def prune_loop(
         step = config.steps[step_index]
         torch.manual_seed(config.seed * 1000 + rnd)
         scoring = SensitivityPass(config.criterion, calibration, num_batches=config.calib_batches,
-                                  flops_normalize=config.flops_normalize, seed=config.seed * 1000 + rnd)
+                                  flops_normalize=config.flops_normalize, seed=config.seed * 1000 + rnd,
+                                  loss_fn=loss_fn)
         Pipeline([scoring], available=tuple(current.meta))(current)
         scores = current.meta[meta.SENSITIVITY]["scores"]
         if by_latency:
@@ -269,10 +277,10 @@ def prune_loop(
             current).graph_module
         torch.manual_seed(config.seed * 1000 + rnd)
         finetune_fn(candidate, rnd)
-        stats = evaluate_fn(candidate)
-        drop = baseline["top1"] - stats["top1"]
+        value = _evaluate(evaluate_fn, candidate, config.metric)[config.metric]
+        drop = baseline[config.metric] - value
         accepted = drop <= config.delta_max
-        record = RoundRecord(rnd, step, accepted, stats["top1"], drop, count_macs(candidate, example),
+        record = RoundRecord(rnd, step, accepted, value, drop, count_macs(candidate, example),
                              count_params(candidate), {k: len(v) for k, v in aligned.items()},
                              latency_fn(candidate) if measure and accepted else None,
                              engine.predict(current, aligned) if engine is not None else None)
@@ -303,7 +311,7 @@ def prune_loop(
         candidate = copy.deepcopy(current)
         torch.manual_seed(config.seed * 1000 + history[-1].round + 1)  # the seed of the round it stands in for
         recover_fn(candidate)
-        top1 = evaluate_fn(candidate)["top1"]
+        top1 = _evaluate(evaluate_fn, candidate, config.metric)[config.metric]
         recovery = {"top1_before": accepted_top1, "top1_after": top1, "kept": top1 >= accepted_top1}
         if recovery["kept"]:
             current, accepted_top1 = _analysed(candidate), top1
@@ -311,8 +319,17 @@ def prune_loop(
         _write_state(ckpt, identity, current, baseline, base_macs, base_params, base_latency, history, step_index,
                      history[-1].round + 1 if history else 0, rejected_plan=rejected, stop_reason=stop,
                      recovery=recovery)
-    final = {"top1": accepted_top1}
+    final = {config.metric: accepted_top1}
     return PruneResult(current, baseline, final, base_macs, base_params, history, stop, base_latency, recovery)
+
+
+def _evaluate(evaluate_fn: Callable[[nn.Module], dict], model: nn.Module, metric: str) -> dict:
+    stats = evaluate_fn(model)
+    if not isinstance(stats, dict) or not isinstance(stats.get(metric), (int, float)):
+        got = sorted(stats) if isinstance(stats, dict) else type(stats).__name__
+        raise HQPError(f"evaluate_fn must return a dict with the guarded metric {metric!r} as a number (got {got}); "
+                       f"return it, or set PruneLoopConfig(metric=...) to the key it does return")
+    return stats
 
 
 def _check_targets(gm, config: PruneLoopConfig, min_keep: int, example, base_macs: int, base_params: int) -> None:

@@ -32,14 +32,16 @@ class OrtModel(torch.nn.Module):
         dim0 = self.session.get_inputs()[0].shape[0]
         self.batch = dim0 if isinstance(dim0, int) else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The model's output, or the tuple of its outputs in the file's order (detectors return several)."""
         outs = []
         for piece in (x.split(self.batch) if self.batch else (x,)):
             n = len(piece)
             if self.batch and n < self.batch:  # the last slice: padded to the static batch, the padding dropped
                 piece = torch.cat([piece, piece.new_zeros((self.batch - n, *piece.shape[1:]))])
-            outs.append(self.session.run(None, {self.input_name: piece.numpy()})[0][:n])
-        return torch.from_numpy(np.concatenate(outs))
+            outs.append([o[:n] for o in self.session.run(None, {self.input_name: piece.numpy()})])
+        joined = tuple(torch.from_numpy(np.concatenate(parts)) for parts in zip(*outs))
+        return joined[0] if len(joined) == 1 else joined
 
 
 def onnxruntime_top1(example: torch.Tensor, evaluation: Iterable, threads: int = 2,

@@ -156,7 +156,40 @@ def test_rms_norm_follows_its_channels_and_is_cross_channel():
         assert float((expected - model(x)).abs().max()) > 1e-3  # the check can fail: pruning changed the output
 
 
-@pytest.mark.parametrize("model", [ClassToken(), LayerScale(), RMSNormNet()])
+class AttentionBiasTable(nn.Module):
+    """LeViT / EfficientFormer / CoAtNet / MaxViT: a learned bias table indexed by an integer buffer, added to the
+    attention scores. The tensor-indexed read pins the heads; the channels around it stay prunable, and pruning
+    them must not re-run that read on labels (the index buffer holds labels there, not positions)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mlp = nn.Sequential(nn.Conv2d(8, 16, 1), nn.ReLU(), nn.Conv2d(16, 8, 1))
+        self.qk = nn.Conv2d(8, 4, 1)
+        self.biases = nn.Parameter(torch.randn(2, 5))
+        self.register_buffer("bias_idxs", torch.randint(0, 5, (16, 16)), persistent=False)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.mlp(x)  # the 16 hidden channels: prunable, and the group checked below
+        q, k = self.qk(F.adaptive_avg_pool2d(x, 4)).flatten(2).view(x.shape[0], 2, 2, 16).unbind(2)
+        attn = q.unsqueeze(-1) * k.unsqueeze(-2) + self.biases[:, self.bias_idxs]
+        return x.mean((2, 3)) * attn.softmax(-1).amax((1, 2, 3)).unsqueeze(1)
+
+
+def test_a_bias_table_read_through_an_index_buffer_does_not_block_pruning():
+    """Before, every group of such a model failed in PruneChannelsPass ("not a plain selection") on the table's
+    getitem, a node no plan touches (timm levit_128s, efficientformer_l1, coatnet_nano_rw_224, torchvision
+    maxvit_t)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+    gm, groups = analyse(AttentionBiasTable(), x)
+    hidden = next(g for g in groups.values() if "mlp.0" in g.layers)
+    assert hidden.prunable and hidden.size == 16
+    assert_prunes_exactly(gm, x, {hidden.id: [0, 3, 5, 9, 12]}, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model", [ClassToken(), LayerScale(), RMSNormNet(), AttentionBiasTable()])
 def test_every_prunable_group_prunes_alone(model):
     torch.manual_seed(1)
     x = torch.randn(2, 3, 8, 8)

@@ -130,6 +130,12 @@ class KeptChannels:
         # channels spread over several dims are fine inside a run the pass replaces by one index_select
         return None if name in self.analysis.spread else _IrregularLayout(name)
 
+    def touched(self, name: str) -> bool:
+        """Whether the plan removes anything from node ``name``'s output (any item of a tuple output)."""
+        lab = self.analysis.param_labels.get(name, self.analysis.node_labels.get(name))
+        labs = lab if isinstance(lab, (tuple, list)) else (lab,)
+        return any(isinstance(t, torch.Tensor) and bool(self.removed[t].any()) for t in labs)
+
     def shape(self, name: str, item: int | None = None) -> tuple:
         return self._labels(name, item)[1]
 
@@ -336,6 +342,12 @@ def _moves_to_gather(new: fx.GraphModule, modules, kept: KeptChannels, changes: 
             v = env.get(n)
             return v.contiguous() if isinstance(v, torch.Tensor) else v
 
+        if labelled and node not in changes.edits and not kept.touched(name) and not any(
+                kept.touched(n.name) for n in node.all_input_nodes):
+            # the plan reaches neither its inputs nor its output: it runs as before. Re-running it on labels
+            # could not even work for an index buffer (LeViT's attention_bias_idxs), which holds labels here
+            env[node] = kept.restricted_value(name)
+            continue
         call = changes.edits.get(node) or ops.NodeEdit.of(node)
         args = fx.node.map_arg(call.args, materialised)
         kwargs = fx.node.map_arg(call.kwargs, materialised)

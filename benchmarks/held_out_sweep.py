@@ -7,8 +7,9 @@ tasks and generations; realistic random weights as in tests/helpers.py, 64x64 un
 analyse, and prune a seeded 30% of every prunable group. Verdicts:
 
 - ``ok``: pruned ≡ masked original in float64 on the groups without cross-channel ops (max error within 1e-6 of
-  the output's scale) and every output's shape kept;
-- ``wrong``: pruned and masked differ;
+  the output's scale), every output's shape kept, every prunable group pruned alone (a third of its channels)
+  keeps them too, and the pruned model in ONNX Runtime (dynamo exporter) matches PyTorch within 1e-4 of the scale;
+- ``wrong``: any of those fails;
 - ``crash``: an exception other than hqp_fx's own refusal (``HQPError``), with its first line;
 - ``refused``: hqp_fx declined with a message (``HQPError``), or the analysis found nothing prunable, with reasons;
 - ``unprunable reason missing``: a group neither prunable nor explained.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -100,7 +102,7 @@ def check(name: str) -> dict:
     from hqp_fx import meta
     from hqp_fx.core import HQPError
     from hqp_fx.passes import ChannelDependencyPass, PruneChannelsPass
-    from helpers import masked_copy, output_tensors, random_plan
+    from helpers import masked_copy, onnx_roundtrip, output_tensors, random_plan
 
     t0 = time.perf_counter()
     try:
@@ -134,9 +136,26 @@ def check(name: str) -> dict:
                 got = output_tensors(PruneChannelsPass(exact)(gm).graph_module.double()(x64))
                 ref = output_tensors(masked_copy(gm, exact).double()(x64))
             err = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-30)) for a, b in zip(got, ref))
-        verdict = "ok" if err <= 1e-6 else "wrong"
+        if err > 1e-6:
+            return {**info, "verdict": "wrong", "max_rel_error": err, "exact_groups": len(exact)}
+        alone = []  # every group called prunable must prune by itself
+        for g in prunable:
+            if g.size >= 2:
+                with torch.no_grad():
+                    pruned_alone = PruneChannelsPass({g.id: list(range(0, g.size, 3))})(gm).graph_module
+                    if [t.shape for t in output_tensors(pruned_alone(x))] != shapes:
+                        alone.append(g.id)
+        if alone:
+            return {**info, "verdict": "wrong", "why": f"groups that do not prune alone: {alone[:5]}"}
+        with tempfile.TemporaryDirectory() as tmp:
+            ort_out = onnx_roundtrip(pruned, x, Path(tmp), every_output=True)
+        with torch.no_grad():
+            torch_out = output_tensors(pruned(x))
+        ort_err = max(float((torch.from_numpy(a) - b).abs().max() / b.abs().max().clamp(min=1e-30))
+                      for a, b in zip(ort_out, torch_out))
+        verdict = "ok" if ort_err <= 1e-4 and len(ort_out) == len(torch_out) else "wrong"
         return {**info, "verdict": verdict, "max_rel_error": err, "exact_groups": len(exact),
-                "seconds": round(time.perf_counter() - t0, 1)}
+                "ort_vs_torch": ort_err, "seconds": round(time.perf_counter() - t0, 1)}
     except HQPError as e:
         return {"verdict": "refused", "why": str(e).splitlines()[0][:300]}
     except Exception as e:

@@ -92,7 +92,7 @@ class SSDTask:
     sizes, so the anchors of the dense model serve every pruned one)."""
 
     def __init__(self, ssd: nn.Module, size: int):
-        self.ssd, self.size = ssd.eval(), size
+        self.ssd, self.size = copy.deepcopy(ssd).eval(), size  # its own copy: the user's model keeps its mode
         with torch.no_grad():
             x = torch.zeros(1, 3, size, size)
             features = list(ssd.backbone(x).values())
@@ -172,7 +172,7 @@ def run(ssd: nn.Module, train: CocoImages, val: CocoImages, *, delta_max: float 
         out: Path | None = None, seed: int = 0, log=print) -> dict:
     """The whole job on ``ssd`` (left untouched): prune under delta_max of validation mAP, quantize, export, re-measure."""
     size = train.size
-    task = SSDTask(copy.deepcopy(ssd), size)
+    task = SSDTask(ssd, size)
     body = SSDBody(copy.deepcopy(ssd)).eval()
     example = torch.randn(1, 3, size, size)
     calibration = list(batches(train, batch_size, shuffle=True, seed=seed))[:4]

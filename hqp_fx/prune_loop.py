@@ -165,11 +165,12 @@ def prune_loop(
     ``evaluate_fn(model)`` returns at least ``{config.metric: points}`` (``{"top1": percent}`` by default; a
     detector returns e.g. ``{"map": 100 * mAP}``); ``calibration`` yields ``(inputs, targets)`` batches for the
     sensitivity criterion, which scores with ``loss_fn(model(inputs), targets)`` (any task's training loss;
-    cross-entropy by default). Records and results keep the guarded metric under the name ``top1``. ``latency_fn(model)`` measures what
-    ``config.target_latency`` is a fraction of (any unit, ideally on the deployment engine; e.g.
-    ``hqp_fx.compress.onnx_latency``, ms in ONNX Runtime); it is called on the dense model and on every
-    accepted candidate. ``recover_fn(model)`` fine-tunes the final model in place once the rounds stop (not when
-    none was accepted); the result replaces it only when its top-1 is at least the last accepted round's.
+    cross-entropy by default). Records and results keep the guarded metric under the name ``top1``.
+    ``latency_fn(model)`` measures what ``config.target_latency`` is a fraction of (any unit, ideally on the
+    deployment engine; e.g. ``hqp_fx.compress.onnx_latency``, ms in ONNX Runtime); it is called on the dense model
+    and on every accepted candidate. ``recover_fn(model)`` fine-tunes the final model in place once the rounds stop
+    (not when none was accepted); the result replaces it only when its metric is at least the last accepted
+    round's.
     ``leaf_modules`` are kept opaque while tracing (``hqp_fx.trace``).
 
     ``config.select="latency"`` needs ``latency_model(dense graph)`` (e.g. ``LatencyModel.measure``) and

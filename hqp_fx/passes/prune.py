@@ -338,16 +338,17 @@ def _moves_to_gather(new: fx.GraphModule, modules, kept: KeptChannels, changes: 
             env[node] = kept.restricted_value(name) if labelled else None
             continue
 
-        def materialised(n):  # ops such as view() need contiguous inputs, not expanded views
-            v = env.get(n)
-            return v.contiguous() if isinstance(v, torch.Tensor) else v
-
         if labelled and node not in changes.edits and not kept.touched(name) and not any(
                 kept.touched(n.name) for n in node.all_input_nodes):
             # the plan reaches neither its inputs nor its output: it runs as before. Re-running it on labels
             # could not even work for an index buffer (LeViT's attention_bias_idxs), which holds labels here
             env[node] = kept.restricted_value(name)
             continue
+
+        def materialised(n):  # ops such as view() need contiguous inputs, not expanded views
+            v = env.get(n)
+            return v.contiguous() if isinstance(v, torch.Tensor) else v
+
         call = changes.edits.get(node) or ops.NodeEdit.of(node)
         args = fx.node.map_arg(call.args, materialised)
         kwargs = fx.node.map_arg(call.kwargs, materialised)

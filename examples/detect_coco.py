@@ -32,6 +32,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
 import hqp_fx
+from hqp_fx.core import atomic_write_text
 from hqp_fx.count import count_macs
 from hqp_fx.engines.ort import OrtModel
 from hqp_fx.lower_onnx import export_onnx
@@ -193,12 +194,13 @@ def run(ssd: nn.Module, train: CocoImages, val: CocoImages, *, delta_max: float 
         export_onnx(int8.model, (example,), path, output_names=("bbox_regression", "cls_logits"))
         onnx_map = evaluate_map(OrtModel(path, threads=2), task, val, batch_size)["map"]
         hqp_fx.save(result.model, folder / "ssd_body_pruned.hqp")
-    report = {"map": {"dense_fp32": result.baseline["map"], "pruned_fp32": result.final["map"], "int8_onnxruntime": onnx_map},
+    report = {"map_on": "validation",
+              "map": {"dense_fp32": result.baseline["map"], "pruned_fp32": result.final["map"], "int8_onnxruntime": onnx_map},
               "macs": [result.baseline_macs, count_macs(result.model, example)],
               "rounds": [{"round": r.round, "step": r.step, "map": r.top1, "accepted": r.accepted} for r in result.history],
               "stop_reason": result.stop_reason, "output_sqnr_db": int8.output_sqnr_db}
     if out is not None:
-        (Path(out) / "detect.json").write_text(json.dumps(report, indent=1))
+        atomic_write_text(Path(out) / "detect.json", json.dumps(report, indent=1))
     return report
 
 

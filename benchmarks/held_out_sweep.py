@@ -8,7 +8,8 @@ analyse, and prune a seeded 30% of every prunable group. Verdicts:
 
 - ``ok``: pruned ≡ masked original in float64 on the groups without cross-channel ops (max error within 1e-6 of
   the output's scale), every output's shape kept, every prunable group pruned alone (a third of its channels)
-  keeps them too, and the pruned model in ONNX Runtime (dynamo exporter) matches PyTorch within 1e-4 of the scale;
+  keeps them too, and the pruned model in ONNX Runtime (dynamo exporter) matches the float64 PyTorch output within
+  1e-4 of its scale, or within twice PyTorch's own float32 error where that is larger;
 - ``wrong``: any of those fails;
 - ``crash``: an exception other than hqp_fx's own refusal (``HQPError``), with its first line;
 - ``refused``: hqp_fx declined with a message (``HQPError``), or the analysis found nothing prunable, with reasons;
@@ -19,6 +20,7 @@ Nothing here is a test: the sweep is for finding what to fix. Results go to RESU
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -149,13 +151,18 @@ def check(name: str) -> dict:
             return {**info, "verdict": "wrong", "why": f"groups that do not prune alone: {alone[:5]}"}
         with tempfile.TemporaryDirectory() as tmp:
             ort_out = onnx_roundtrip(pruned, x, Path(tmp), every_output=True)
-        with torch.no_grad():
-            torch_out = output_tensors(pruned(x))
-        ort_err = max(float((torch.from_numpy(a) - b).abs().max() / b.abs().max().clamp(min=1e-30))
-                      for a, b in zip(ort_out, torch_out))
-        verdict = "ok" if ort_err <= 1e-4 and len(ort_out) == len(torch_out) else "wrong"
+        with torch.no_grad():  # ORT is judged against float64, with PyTorch's own float32 error as the yardstick:
+            torch_out = output_tensors(pruned(x))  # a randomly pruned random net can amplify float32 rounding
+            exact_out = output_tensors(copy.deepcopy(pruned).double()(x.double()))
+
+        def rel(outs):
+            return max(float((torch.as_tensor(a).double() - b).abs().max() / b.abs().max().clamp(min=1e-30))
+                       for a, b in zip(outs, exact_out))
+        ort_err, torch_err = rel(ort_out), rel(torch_out)
+        verdict = "ok" if ort_err <= max(1e-4, 2 * torch_err) and len(ort_out) == len(torch_out) else "wrong"
         return {**info, "verdict": verdict, "max_rel_error": err, "exact_groups": len(exact),
-                "ort_vs_torch": ort_err, "seconds": round(time.perf_counter() - t0, 1)}
+                "ort_vs_float64": ort_err, "torch_float32_vs_float64": torch_err,
+                "seconds": round(time.perf_counter() - t0, 1)}
     except HQPError as e:
         return {"verdict": "refused", "why": str(e).splitlines()[0][:300]}
     except Exception as e:

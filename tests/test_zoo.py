@@ -132,8 +132,8 @@ def test_pruned_int8_runs_in_onnxruntime_as_in_pytorch(name, tmp_path):
     ORT's integer kernels round a few values near a step boundary to the neighbouring level, and random-weight nets
     propagate those flips like quantization noise (single elements off by up to ~40% of the scale on
     tf_efficientnet_b0, whose INT8 model is itself only 10 dB from FP32). So each output's ORT-vs-PyTorch SQNR must
-    be within 3 dB of the INT8-vs-FP32 SQNR, and above 5 dB: measured, the two agree within 1 dB on every model
-    (benchmarks/RESULTS.md), while a wrong weight, scale or output order measures near 0 dB."""
+    be no more than 3 dB below the INT8-vs-FP32 SQNR, and above 5 dB: measured, it was never more than 0.7 dB below
+    on any model (benchmarks/RESULTS.md), while a wrong weight, scale or output order measures near 0 dB."""
     from test_quantize import check_layers_within_one_step, folded_weights
 
     from hqp_fx.passes.quantize import QuantConfig, quantize, sqnr_db

@@ -96,8 +96,8 @@ class SSDTask:
         self.ssd, self.size = copy.deepcopy(ssd).eval(), size  # its own copy: the user's model keeps its mode
         with torch.no_grad():
             x = torch.zeros(1, 3, size, size)
-            features = list(ssd.backbone(x).values())
-            self.anchors = ssd.anchor_generator(ImageList(x, [(size, size)]), features)[0]
+            features = list(self.ssd.backbone(x).values())
+            self.anchors = self.ssd.anchor_generator(ImageList(x, [(size, size)]), features)[0]
 
     def loss(self, head_outputs: dict, targets: list[dict]) -> torch.Tensor:
         matched = []

@@ -92,6 +92,12 @@ def test_the_whole_detection_job_runs_on_map(splits, tmp_path):
     for k, v in ssd.state_dict().items():
         assert torch.equal(v, before[k]), f"the job mutated the user's {k}"
 
+    ssd.train()  # a model handed over in train mode: its BN statistics must not move either
+    detect_coco.SSDTask(ssd, train.size)
+    assert ssd.training
+    for k, v in ssd.state_dict().items():
+        assert torch.equal(v, before[k]), f"building the task mutated the user's {k}"
+
 
 def test_a_round_past_delta_max_is_rolled_back_on_map(splits):
     """The loop judges mAP, not top-1: with delta_max 0 and an evaluation that drops mAP after pruning, the round

@@ -18,7 +18,8 @@ the resulting pattern is the same one ORT fuses.
 ``select_for_latency`` is the per-round selection (HALP's knapsack, solved greedily as NetAdapt does): it removes
 the channel blocks of least importance per millisecond they save until the round's latency decrement is met,
 recomputing each block's saving from the counts the earlier picks left. A block that saves nothing is never
-taken.
+taken. With depth pruning, a removable group's remaining channels taken all at once (the residual block or gate
+they feed goes with them, ``hqp_fx.branches``) are one more item of the same knapsack, priced the same way.
 """
 from __future__ import annotations
 
@@ -325,49 +326,62 @@ def _tensor_limits(analysis, min_keep: int):
     for i, present in enumerate(sets):
         for c in present:
             by_class.setdefault(c, []).append(i)
-    return room, by_class
+    return room, by_class, sets
 
 
 def select_for_latency(gm: fx.GraphModule, scores: Mapping[str, torch.Tensor], model: LatencyModel, fraction: float,
-                       *, align: int, min_keep: int, ignore: tuple[str, ...] = ()) -> dict[str, list[int]]:
+                       *, align: int, min_keep: int, ignore: tuple[str, ...] = (),
+                       remove_branches: bool = False) -> dict[str, list[int]]:
     """Channels to remove this round: the blocks of least importance per predicted millisecond saved, until the
     prediction falls by ``fraction`` of the current one. Blocks are ``align`` channels (the first one of a group
     ``size % align``, so kept counts land on the grid), least important channels first. Every group and every
     tensor keeps at least ``min_keep`` channels; ``ignore`` names modules never pruned (a prefix matches its
-    submodules). Empty when no block saves time."""
+    submodules). With ``remove_branches``, all remaining channels of a ``removable`` group are one more item
+    (depth pruning: its branch goes), importance the sum of their scores, as ``select_channels`` ranks it; tensors
+    holding only that group's channels may then empty. Empty when no block saves time."""
     groups = [g for g in meta.channel_groups(gm) if g.prunable and g.id in scores and not any(
         layer == pre or layer.startswith(pre + ".") for layer in g.layers for pre in ignore)]
     by_id = {g.id: g for g in groups}
     order = {g.id: torch.argsort(scores[g.id].to(torch.float64), stable=True).tolist() for g in groups}
-    room, tensors_of = _tensor_limits(meta.channel_analysis(gm), min_keep)
+    room, tensors_of, tensor_classes = _tensor_limits(meta.channel_analysis(gm), min_keep)
     plan: dict[str, list[int]] = {}
+    gone: set[str] = set()  # groups removed whole: their branch is gone, nothing of them is left to price
     now = model.predict(gm)
     goal = now * (1 - fraction)
     while now > goal:
         best = None
         for gid, g in by_id.items():
-            taken = len(plan.get(gid, []))
-            block = (g.size - taken) % align or align
-            if g.size - taken - block < min_keep:
+            if gid in gone:
                 continue
-            chosen = order[gid][taken:taken + block]
-            hits: dict[int, int] = {}
-            for c in g.classes[chosen].tolist():
-                for t in tensors_of.get(c, ()):
-                    hits[t] = hits.get(t, 0) + 1
-            if any(room[t] < n for t, n in hits.items()):
-                continue  # it would leave some tensor below min_keep channels
-            saving = now - model.predict(gm, {**plan, gid: plan.get(gid, []) + chosen})
-            if saving <= 1e-9:
-                continue  # buys no time: never worth its accuracy
-            ratio = float(scores[gid][chosen].to(torch.float64).sum()) / saving
-            if best is None or ratio < best[0]:
-                best = (ratio, gid, chosen, saving, hits)
+            taken = len(plan.get(gid, []))
+            items = []
+            block = (g.size - taken) % align or align
+            if g.size - taken - block >= min_keep:
+                items.append(order[gid][taken:taken + block])
+            if remove_branches and g.removable and g.size - taken > 0:
+                items.append(order[gid][taken:])  # depth pruning: the rest of the group, and its branch with it
+            for chosen in items:
+                whole = taken + len(chosen) == g.size
+                hits: dict[int, int] = {}
+                for c in g.classes[chosen].tolist():
+                    for t in tensors_of.get(c, ()):
+                        hits[t] = hits.get(t, 0) + 1
+                own = set(g.classes.tolist()) if whole else set()
+                if any(room[t] < n and not set(tensor_classes[t]) <= own for t, n in hits.items()):
+                    continue  # it would leave some tensor below min_keep channels (but a branch may empty its own)
+                saving = now - model.predict(gm, {**plan, gid: plan.get(gid, []) + chosen})
+                if saving <= 1e-9:
+                    continue  # buys no time: never worth its accuracy
+                ratio = float(scores[gid][chosen].to(torch.float64).sum()) / saving
+                if best is None or ratio < best[0]:
+                    best = (ratio, gid, chosen, saving, hits, whole)
         if best is None:
             break
-        _, gid, chosen, saving, hits = best
+        _, gid, chosen, saving, hits, whole = best
         plan[gid] = plan.get(gid, []) + chosen
         for t, n in hits.items():
             room[t] -= n
+        if whole:
+            gone.add(gid)
         now -= saving
     return {k: sorted(v) for k, v in plan.items()}

@@ -90,9 +90,6 @@ class PruneLoopConfig:
             raise ValueError(f"metric names the key of evaluate_fn's result to guard, e.g. 'top1'; got {self.metric!r}")
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
-        if self.select == "latency" and self.remove_branches:
-            raise ValueError("select='latency' does not rank whole-branch removals yet; use select='channels' with "
-                             "remove_branches")
         if self.min_keep is not None and self.min_keep < self.align:
             # alignment may round a removal up by < align channels: a minimum of align keeps every tensor non-empty
             raise ValueError(f"min_keep ({self.min_keep}) must be at least the alignment multiple ({self.align})")
@@ -259,7 +256,7 @@ def prune_loop(
         scores = current.meta[meta.SENSITIVITY]["scores"]
         if by_latency:
             plan = select_for_latency(current, scores, engine, step, align=config.align, min_keep=min_keep,
-                                      ignore=config.ignore)
+                                      ignore=config.ignore, remove_branches=config.remove_branches)
         else:
             plan = select_channels(meta.channel_groups(current), scores, step, min_keep=min_keep, unit=config.align,
                                    ignore=config.ignore, remove_branches=config.remove_branches)

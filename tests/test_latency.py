@@ -112,6 +112,31 @@ def test_selection_never_buys_nothing_and_prefers_cheap_importance_per_ms():
     assert inner  # the model has the inner groups the test is about
 
 
+def test_depth_pruning_is_one_more_item_of_the_knapsack():
+    """A residual block whose inner group is at min_keep cannot lose a channel block; with remove_branches its
+    whole group is an item, priced by the same table, and wins when it is the cheapest importance per ms."""
+    gm = analysed(realistic_random(CifarResNet(20), X))
+    groups = {g.id: g for g in meta.channel_groups(gm) if g.prunable}
+    engine = step_table(gm)
+    scores = {gid: torch.full((g.size,), 1.0) for gid, g in groups.items()}
+    scores["layer1.1.conv1"] = torch.full((16,), 0.01)  # 16 wide = min_keep: only removable as a whole
+    scores["conv1"] = torch.full((groups["conv1"].size,), 5.0)
+    without = select_for_latency(gm, scores, engine, 0.02, align=16, min_keep=16)
+    assert without and "layer1.1.conv1" not in without
+    plan = select_for_latency(gm, scores, engine, 0.02, align=16, min_keep=16, remove_branches=True)
+    assert plan.get("layer1.1.conv1") == list(range(16)), plan
+    assert all(len(v) < groups[k].size or groups[k].removable for k, v in plan.items())
+    assert engine.predict(gm, plan) <= engine.predict(gm) * 0.98
+    pruned = analysed(PruneChannelsPass(plan)(gm).graph_module)
+    names = dict(pruned.named_modules())
+    assert "layer1.1.conv1" not in names and "layer1.1.conv2" not in names  # the block went with its group
+    assert engine.predict(pruned) == pytest.approx(engine.predict(gm, plan))  # the table priced what was removed
+    # a costly branch is not taken whole when a channel block buys the time for less importance
+    scores["layer1.1.conv1"] = torch.full((16,), 100.0)
+    plan = select_for_latency(gm, scores, engine, 0.02, align=16, min_keep=16, remove_branches=True)
+    assert "layer1.1.conv1" not in plan and plan
+
+
 class Stubs:
     def __init__(self, fail_at=None):
         self.fail_at = fail_at
@@ -151,6 +176,15 @@ def test_the_loop_predicts_and_measures_every_accepted_round_and_resumes_exactly
         _loop(tmp_path / "b", Stubs(fail_at=2))
     resumed = _loop(tmp_path / "b", resume=True)
     assert resumed.history == res.history
+    # depth pruning inside the latency knapsack: only stage 1's 16-wide blocks are open, so only whole blocks can go
+    deep = _loop(tmp_path / "c", remove_branches=True, ignore=("conv1", "layer2", "layer3"))
+    assert deep.history and deep.history[0].accepted
+    for r in deep.history:
+        assert r.removed and all(n == 16 for n in r.removed.values())
+        if r.accepted:
+            assert r.predicted_latency == pytest.approx(r.latency)
+    names = {n for n, _ in deep.model.named_modules()}
+    assert not {f"layer1.{i}.conv{j}" for i in range(3) for j in (1, 2)} & names  # removed, not just planned
     with pytest.raises(ValueError, match="select='latency' needs latency_model"):
         prune_loop(CifarResNet(20), X, calibration=[], finetune_fn=lambda m, r: None, evaluate_fn=lambda m: {},
                    config=PruneLoopConfig(select="latency"))

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
 from . import meta, ops
@@ -77,12 +78,16 @@ class _Tracer(fx.Tracer):
             return super().iter(obj)
         return iter([obj[i] for i in range(count)])
 
+    def is_user_leaf(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaf_names or bool(self.leaf_types and isinstance(m, self.leaf_types))
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
-            return True
-        return super().is_leaf_module(m, qualname)
+        return self.is_user_leaf(m, qualname) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
+        if isinstance(m, nn.MultiheadAttention) and not self.is_user_leaf(m, self.path_of_module(m)) and \
+                _plain_self_attention(m, args, kwargs):
+            return _self_attention(m, args[0] if args else kwargs["query"]), None
         self.hqp_module_stack.append((self.path_of_module(m), type(m).__name__))
         try:
             out = super().call_module(m, forward, args, kwargs)
@@ -93,6 +98,35 @@ class _Tracer(fx.Tracer):
         finally:
             self.hqp_module_stack.pop()
         return out
+
+
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")
+
+
+def _plain_self_attention(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> bool:
+    """A call ``_self_attention`` computes exactly: batch-first self-attention (query, key and value the same
+    tensor) with no masks, no attention weights returned, no extra key/value bias and no attention dropout."""
+    call = {**dict(zip(_MHA_ARGS, args)), **kwargs}
+    q = call.get("query")
+    return (isinstance(q, fx.Proxy) and call.get("key") is q and call.get("value") is q and set(call) <= set(_MHA_ARGS)
+            and call.get("need_weights", True) is False and call.get("key_padding_mask") is None
+            and call.get("attn_mask") is None and not call.get("is_causal", False) and m.batch_first
+            and m._qkv_same_embed_dim and m.bias_k is None and m.bias_v is None and not m.add_zero_attn
+            and m.dropout == 0.0)
+
+
+def _self_attention(m: nn.MultiheadAttention, x):
+    """nn.MultiheadAttention's self-attention written out (the same arithmetic as its fast path) so that the
+    channel analysis sees its heads: torch.nn modules are fx leaves, and this one derives the head size from the
+    token width, so pruning whole heads needs the projections and the head reshape in the graph. Its parameters
+    are read where they live (``<name>.in_proj_weight``, ``<name>.out_proj.weight``)."""
+    batch, tokens = x.shape[0], x.shape[1]
+    qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias)
+    q, k, v = qkv.reshape(batch, tokens, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    y = F.scaled_dot_product_attention(q, k, v)
+    return F.linear(y.transpose(1, 2).reshape(batch, tokens, m.num_heads * m.head_dim), m.out_proj.weight,
+                    m.out_proj.bias)
 
 
 _PIECE_COUNT_ARG = {"chunk": "chunks", torch.chunk: "chunks", "split": "split_size", torch.split: "split_size_or_sections"}
@@ -168,6 +202,10 @@ def trace(
     ``capture`` picks the front-end: ``"fx"`` (symbolic tracing), ``"export"`` (torch.export, its ATen
     graph converted to torch level by ``capture_export``), or ``"auto"``: fx, and torch.export when the
     root's own forward cannot be traced. The error names module, code and fix when neither can.
+
+    ``nn.MultiheadAttention`` self-attention (batch first, no masks, no dropout, as torchvision's ViT calls it)
+    is written out into its projections and ``scaled_dot_product_attention``, so its heads can be pruned;
+    any other use of it stays one opaque call.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

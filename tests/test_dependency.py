@@ -469,13 +469,13 @@ class Functional(nn.Module):
 
 def test_functional_layers_with_bare_parameters():
     gm, groups, x = analyse(Functional())
-    g = groups["conv2d"]
+    g = groups["w1"]  # a functional layer's group is named after its weight
     assert g.size == 4 and not g.cross_channel  # grouped conv and GroupNorm both tie channel pairs
     s = slices_of(g, [1])
     assert s[("w1", 0, "out")] == [2, 3] and s[("mean", 0, "out")] == [2, 3] and s[("gamma", 0, "out")] == [2, 3]
     assert s[("wdw", 0, "out")] == [2, 3] and s[("gn_w", 0, "out")] == [2, 3] and s[("slope", 0, "out")] == [2, 3]
     assert s[("wl", 1, "in")] == [2, 3]
-    pruned = check_exact(gm, x, {"conv2d": [1, 3]})
+    pruned = check_exact(gm, x, {"w1": [1, 3]})
     assert pruned.w1.shape == (4, 3, 3, 3) and pruned.wdw.shape == (4, 2, 3, 3) and pruned.wl.shape == (4, 4)
     conv2 = next(n for n in pruned.graph.nodes if n.name == "conv2d_1")
     group_norm = next(n for n in pruned.graph.nodes if n.target is F.group_norm)

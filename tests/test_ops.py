@@ -14,7 +14,7 @@ import hqp_fx
 from hqp_fx import meta, ops
 from hqp_fx.passes import ChannelDependencyPass, PruneChannelsPass
 
-from helpers import assert_close, masked_copy
+from helpers import assert_close, masked_copy, realistic_random
 
 
 def analyse(model, x):
@@ -189,7 +189,104 @@ def test_a_bias_table_read_through_an_index_buffer_does_not_block_pruning():
     assert_prunes_exactly(gm, x, {hidden.id: [0, 3, 5, 9, 12]}, rtol=1e-5)
 
 
-@pytest.mark.parametrize("model", [ClassToken(), LayerScale(), RMSNormNet(), AttentionBiasTable()])
+class FusedQKVAttention(nn.Module):
+    """timm's Attention: one qkv linear reshaped to (3, heads, head_dim), F.scaled_dot_product_attention, the
+    heads merged back with the token width read from the input's shape, then the projection."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, N, C))
+        return self.head(x.mean(1))
+
+
+class SeparateQKVAttention(nn.Module):
+    """Separate q, k, v linears viewed into heads and transposed (the layout of many detectors' and LLMs'
+    attention), with an explicit scale; the output merged with a computed head count times head size."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.heads, self.head_dim = heads, dim // heads
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        B, N, _ = x.shape
+        q, k, v = (f(x).view(B, N, self.heads, self.head_dim).transpose(1, 2) for f in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, N, self.heads * self.head_dim))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("model, group", [(FusedQKVAttention(), "qkv"), (SeparateQKVAttention(), "q")])
+def test_attention_heads_prune_whole(model, group):
+    """One channel per head: its q, k and v channels go together, the head count of every reshape follows."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm, groups = analyse(model, x)
+    heads = groups[group]
+    assert heads.prunable and heads.size == 4 and not heads.cross_channel, heads
+    assert groups["patch"].prunable  # the token width is its own group: the residual stream
+    pruned = assert_prunes_exactly(gm, x, {group: [1, 3]})
+    linears = {n: m for n, m in pruned.named_modules() if isinstance(m, nn.Linear)}
+    assert (linears["proj"].in_features, linears["proj"].out_features) == (8, 16)  # the token width stays
+    assert sum(m.out_features for n, m in linears.items() if n in ("qkv", "q", "k", "v")) == 24
+    with torch.no_grad():  # the pruned graph takes another batch and token count: no size was frozen
+        y = torch.randn(3, 3, 12, 12)
+        assert_close(pruned(y), masked_copy(gm, {group: [1, 3]})(y), 1e-5, "another input size")
+
+
+def test_torchvision_vit_self_attention_is_written_out_and_its_heads_prune():
+    """nn.MultiheadAttention derives head_dim from the token width, so trace writes its plain self-attention
+    out (projections + scaled_dot_product_attention); its heads then prune whole. A call it cannot write out
+    exactly, or a user leaf, stays one opaque module."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    vit = realistic_random(VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=4, hidden_dim=16,
+                                             mlp_dim=32, num_classes=3), x).eval()  # its head starts at zero
+    gm, groups = analyse(vit, x)
+    with torch.no_grad():
+        assert_close(gm(x), vit(x), 1e-5, "written out vs nn.MultiheadAttention")
+    heads = groups["encoder.layers.encoder_layer_0.self_attention.in_proj"]
+    assert heads.prunable and heads.size == 4 and not heads.cross_channel
+    pruned = assert_prunes_exactly(gm, x, {heads.id: [0, 2]})
+    attn = pruned.get_submodule("encoder.layers.encoder_layer_0.self_attention")
+    assert attn.in_proj_weight.shape == (24, 16) and attn.out_proj.weight.shape == (16, 8)
+
+    class NeedsWeights(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, t):
+            out, weights = self.attn(t, t, t)
+            return out + weights.mean()
+
+    t = torch.randn(2, 5, 8)
+    for model, leaves in ((NeedsWeights(), ()), (vit, ("encoder.layers.encoder_layer_0.self_attention",))):
+        gm = hqp_fx.trace(model.eval(), t if leaves == () else x, leaf_modules=leaves)
+        assert any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.MultiheadAttention)
+                   for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("model", [ClassToken(), LayerScale(), RMSNormNet(), AttentionBiasTable(), FusedQKVAttention(),
+                                   SeparateQKVAttention()])
 def test_every_prunable_group_prunes_alone(model):
     torch.manual_seed(1)
     x = torch.randn(2, 3, 8, 8)

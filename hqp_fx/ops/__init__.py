@@ -5,11 +5,11 @@ Each ``OpRule`` (see ``base``) holds one op's analysis rule (how its channels co
 ``ChannelDependencyPass``, ``PruneChannelsPass`` and ``hqp_fx.branches`` look ops up here and name none.
 
 Families: ``conv_linear`` (producers), ``norms``, ``elementwise``, ``data_movement`` (views, cat, split,
-getitem, padding), ``pooling`` (spatial ops, reductions, softmax).
+getitem, padding), ``pooling`` (spatial ops, reductions, softmax), ``attention`` (whole heads).
 
 How to add an op: add an ``OpRule`` to the ``RULES`` tuple of its family module. Its ``label`` calls one of the
 propagator's rules (``p.elementwise``, ``p.producer``, ``p.channelwise``, ``p.move``, ``p.spatial``,
-``p.reduce``, ``p.softmax``, ``p.pad``, ``p.unknown``); give it a ``rewrite`` when one of its arguments
+``p.reduce``, ``p.softmax``, ``p.pad``, ``p.attention``, ``p.unknown``); give it a ``rewrite`` when one of its arguments
 counts channels (a shape, a split size, a group count) and a ``fix_module`` when a module attribute does. Then
 add a test to ``tests/test_ops.py``: a tiny model using the op, pruned with ``assert_prunes_exactly`` (which first
 shows that masking moves the output, so the check can fail), and the model added to
@@ -21,14 +21,14 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
-from . import conv_linear, data_movement, elementwise, norms, pooling
+from . import attention, conv_linear, data_movement, elementwise, norms, pooling
 from .base import NodeEdit, OpRule, arg, run_call, weight_name
 
 __all__ = ["OpRule", "NodeEdit", "RULES", "rule_for", "moves_data", "arg", "weight_name", "run_call", "functions",
            "methods"]
 
 RULES: tuple[OpRule, ...] = (conv_linear.RULES + norms.RULES + elementwise.RULES + data_movement.RULES
-                             + pooling.RULES)
+                             + pooling.RULES + attention.RULES)
 
 _BY_FUNCTION: dict = {}
 _BY_METHOD: dict[str, OpRule] = {}

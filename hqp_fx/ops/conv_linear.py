@@ -36,7 +36,7 @@ def _conv_function(p, node: fx.Node):
     wshape = p.shape_of(w)
     out_channels = wshape[1] * groups if transposed else wshape[0]
     return p.producer(node, node.args[0], wname, bname, kind="convT" if transposed else "conv",
-                      groups=groups, out_channels=out_channels, display=node.name)
+                      groups=groups, out_channels=out_channels, display=_layer_name(wname))
 
 
 def _conv_function_rewrite(node: fx.Node, kept) -> NodeEdit | None:
@@ -68,7 +68,16 @@ def _linear_function(p, node: fx.Node):
     if not wname or bname == "":
         return p.unknown(node, f"{node.name} multiplies by a computed weight")
     return p.producer(node, node.args[0], wname, bname, kind="linear", groups=1,
-                      out_channels=p.shape_of(w)[0], display=node.name)
+                      out_channels=p.shape_of(w)[0], display=_layer_name(wname))
+
+
+def _layer_name(weight: str) -> str:
+    """A functional layer is named after its weight, as a module layer after the module: ``blocks.0.fc.weight`` ->
+    ``blocks.0.fc``, ``attn.in_proj_weight`` -> ``attn.in_proj``, so ``ignore`` and group ids read as module names."""
+    for suffix in (".weight", "_weight"):
+        if weight.endswith(suffix):
+            return weight[: -len(suffix)]
+    return weight
 
 
 def _linear_module_fix(mod: nn.Module, node: fx.Node, kept) -> dict:

@@ -368,6 +368,29 @@ class _Propagator:
             self.pads[node.name] = entries
         return _compact(out)
 
+    def attention(self, node: fx.Node) -> Any:
+        """scaled_dot_product_attention(q, k, v, ...): every head (a position of the leading dims) is one class:
+        its q, k and v channels go together (``hqp_fx.ops.attention``). The output carries v's labels."""
+        q, k, v = (ops.arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
+        if not all(isinstance(n, fx.Node) and isinstance(self.value(n), torch.Tensor) for n in (q, k, v)):
+            return self.unknown(node, f"attention {node.name} on computed or missing q/k/v")
+        labs, shapes = [self.value(n) for n in (q, k, v)], [self.shape_of(n) for n in (q, k, v)]
+        if any(len(s) < 3 for s in shapes) or len({len(s) for s in shapes}) != 1 or any(
+                labels_vary(lab, lab.ndim - 2) for lab in labs):
+            return self.unknown(node, f"attention {node.name} with channels along its token dim or unbatched heads")
+        try:
+            lead = torch.broadcast_shapes(*[s[:-2] for s in shapes])
+        except RuntimeError:  # grouped-query attention: k/v heads shared by several q heads
+            return self.unknown(node, f"attention {node.name} whose q, k and v have different head counts")
+        for extra in (ops.arg(node, 3, "attn_mask"), node.kwargs.get("scale")):
+            if isinstance(extra, fx.Node) and isinstance(self.value(extra), torch.Tensor):
+                self.pin(self.value(extra), f"mask or scale of attention {node.name}")
+        per_head = torch.cat([lab.expand(lead + tuple(lab.shape[-2:])).reshape(*lead, -1) for lab in labs], -1)
+        rows = per_head.reshape(-1, per_head.shape[-1])
+        anchor = rows.amax(1, keepdim=True).expand_as(rows)
+        self.union(torch.where(rows > 0, rows, 0), torch.where(rows > 0, anchor, 0))
+        return _compact(labs[2].expand(lead + tuple(labs[2].shape[-2:]))[..., :1, :])  # constant over tokens
+
     def unknown(self, node: fx.Node, why: str) -> Any:
         for n in _nodes_in((node.args, node.kwargs)):
             lab = self.value(n)
@@ -452,20 +475,22 @@ def _multi_dim(lab: torch.Tensor) -> bool:
     return sum(labels_vary(lab, d) for d in range(lab.ndim)) > 1
 
 
-def _find_gathers(p: _Propagator) -> tuple[dict[str, str], set[str]]:
+def _find_gathers(p: _Propagator, class_of: torch.Tensor) -> tuple[dict[str, str], set[str]]:
     """Tensors whose channels spread over several dims (e.g. inside a channel shuffle).
 
     Pruning cannot shrink such a layout along one dim, so PruneChannelsPass replaces the
     whole run by one ``index_select`` from its single-dim source. That is only possible when
     the run is pure data movement ending in a permutation of the source's channels; any
-    other use pins the channels.
+    other use pins the channels. A layout whose channel *classes* vary along one dim only (attention heads:
+    ``[B, H, N, D]`` where a head's D channels are one class) loses whole slices of that dim under any plan,
+    so the ordinary rewrites handle it and it is neither gathered nor pinned.
     """
     gathers: dict[str, str] = {}
     spread: set[str] = set()
     nodes = {n.name: n for n in p.gm.graph.nodes}
     for node in p.gm.graph.nodes:
         lab = p.env.get(node)
-        if not isinstance(lab, torch.Tensor) or not _multi_dim(lab):
+        if not isinstance(lab, torch.Tensor) or not _multi_dim(lab) or not _multi_dim(class_of[lab]):
             continue
         if node.op != "placeholder" and not (ops.moves_data(node, p.modules) and _single_input_move(node, p)):
             p.pin(lab, f"{node.name} lays channels over several dims and is not pure data movement")
@@ -476,7 +501,7 @@ def _find_gathers(p: _Propagator) -> tuple[dict[str, str], set[str]]:
             if not isinstance(ulab, torch.Tensor):
                 p.pin(lab, f"{node.name} lays channels over several dims and feeds {user.name}")
                 continue
-            if _multi_dim(ulab):
+            if _multi_dim(ulab) and _multi_dim(class_of[ulab]):
                 continue
             source = _chain_source(user, p)
             ok = False
@@ -541,7 +566,6 @@ def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
         )
     p = _Propagator(gm)
     p.run()
-    gathers, spread = _find_gathers(p)
 
     # Shared parameters (a module called twice) must stay consistent: tie their entries.
     by_param: dict[tuple[str, int], list[SliceRecord]] = defaultdict(list)
@@ -553,6 +577,7 @@ def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
 
     num = p.next_id
     class_of = _components(num, p.edges)
+    gathers, spread = _find_gathers(p, class_of)  # adds pins only: the classes stay as they are
 
     # Parameters used directly in forward (layer scale, ...): slice along the one dim their classes follow.
     for name, lab, node_name in p.param_blocks:

@@ -86,8 +86,8 @@ TP_METHODS = ("tp-magnitude", "tp-taylor")
 EXAMPLE = torch.zeros(1, 3, 32, 32)
 
 
-def dense_model() -> torch.nn.Module:
-    return load_model("cifar:resnet56")[0]
+def dense_model(name: str = "cifar:resnet56") -> torch.nn.Module:
+    return load_model(name)[0]
 
 
 def calibration_batches(train, seed: int = 0) -> list:
@@ -352,7 +352,7 @@ def print_compare(results: dict) -> None:
 
 
 def cmd_deploy(args, train, test, log) -> None:
-    dense, pruned = dense_model(), hqp_fx.load(args.pruned)
+    dense, pruned = dense_model(args.dense), hqp_fx.load(args.pruned)
     samples = take_samples(BatchLoader(train, 64, shuffle=True, seed=0), 512)
     x = samples[0][:1].clone()
     folder = Path(args.out) / "onnx"
@@ -525,7 +525,10 @@ def main() -> None:
     compare.add_argument("--seed", type=int, default=0, help="shifts calibration sample, scoring and fine-tune seeds; "
                          "results of seed s > 0 are stored as METHOD@seedS in the same compare.json")
     deploy = sub.add_parser("deploy")
-    deploy.add_argument("--pruned", required=True, help="a .hqp model written by `compare` (or `loop`)")
+    deploy.add_argument("--pruned", required=True, help="a .hqp model written by `compare`, `loop` or `hqp compress` "
+                        "(its model_pruned.hqp)")
+    deploy.add_argument("--dense", default="cifar:resnet56", choices=("cifar:resnet20", "cifar:resnet56"),
+                        help="the dense checkpoint the pruned model came from (../shared's fine-tuned weights)")
     deploy.add_argument("--delta-max", type=float, default=1.0)
     deploy.add_argument("--runs", type=int, default=100)
     deploy.add_argument("--rounds", type=int, default=3)

@@ -75,14 +75,16 @@ def cifar_splits(data: Path):
 
 
 def load_model(spec: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
-    """resnet18 with torchvision's random init (seed 0), or resnet56 with the real CIFAR-10 checkpoint."""
+    """resnet18 with torchvision's random init (seed 0), or resnet20/56 with the real CIFAR-10 checkpoint."""
     if spec == "torchvision:resnet18":
         torch.manual_seed(0)
         built = build_model(spec)
     elif spec == "cifar:resnet56":
         built = build_model(spec, str(RESNET56_WEIGHTS))
+    elif spec == "cifar:resnet20":
+        built = build_model(spec, str(RESNET56_WEIGHTS.with_name("resnet20_cifar10jpeg.pt")))
     else:
-        raise SystemExit(f"unsupported model {spec}; use torchvision:resnet18 or cifar:resnet56")
+        raise SystemExit(f"unsupported model {spec}; use torchvision:resnet18, cifar:resnet20 or cifar:resnet56")
     return built.model.eval(), built.input_shape
 
 

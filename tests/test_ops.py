@@ -232,7 +232,31 @@ class SeparateQKVAttention(nn.Module):
         return self.head(x.mean(1))
 
 
-@pytest.mark.parametrize("model, group", [(FusedQKVAttention(), "qkv"), (SeparateQKVAttention(), "q")])
+class MatmulAttention(nn.Module):
+    """ultralytics' C2PSA attention: a 1x1 conv viewed to (heads, 2 * key_dim + head_dim, tokens) and split,
+    q^T k scaled and softmaxed, v @ attn^T viewed back to the map, plus a depthwise conv of v."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 3, padding=1)
+        self.heads, self.head_dim, self.key_dim = heads, dim // heads, dim // heads // 2
+        self.qkv = nn.Conv2d(dim, dim + 2 * self.key_dim * heads, 1)
+        self.pe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.proj = nn.Conv2d(dim, dim, 1)
+        self.head = nn.Conv2d(dim, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(x).view(B, self.heads, 2 * self.key_dim + self.head_dim, H * W).split(
+            [self.key_dim, self.key_dim, self.head_dim], dim=2)
+        attn = ((q.transpose(-2, -1) @ k) * self.key_dim ** -0.5).softmax(dim=-1)
+        y = (v @ attn.transpose(-2, -1)).view(B, C, H, W) + self.pe(v.reshape(B, C, H, W))
+        return self.head(x + self.proj(y))
+
+
+@pytest.mark.parametrize("model, group", [(FusedQKVAttention(), "qkv"), (SeparateQKVAttention(), "q"),
+                                          (MatmulAttention(), "qkv")])
 def test_attention_heads_prune_whole(model, group):
     """One channel per head: its q, k and v channels go together, the head count of every reshape follows."""
     torch.manual_seed(0)
@@ -240,11 +264,16 @@ def test_attention_heads_prune_whole(model, group):
     gm, groups = analyse(model, x)
     heads = groups[group]
     assert heads.prunable and heads.size == 4 and not heads.cross_channel, heads
-    assert groups["patch"].prunable  # the token width is its own group: the residual stream
+    assert groups["stem" if isinstance(model, MatmulAttention) else "patch"].prunable  # the token width: its own group
     pruned = assert_prunes_exactly(gm, x, {group: [1, 3]})
-    linears = {n: m for n, m in pruned.named_modules() if isinstance(m, nn.Linear)}
-    assert (linears["proj"].in_features, linears["proj"].out_features) == (8, 16)  # the token width stays
-    assert sum(m.out_features for n, m in linears.items() if n in ("qkv", "q", "k", "v")) == 24
+
+    def widths(m):
+        return {n: (l.in_features, l.out_features) if isinstance(l, nn.Linear) else (l.in_channels, l.out_channels)
+                for n, l in m.named_modules() if isinstance(l, (nn.Linear, nn.Conv2d))}
+    before, after = widths(model), widths(pruned)
+    assert after["proj"] == (before["proj"][0] // 2, before["proj"][1])  # half the heads in, the token width out
+    qkv = [n for n in ("qkv", "q", "k", "v") if n in before]
+    assert all(after[n][1] == before[n][1] // 2 for n in qkv)
     with torch.no_grad():  # the pruned graph takes another batch and token count: no size was frozen
         y = torch.randn(3, 3, 12, 12)
         assert_close(pruned(y), masked_copy(gm, {group: [1, 3]})(y), 1e-5, "another input size")
@@ -286,7 +315,7 @@ def test_torchvision_vit_self_attention_is_written_out_and_its_heads_prune():
 
 
 @pytest.mark.parametrize("model", [ClassToken(), LayerScale(), RMSNormNet(), AttentionBiasTable(), FusedQKVAttention(),
-                                   SeparateQKVAttention()])
+                                   SeparateQKVAttention(), MatmulAttention()])
 def test_every_prunable_group_prunes_alone(model):
     torch.manual_seed(1)
     x = torch.randn(2, 3, 8, 8)

@@ -391,6 +391,46 @@ class _Propagator:
         self.union(torch.where(rows > 0, rows, 0), torch.where(rows > 0, anchor, 0))
         return _compact(labs[2].expand(lead + tuple(labs[2].shape[-2:]))[..., :1, :])  # constant over tokens
 
+    def matmul(self, node: fx.Node) -> Any:
+        """a @ b of two activations ``[..., L, E] @ [..., E, S]`` (``hqp_fx.ops.attention``)."""
+        a, b = node.args[0], node.args[1] if len(node.args) > 1 else None
+        if not all(isinstance(n, fx.Node) and n.op != "get_attr" and isinstance(self.value(n), torch.Tensor)
+                   for n in (a, b)):
+            return self.unknown(node, f"matrix product {node.name} with a parameter or a non-tensor")
+        la, lb = self.value(a), self.value(b)
+        sa, sb = self.shape_of(a), self.shape_of(b)
+        if len(sa) < 2 or len(sb) < 2:
+            return self.unknown(node, f"matrix product {node.name} of a vector")
+        try:
+            lead = tuple(torch.broadcast_shapes(sa[:-2], sb[:-2]))
+        except RuntimeError:
+            return self.unknown(node, f"matrix product {node.name} whose batch dims do not broadcast")
+        fa, fb = la.expand(sa).expand(lead + sa[-2:]), lb.expand(sb).expand(lead + sb[-2:])
+        nd = len(lead) + 2
+        if any(labels_vary(fa, d) or labels_vary(fb, d) for d in range(len(lead))):  # heads: one class each
+            rows = torch.cat([fa.reshape(*lead, -1), fb.reshape(*lead, -1)], -1).reshape(-1, sa[-2] * sa[-1] + sb[-2] * sb[-1])
+            anchor = rows.amax(1, keepdim=True).expand_as(rows)
+            self.union(torch.where(rows > 0, rows, 0), torch.where(rows > 0, anchor, 0))
+            if labels_vary(fa, nd - 2):
+                return _compact(fa[..., :1])
+            if labels_vary(fb, nd - 1):
+                return _compact(fb[..., :1, :])
+            return _compact(rows.amax(1).reshape(lead + (1, 1)))
+        free_a, free_b = labels_vary(fa, nd - 2), labels_vary(fb, nd - 1)
+        inner_a, inner_b = labels_vary(fa, nd - 1), labels_vary(fb, nd - 2)
+        if (free_a and inner_a) or (free_b and inner_b) or (free_a and free_b):
+            return self.unknown(node, f"matrix product {node.name} with channels along several of its dims")
+        if inner_a != inner_b:  # a channel dropped from one side has no partner to drop on the other
+            return self.unknown(node, f"matrix product {node.name} contracting channels with a plain tensor")
+        if inner_a:
+            self.union(self.read_dim(fa, nd - 1, sa[-1], node), self.read_dim(fb, nd - 2, sb[-2], node))
+        out = torch.zeros(lead + (1, 1), dtype=torch.long)
+        if free_a:
+            out = fa[..., :1].amax(tuple(range(len(lead))), keepdim=True)
+        elif free_b:
+            out = fb[..., :1, :].amax(tuple(range(len(lead))), keepdim=True)
+        return _compact(out)
+
     def unknown(self, node: fx.Node, why: str) -> Any:
         for n in _nodes_in((node.args, node.kwargs)):
             lab = self.value(n)

@@ -279,6 +279,42 @@ def test_attention_heads_prune_whole(model, group):
         assert_close(pruned(y), masked_copy(gm, {group: [1, 3]})(y), 1e-5, "another input size")
 
 
+class MaskedAttention(FusedQKVAttention):
+    """An additive attention mask: a learned bias per head, one shared by every head, or a per-head relative
+    position table read through an index buffer (CoAtNet, Swin)."""
+
+    def __init__(self, mask: str):
+        super().__init__()
+        self.mask = mask
+        self.bias = nn.Parameter(torch.randn(1, self.heads if mask == "per-head" else 1, 4, 4))
+        self.table = nn.Parameter(torch.randn(self.heads, 7))
+        self.register_buffer("index", (torch.arange(4).view(4, 1) - torch.arange(4).view(1, 4) + 3))
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = self.table[:, self.index].unsqueeze(0) if self.mask == "indexed" else self.bias
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.head((x + self.proj(y.transpose(1, 2).reshape(B, N, C))).mean(1))
+
+
+@pytest.mark.parametrize("mask", ["per-head", "shared", "indexed"])
+def test_an_attention_mask_goes_with_its_heads(mask):
+    """A per-head mask loses the removed heads' rows, a shared one stays whole; a table read through an index
+    buffer is opaque to the analysis (a tensor-indexed read), so its heads are kept, with the reason."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm, groups = analyse(MaskedAttention(mask), x)
+    if mask == "indexed":
+        assert not groups["qkv"].prunable and "mask spans the heads" in groups["qkv"].reason
+        assert groups["patch"].prunable
+        return
+    assert groups["qkv"].prunable and groups["qkv"].size == 4
+    pruned = assert_prunes_exactly(gm, x, {"qkv": [0, 3]})
+    assert pruned.bias.shape == ((1, 2, 4, 4) if mask == "per-head" else (1, 1, 4, 4))
+
+
 def test_torchvision_vit_self_attention_is_written_out_and_its_heads_prune():
     """nn.MultiheadAttention derives head_dim from the token width, so trace writes its plain self-attention
     out (projections + scaled_dot_product_attention); its heads then prune whole. A call it cannot write out

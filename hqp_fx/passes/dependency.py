@@ -382,10 +382,21 @@ class _Propagator:
             lead = torch.broadcast_shapes(*[s[:-2] for s in shapes])
         except RuntimeError:  # grouped-query attention: k/v heads shared by several q heads
             return self.unknown(node, f"attention {node.name} whose q, k and v have different head counts")
-        for extra in (ops.arg(node, 3, "attn_mask"), node.kwargs.get("scale")):
-            if isinstance(extra, fx.Node) and isinstance(self.value(extra), torch.Tensor):
-                self.pin(self.value(extra), f"mask or scale of attention {node.name}")
-        per_head = torch.cat([lab.expand(lead + tuple(lab.shape[-2:])).reshape(*lead, -1) for lab in labs], -1)
+        scale = node.kwargs.get("scale")
+        if isinstance(scale, fx.Node) and isinstance(self.value(scale), torch.Tensor):
+            self.pin(self.value(scale), f"the scale of attention {node.name}")
+        rows = [lab.expand(lead + tuple(lab.shape[-2:])) for lab in labs]
+        mask = ops.arg(node, 3, "attn_mask")
+        if isinstance(mask, fx.Node) and isinstance(self.value(mask), torch.Tensor):
+            # a per-head mask (a relative position bias) goes with its head; one shared by every head stays whole
+            shape = (1,) * (len(lead) + 2 - len(self.shape_of(mask))) + tuple(self.shape_of(mask))
+            lm = self.value(mask).reshape((1,) * (len(shape) - self.value(mask).ndim) + tuple(self.value(mask).shape))
+            heads = [d for d in range(len(lead)) if any(labels_vary(lab, d) for lab in labs)]
+            if any(labels_vary(lm, d) for d in range(len(lead))):
+                rows.append(lm.expand(shape).expand(lead + shape[-2:]))
+            elif any(shape[d] > 1 for d in heads):
+                return self.unknown(node, f"attention {node.name} whose mask spans the heads without following them")
+        per_head = torch.cat([r.reshape(*lead, -1) for r in rows], -1)
         rows = per_head.reshape(-1, per_head.shape[-1])
         anchor = rows.amax(1, keepdim=True).expand_as(rows)
         self.union(torch.where(rows > 0, rows, 0), torch.where(rows > 0, anchor, 0))

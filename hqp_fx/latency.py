@@ -331,14 +331,15 @@ def _tensor_limits(analysis, min_keep: int):
 
 def select_for_latency(gm: fx.GraphModule, scores: Mapping[str, torch.Tensor], model: LatencyModel, fraction: float,
                        *, align: int, min_keep: int, ignore: tuple[str, ...] = (),
-                       remove_branches: bool = False) -> dict[str, list[int]]:
+                       remove_branches: bool = False, keep_whole: frozenset[str] = frozenset()) -> dict[str, list[int]]:
     """Channels to remove this round: the blocks of least importance per predicted millisecond saved, until the
     prediction falls by ``fraction`` of the current one. Blocks are ``align`` channels (the first one of a group
     ``size % align``, so kept counts land on the grid), least important channels first. Every group and every
     tensor keeps at least ``min_keep`` channels; ``ignore`` names modules never pruned (a prefix matches its
     submodules). With ``remove_branches``, all remaining channels of a ``removable`` group are one more item
     (depth pruning: its branch goes), importance the sum of their scores, as ``select_channels`` ranks it; tensors
-    holding only that group's channels may then empty. Empty when no block saves time."""
+    holding only that group's channels may then empty; ``keep_whole`` names groups never removed whole (the loop's
+    record of blocks whose removal broke delta_max). Empty when no block saves time."""
     groups = [g for g in meta.channel_groups(gm) if g.prunable and g.id in scores and not any(
         layer == pre or layer.startswith(pre + ".") for layer in g.layers for pre in ignore)]
     by_id = {g.id: g for g in groups}
@@ -358,7 +359,7 @@ def select_for_latency(gm: fx.GraphModule, scores: Mapping[str, torch.Tensor], m
             block = (g.size - taken) % align or align
             if g.size - taken - block >= min_keep:
                 items.append(order[gid][taken:taken + block])
-            if remove_branches and g.removable and g.size - taken > 0:
+            if remove_branches and g.removable and gid not in keep_whole and g.size - taken > 0:
                 items.append(order[gid][taken:])  # depth pruning: the rest of the group, and its branch with it
             for chosen in items:
                 whole = taken + len(chosen) == g.size

@@ -173,7 +173,10 @@ def prune_loop(
     ``config.select="latency"`` needs ``latency_model(dense graph)`` (e.g. ``LatencyModel.measure``) and
     ``latency_fn``: the model is calibrated on the measured dense latency, each round removes the channel blocks of
     least importance per predicted millisecond until the prediction falls by the step (``select_for_latency``),
-    and every accepted round is measured too, so each record holds the prediction and the measurement.
+    and every accepted round is measured too, so each record holds the prediction and the measurement. With
+    ``remove_branches`` whole blocks are items of that knapsack; when a smaller step (or the smallest one again)
+    proposes the same whole blocks a rejected round removed, they are kept from then on (they may still be
+    thinned) and the step is retried without them, instead of the loop stopping there.
 
     With ``checkpoint_dir`` the run records a fingerprint of what decides it: the model's weights, the example
     input's shape, ``config`` (all but ``max_rounds``) and ``fingerprint``, the caller's own entries for what the
@@ -216,6 +219,7 @@ def prune_loop(
                 atomic_write_text(ckpt / LATENCY_FILE, engine.to_json())
         history: list[RoundRecord] = []
         step_index, next_round, rejected = 0, 0, None
+        kept_whole: list[str] = []
     else:
         current = _analysed(load(_checkpoint_file(ckpt, state["model"]), leaf_modules=dict(model.named_modules())))
         example = meta.example_inputs(current)
@@ -223,6 +227,7 @@ def prune_loop(
         base_latency = state.get("baseline_latency")
         history = state["history"]
         step_index, next_round, rejected = state["step_index"], state["next_round"], state.get("rejected_plan")
+        kept_whole = list(state.get("kept_whole", []))
         if "stop_reason" in state:  # the rounds had finished: resuming returns that result
             next_round = config.max_rounds
         engine = None
@@ -256,12 +261,21 @@ def prune_loop(
         scores = current.meta[meta.SENSITIVITY]["scores"]
         if by_latency:
             plan = select_for_latency(current, scores, engine, step, align=config.align, min_keep=min_keep,
-                                      ignore=config.ignore, remove_branches=config.remove_branches)
+                                      ignore=config.ignore, remove_branches=config.remove_branches,
+                                      keep_whole=frozenset(kept_whole))
         else:
             plan = select_channels(meta.channel_groups(current), scores, step, min_keep=min_keep, unit=config.align,
                                    ignore=config.ignore, remove_branches=config.remove_branches)
         Pipeline([AlignChannelsPass(plan, config.align, scores)], available=tuple(current.meta))(current)
         aligned = current.meta[meta.ALIGN]["plan"]
+        sizes = {g.id: g.size for g in meta.channel_groups(current)}
+        whole = [k for k, v in aligned.items() if len(v) == sizes[k]]
+        if by_latency and whole and _same_plan(aligned, rejected):
+            # the knapsack takes its cheapest item first whatever the step, so whole blocks that broke delta_max
+            # come back at every smaller step: they stay from now on (they may be thinned) and the step is retried
+            kept_whole += whole
+            rejected = None
+            continue
         if not aligned or _same_plan(aligned, rejected):  # alignment can round a smaller step to the same plan
             if step_index + 1 < len(config.steps):
                 step_index += 1
@@ -290,11 +304,11 @@ def prune_loop(
             current_latency = record.latency
         elif step_index + 1 < len(config.steps):
             step_index += 1
-        else:
+        elif not (by_latency and whole):  # whole blocks are retried without them at this step (above)
             stop = f"round {rnd} broke delta_max ({drop:.2f} > {config.delta_max}) at the smallest step; rolled back"
         if ckpt is not None:
             _write_state(ckpt, identity, current, baseline, base_macs, base_params, base_latency, history, step_index,
-                         rnd + 1, rejected_plan=rejected,
+                         rnd + 1, rejected_plan=rejected, kept_whole=kept_whole,
                          **({"stop_reason": stop} if stop else {}))  # a stop here is not re-derived on resume
         if on_round is not None:
             on_round(record)
@@ -315,7 +329,7 @@ def prune_loop(
             current, accepted_top1 = _analysed(candidate), top1
     if ckpt is not None:  # the finished state: a later resume returns this result without training again
         _write_state(ckpt, identity, current, baseline, base_macs, base_params, base_latency, history, step_index,
-                     history[-1].round + 1 if history else 0, rejected_plan=rejected, stop_reason=stop,
+                     history[-1].round + 1 if history else 0, rejected_plan=rejected, kept_whole=kept_whole, stop_reason=stop,
                      recovery=recovery)
     final = {config.metric: accepted_top1}
     return PruneResult(current, baseline, final, base_macs, base_params, history, stop, base_latency, recovery)

@@ -2,6 +2,7 @@
 layer it times, its cache, the greedy knapsack, and the loop that predicts and measures every accepted round."""
 from __future__ import annotations
 
+import json
 import warnings
 
 import onnx
@@ -185,6 +186,25 @@ def test_the_loop_predicts_and_measures_every_accepted_round_and_resumes_exactly
             assert r.predicted_latency == pytest.approx(r.latency)
     names = {n for n, _ in deep.model.named_modules()}
     assert not {f"layer1.{i}.conv{j}" for i in range(3) for j in (1, 2)} & names  # removed, not just planned
+
+
+class VetoBlock(Stubs):
+    """Removing residual block layer1.0 costs 10 points; nothing else costs anything."""
+
+    def evaluate(self, m):
+        return {"top1": 90.0 if "layer1.0.conv1" in dict(m.named_modules()) else 80.0}
+
+
+def test_a_whole_block_that_breaks_delta_max_is_kept_and_the_step_retried(tmp_path):
+    """The knapsack picks its cheapest item whatever the step, so a rejected whole block comes back at every
+    smaller step, which used to stop the loop. Now the block is kept and the step retried without it."""
+    res = _loop(tmp_path, VetoBlock(), remove_branches=True, ignore=("conv1", "layer2", "layer3"), delta_max=1.0,
+                max_rounds=8, steps=(0.1, 0.02, 0.01))
+    rejected = [r for r in res.history if not r.accepted]
+    assert rejected and all("layer1.0.conv1" in r.removed for r in rejected)
+    names = {n for n, _ in res.model.named_modules()}
+    assert "layer1.0.conv1" in names and not {"layer1.1.conv1", "layer1.2.conv1"} & names, res.history
+    assert json.loads((tmp_path / "hqp_state.json").read_text())["kept_whole"] == ["layer1.0.conv1"]
     with pytest.raises(ValueError, match="select='latency' needs latency_model"):
         prune_loop(CifarResNet(20), X, calibration=[], finetune_fn=lambda m, r: None, evaluate_fn=lambda m: {},
                    config=PruneLoopConfig(select="latency"))

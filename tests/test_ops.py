@@ -80,14 +80,25 @@ class ClassToken(nn.Module):
 
 def test_class_token_expand_does_not_block_mlp_pruning():
     """The expand of the class token is re-run on its labels, not on its float values, when pruning checks
-    its data movement. The token width itself stays pinned: the class token and the patch channels share the
-    channel positions without being one channel (see the transformer issue)."""
+    its data movement."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     gm, groups = analyse(ClassToken(), x)
-    assert groups["fc1"].prunable and not groups["patch"].prunable
+    assert groups["fc1"].prunable
     pruned = assert_prunes_exactly(gm, x, {"fc1": [0, 3, 9, 15]})
     assert pruned.fc1.out_features == 12 and pruned.fc2.in_features == 12
+
+
+def test_the_class_token_and_the_patch_embedding_share_their_channels():
+    """Concatenated along the tokens, channel c of the class token and channel c of every patch token are one
+    channel: the patch embedding's width prunes, taking the class token's entries with it. Before, the token
+    width was pinned ("mixes several channels")."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm, groups = analyse(ClassToken(), x)
+    assert groups["patch"].prunable and groups["patch"].size == 8
+    pruned = assert_prunes_exactly(gm, x, {"patch": [1, 4, 6]})
+    assert pruned.class_token.shape == (1, 1, 5) and pruned.patch.out_channels == 5 and pruned.fc1.in_features == 5
 
 
 class LayerScale(nn.Module):

@@ -24,7 +24,7 @@ _OTHER_METHODS = frozenset({
     "repeat", "select", "unbind", "flip", "roll", "t", "movedim", "swapaxes", "contiguous",
 })
 _OTHER_FUNCTIONS = frozenset({
-    torch.flatten, torch.permute, torch.transpose, torch.cat, torch.concat, torch.stack, torch.unbind,
+    torch.flatten, torch.permute, torch.transpose, torch.stack, torch.unbind,
     torch.squeeze, torch.unsqueeze, torch.movedim, torch.flip, torch.roll, torch.pixel_shuffle,
     torch.pixel_unshuffle, torch.channel_shuffle, F.pixel_shuffle, F.pixel_unshuffle,
 })
@@ -136,6 +136,10 @@ def _narrow_rewrite(node: fx.Node, kept) -> NodeEdit | None:
     return NodeEdit.of(node).set(2, "start", new_start).set(3, "length", _rank(keep.mask, start + length) - new_start)
 
 
+def _concat(p, node: fx.Node):
+    return p.concat(node)
+
+
 def _pad_function(p, node: fx.Node):
     pad = p.value(arg(node, 1, "pad"))
     mode = arg(node, 2, "mode", "constant")
@@ -182,6 +186,7 @@ RULES = (
            rewrite=_narrow_rewrite, moves_data=True),
     OpRule("data movement", _move, methods=_OTHER_METHODS, functions=_OTHER_FUNCTIONS, modules=_MODULES,
            moves_data=True),
+    OpRule("cat", _concat, functions=frozenset({torch.cat, torch.concat}), moves_data=True),
     OpRule("pad", _pad_function, functions=PAD_FUNCTIONS, rewrite=_pad_rewrite),
     OpRule("zero/constant pad", _pad_module, modules=_PAD_MODULES, fix_module=_pad_module_fix),
 )

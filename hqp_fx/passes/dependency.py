@@ -59,6 +59,7 @@ class _Propagator:
         self.owner_index: dict[tuple[str, str], int] = {}
         self.edges: list[torch.Tensor] = []  # [2, k] element pairs to union
         self.pins: list[tuple[torch.Tensor, str]] = []
+        self.mixed: list[tuple[torch.Tensor, str]] = []  # positions read as one channel that hold several elements
         self.cross: list[torch.Tensor] = []
         self.records: list[SliceRecord] = []
         self.param_blocks: list[tuple[str, torch.Tensor, str]] = []
@@ -129,15 +130,27 @@ class _Propagator:
         return tuple(val.shape)
 
     def read_dim(self, lab: torch.Tensor, dim: int, size: int, node: fx.Node) -> torch.Tensor:
-        """Element per position along ``dim`` (0 = constant); positions mixing elements are pinned."""
+        """Element per position along ``dim`` (0 = constant). A position holding several elements is pinned
+        unless they turn out to be one class (a class token concatenated before patch tokens): decided by
+        ``resolve_mixed`` once every union is known."""
         dim = dim % lab.ndim
         rows = lab.movedim(dim, 0).reshape(lab.shape[dim], -1)
         mx = rows.amax(1)
         mn = torch.where(rows > 0, rows, NO_LABEL).amin(1)
         mixed = (mx > 0) & (mn != mx)
         if mixed.any():
-            self.pin(rows[mixed], f"channel dim of {node.name} ({_describe(node, self.modules)}) mixes several channels")
+            self.mixed.append((rows[mixed], f"channel dim of {node.name} ({_describe(node, self.modules)}) mixes "
+                                            "several channels"))
         return mx.expand(size) if mx.numel() == 1 and size != 1 else mx
+
+    def resolve_mixed(self, class_of: torch.Tensor) -> None:
+        """Pin the positions ``read_dim`` found holding elements of more than one class."""
+        for rows, reason in self.mixed:
+            cls = class_of[rows]
+            several = torch.where(rows > 0, cls, NO_LABEL).amin(1) != cls.amax(1)
+            if several.any():
+                self.pin(rows[several], reason)
+        self.mixed = []
 
     # ----- the walk ------------------------------------------------------------------
     def run(self) -> None:
@@ -208,6 +221,26 @@ class _Propagator:
         args = fx.node.map_arg(node.args, materialise)
         kwargs = fx.node.map_arg(node.kwargs, materialise)
         return _map_tensors(ops.run_call(node.op, node.target, args, kwargs, self.modules), _compact)
+
+    def concat(self, node: fx.Node) -> Any:
+        """torch.cat: data movement, and where it stacks tensors along a dim that is not their channel dim (a
+        ViT's class token before its patch tokens), position ``c`` of each is the same channel: they are one."""
+        out = self.move(node)
+        pieces, dim = ops.arg(node, 0, "tensors"), ops.arg(node, 1, "dim", 0)
+        labs = [self.value(n) for n in pieces if isinstance(n, fx.Node)] if isinstance(pieces, (list, tuple)) else []
+        labs = [lab for lab in labs if isinstance(lab, torch.Tensor)]
+        if not isinstance(out, torch.Tensor) or not isinstance(dim, int) or len(labs) < 2:
+            return out
+        dim %= out.ndim
+        if any(labels_vary(lab, dim) for lab in labs):
+            return out  # a concat of channels: nothing shares a position
+        varying = {e for lab in labs for e in range(lab.ndim) if labels_vary(lab, e)}
+        if len(varying) == 1:
+            e = varying.pop()
+            rows = out.expand(self.shape_of(node)).movedim(e, 0).reshape(self.shape_of(node)[e], -1)
+            anchor = rows.amax(1, keepdim=True).expand_as(rows)
+            self.union(torch.where(rows > 0, rows, 0), torch.where(rows > 0, anchor, 0))
+        return out
 
     def elementwise(self, node: fx.Node) -> Any:
         tm = node.meta["tensor_meta"]
@@ -629,6 +662,7 @@ def analyze_channels(gm: fx.GraphModule) -> ChannelAnalysis:
     num = p.next_id
     class_of = _components(num, p.edges)
     gathers, spread = _find_gathers(p, class_of)  # adds pins only: the classes stay as they are
+    p.resolve_mixed(class_of)
 
     # Parameters used directly in forward (layer scale, ...): slice along the one dim their classes follow.
     for name, lab, node_name in p.param_blocks:

@@ -176,7 +176,7 @@ def prune_loop(
     and every accepted round is measured too, so each record holds the prediction and the measurement. With
     ``remove_branches`` whole blocks are items of that knapsack; when a smaller step (or the smallest one again)
     proposes the same whole blocks a rejected round removed, they are kept from then on (they may still be
-    thinned) and the step is retried without them, instead of the loop stopping there.
+    thinned) and the rejected round's step is tried again without them, instead of the loop stopping there.
 
     With ``checkpoint_dir`` the run records a fingerprint of what decides it: the model's weights, the example
     input's shape, ``config`` (all but ``max_rounds``) and ``fingerprint``, the caller's own entries for what the
@@ -272,9 +272,11 @@ def prune_loop(
         whole = [k for k, v in aligned.items() if len(v) == sizes[k]]
         if by_latency and whole and _same_plan(aligned, rejected):
             # the knapsack takes its cheapest item first whatever the step, so whole blocks that broke delta_max
-            # come back at every smaller step: they stay from now on (they may be thinned) and the step is retried
+            # come back at every smaller step: they were the reason, so they stay from now on (they may be
+            # thinned) and the rejected round's step is tried again without them
             kept_whole += whole
             rejected = None
+            step_index = config.steps.index(history[-1].step) if history[-1].step in config.steps else step_index
             continue
         if not aligned or _same_plan(aligned, rejected):  # alignment can round a smaller step to the same plan
             if step_index + 1 < len(config.steps):

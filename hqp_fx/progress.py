@@ -81,7 +81,7 @@ class RunProgress:
     def estimate(self) -> str:
         """Time left: rounds still to run (to the MACs target when one is set) times the mean round so far."""
         mean = sum(self.durations) / len(self.durations)
-        budget = self.max_rounds - len(self.records)
+        budget = self.max_rounds - (self.records[-1].round + 1)  # round numbers count skipped and resumed rounds too
         accepted = [r for r in self.records if r.accepted]
         if self.target_macs is not None and self.base_macs and accepted:
             fraction = accepted[-1].macs / self.base_macs

@@ -245,6 +245,23 @@ def test_decisions_use_the_validation_split_and_the_test_split_is_only_reported(
     assert "on the validation split that decided the run" in (tmp_path / "a" / "report.md").read_text()
 
 
+def test_the_rounds_left_count_the_round_numbers_not_the_lines_printed():
+    """A resumed run, or one that skipped a round number (a smaller step aligning to a rejected plan), has
+    printed fewer lines than rounds it used: the budget left is counted from the last round's number."""
+    import io
+
+    from hqp_fx.prune_loop import RoundRecord
+    from hqp_fx.progress import RunProgress
+
+    stream = io.StringIO()
+    with RunProgress(22, stream=stream, interactive=False) as progress:
+        for rnd in (16, 18):
+            progress.round(RoundRecord(rnd, 0.01, False, 90.0, 1.5, 10 ** 6, 10 ** 4, {"g": 16}))
+    lines = stream.getvalue().splitlines()
+    assert "round 16: rolled back" in lines[0] and "at most 5 round(s) left" in lines[0], lines
+    assert "at most 3 round(s) left" in lines[1], lines
+
+
 @pytest.mark.slow  # a whole compress job
 def test_a_run_without_a_terminal_logs_one_line_per_phase_and_round(tmp_path):
     """nohup / CI / a log file: rich would print nothing until the end."""

@@ -266,7 +266,30 @@ class MatmulAttention(nn.Module):
         return self.head(x + self.proj(y))
 
 
+class ChannelAttention(nn.Module):
+    """EdgeNeXt's cross-covariance attention: per head a channels-by-channels attention, scaled by a learned
+    per-head temperature of shape [heads, 1, 1]."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.temperature = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 4, 1).unbind(0)
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.temperature
+        y = (attn.softmax(dim=-1) @ v).permute(0, 3, 1, 2).reshape(B, N, C)
+        return self.head((x + self.proj(y)).mean(1))
+
+
 @pytest.mark.parametrize("model, group", [(FusedQKVAttention(), "qkv"), (SeparateQKVAttention(), "q"),
+                                          (ChannelAttention(), "qkv"),
                                           (MatmulAttention(), "qkv")])
 def test_attention_heads_prune_whole(model, group):
     """One channel per head: its q, k and v channels go together, the head count of every reshape follows."""
@@ -285,6 +308,8 @@ def test_attention_heads_prune_whole(model, group):
     assert after["proj"] == (before["proj"][0] // 2, before["proj"][1])  # half the heads in, the token width out
     qkv = [n for n in ("qkv", "q", "k", "v") if n in before]
     assert all(after[n][1] == before[n][1] // 2 for n in qkv)
+    if isinstance(model, ChannelAttention):  # the per-head temperature follows its heads
+        assert pruned.temperature.shape == (2, 1, 1)
     with torch.no_grad():  # the pruned graph takes another batch and token count: no size was frozen
         y = torch.randn(3, 3, 12, 12)
         assert_close(pruned(y), masked_copy(gm, {group: [1, 3]})(y), 1e-5, "another input size")
@@ -362,7 +387,7 @@ def test_torchvision_vit_self_attention_is_written_out_and_its_heads_prune():
 
 
 @pytest.mark.parametrize("model", [ClassToken(), LayerScale(), RMSNormNet(), AttentionBiasTable(), FusedQKVAttention(),
-                                   SeparateQKVAttention(), MatmulAttention()])
+                                   SeparateQKVAttention(), MatmulAttention(), ChannelAttention()])
 def test_every_prunable_group_prunes_alone(model):
     torch.manual_seed(1)
     x = torch.randn(2, 3, 8, 8)

@@ -455,10 +455,8 @@ class _Propagator:
             rows = torch.cat([fa.reshape(*lead, -1), fb.reshape(*lead, -1)], -1).reshape(-1, sa[-2] * sa[-1] + sb[-2] * sb[-1])
             anchor = rows.amax(1, keepdim=True).expand_as(rows)
             self.union(torch.where(rows > 0, rows, 0), torch.where(rows > 0, anchor, 0))
-            if labels_vary(fa, nd - 2):
-                return _compact(fa[..., :1])
-            if labels_vary(fb, nd - 1):
-                return _compact(fb[..., :1, :])
+            # the head's one element everywhere in its slice: a per-head parameter applied to the product (XCA's
+            # temperature, [H, 1, 1]) then follows the head instead of looking broadcast over channels
             return _compact(rows.amax(1).reshape(lead + (1, 1)))
         free_a, free_b = labels_vary(fa, nd - 2), labels_vary(fb, nd - 1)
         inner_a, inner_b = labels_vary(fa, nd - 1), labels_vary(fb, nd - 2)

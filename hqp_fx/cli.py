@@ -316,9 +316,9 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--ignore", action="append", help="module never pruned (repeatable)")
     c.add_argument("--select", default="channels", choices=("channels", "latency"), help="channels (default): each "
                    "round removes --step of the channels, ranked by the criterion; latency: each round removes the "
-                   "channel blocks of least importance per millisecond they save until the predicted ONNX Runtime "
-                   "INT8 latency falls by --step, from a table of every layer timed on this machine (cached), and "
-                   "measures every accepted round")
+                   "channel blocks (and, with --remove-branches, whole blocks) of least importance per millisecond "
+                   "they save until the predicted ONNX Runtime INT8 latency falls by --step, from a table of every "
+                   "layer timed on this machine (cached), and measures every accepted round")
     c.add_argument("--remove-branches", action="store_true", help="depth pruning: all inner channels of a residual "
                    "block (or an SE gate) may go, and the block with them; ranked with the channel blocks")
     c.add_argument("--max-rounds", type=_COUNT, default=12 if demo else 100)

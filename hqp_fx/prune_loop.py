@@ -331,8 +331,8 @@ def prune_loop(
             current, accepted_top1 = _analysed(candidate), top1
     if ckpt is not None:  # the finished state: a later resume returns this result without training again
         _write_state(ckpt, identity, current, baseline, base_macs, base_params, base_latency, history, step_index,
-                     history[-1].round + 1 if history else 0, rejected_plan=rejected, kept_whole=kept_whole, stop_reason=stop,
-                     recovery=recovery)
+                     history[-1].round + 1 if history else 0, rejected_plan=rejected, kept_whole=kept_whole,
+                     stop_reason=stop, recovery=recovery)
     final = {config.metric: accepted_top1}
     return PruneResult(current, baseline, final, base_macs, base_params, history, stop, base_latency, recovery)
 

@@ -89,6 +89,13 @@ class _Propagator:
             key = torch.unique(a[keep] * _PAIR + b[keep])
             self.edges.append(torch.stack([key // _PAIR, key % _PAIR]))
 
+    def union_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Make the elements of each row of a 2-D label tensor one class; returns each row's anchor (its largest
+        element, 0 for a row of constants)."""
+        anchor = rows.amax(1)
+        self.union(rows, anchor.unsqueeze(1).expand_as(rows))  # zeros (constants) are skipped by union
+        return anchor
+
     def pin(self, labels: torch.Tensor, reason: str) -> None:
         labels = torch.unique(labels.reshape(-1))
         labels = labels[labels > 0]
@@ -237,9 +244,7 @@ class _Propagator:
         varying = {e for lab in labs for e in range(lab.ndim) if labels_vary(lab, e)}
         if len(varying) == 1:
             e = varying.pop()
-            rows = out.expand(self.shape_of(node)).movedim(e, 0).reshape(self.shape_of(node)[e], -1)
-            anchor = rows.amax(1, keepdim=True).expand_as(rows)
-            self.union(torch.where(rows > 0, rows, 0), torch.where(rows > 0, anchor, 0))
+            self.union_rows(out.expand(self.shape_of(node)).movedim(e, 0).reshape(self.shape_of(node)[e], -1))
         return out
 
     def elementwise(self, node: fx.Node) -> Any:
@@ -430,9 +435,7 @@ class _Propagator:
             elif any(shape[d] > 1 for d in heads):
                 return self.unknown(node, f"attention {node.name} whose mask spans the heads without following them")
         per_head = torch.cat([r.reshape(*lead, -1) for r in rows], -1)
-        rows = per_head.reshape(-1, per_head.shape[-1])
-        anchor = rows.amax(1, keepdim=True).expand_as(rows)
-        self.union(torch.where(rows > 0, rows, 0), torch.where(rows > 0, anchor, 0))
+        self.union_rows(per_head.reshape(-1, per_head.shape[-1]))
         return _compact(labs[2].expand(lead + tuple(labs[2].shape[-2:]))[..., :1, :])  # constant over tokens
 
     def matmul(self, node: fx.Node) -> Any:
@@ -452,12 +455,11 @@ class _Propagator:
         fa, fb = la.expand(sa).expand(lead + sa[-2:]), lb.expand(sb).expand(lead + sb[-2:])
         nd = len(lead) + 2
         if any(labels_vary(fa, d) or labels_vary(fb, d) for d in range(len(lead))):  # heads: one class each
-            rows = torch.cat([fa.reshape(*lead, -1), fb.reshape(*lead, -1)], -1).reshape(-1, sa[-2] * sa[-1] + sb[-2] * sb[-1])
-            anchor = rows.amax(1, keepdim=True).expand_as(rows)
-            self.union(torch.where(rows > 0, rows, 0), torch.where(rows > 0, anchor, 0))
+            rows = torch.cat([fa.reshape(*lead, -1), fb.reshape(*lead, -1)], -1)
+            rows = self.union_rows(rows.reshape(-1, rows.shape[-1]))
             # the head's one element everywhere in its slice: a per-head parameter applied to the product (XCA's
             # temperature, [H, 1, 1]) then follows the head instead of looking broadcast over channels
-            return _compact(rows.amax(1).reshape(lead + (1, 1)))
+            return _compact(rows.reshape(lead + (1, 1)))
         free_a, free_b = labels_vary(fa, nd - 2), labels_vary(fb, nd - 1)
         inner_a, inner_b = labels_vary(fa, nd - 1), labels_vary(fb, nd - 2)
         if (free_a and inner_a) or (free_b and inner_b) or (free_a and free_b):

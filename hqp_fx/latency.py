@@ -346,15 +346,12 @@ def select_for_latency(gm: fx.GraphModule, scores: Mapping[str, torch.Tensor], m
     order = {g.id: torch.argsort(scores[g.id].to(torch.float64), stable=True).tolist() for g in groups}
     room, tensors_of, tensor_classes = _tensor_limits(meta.channel_analysis(gm), min_keep)
     plan: dict[str, list[int]] = {}
-    gone: set[str] = set()  # groups removed whole: their branch is gone, nothing of them is left to price
     now = model.predict(gm)
     goal = now * (1 - fraction)
     while now > goal:
         best = None
         for gid, g in by_id.items():
-            if gid in gone:
-                continue
-            taken = len(plan.get(gid, []))
+            taken = len(plan.get(gid, []))  # == g.size once the group went whole: no item is left below
             items = []
             block = (g.size - taken) % align or align
             if g.size - taken - block >= min_keep:
@@ -375,14 +372,12 @@ def select_for_latency(gm: fx.GraphModule, scores: Mapping[str, torch.Tensor], m
                     continue  # buys no time: never worth its accuracy
                 ratio = float(scores[gid][chosen].to(torch.float64).sum()) / saving
                 if best is None or ratio < best[0]:
-                    best = (ratio, gid, chosen, saving, hits, whole)
+                    best = (ratio, gid, chosen, saving, hits)
         if best is None:
             break
-        _, gid, chosen, saving, hits, whole = best
+        _, gid, chosen, saving, hits = best
         plan[gid] = plan.get(gid, []) + chosen
         for t, n in hits.items():
             room[t] -= n
-        if whole:
-            gone.add(gid)
         now -= saving
     return {k: sorted(v) for k, v in plan.items()}

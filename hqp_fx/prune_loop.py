@@ -268,9 +268,9 @@ def prune_loop(
                                    ignore=config.ignore, remove_branches=config.remove_branches)
         Pipeline([AlignChannelsPass(plan, config.align, scores)], available=tuple(current.meta))(current)
         aligned = current.meta[meta.ALIGN]["plan"]
-        sizes = {g.id: g.size for g in meta.channel_groups(current)}
-        whole = [k for k, v in aligned.items() if len(v) == sizes[k]]
-        if by_latency and whole and _same_plan(aligned, rejected):
+        sizes = {g.id: g.size for g in meta.channel_groups(current)} if by_latency else {}
+        whole = [k for k, v in aligned.items() if by_latency and len(v) == sizes[k]]  # depth items of the knapsack
+        if whole and _same_plan(aligned, rejected):
             # the knapsack takes its cheapest item first whatever the step, so whole blocks that broke delta_max
             # come back at every smaller step: they were the reason, so they stay from now on (they may be
             # thinned) and the rejected round's step is tried again without them
@@ -306,7 +306,7 @@ def prune_loop(
             current_latency = record.latency
         elif step_index + 1 < len(config.steps):
             step_index += 1
-        elif not (by_latency and whole):  # whole blocks are retried without them at this step (above)
+        elif not whole:  # whole blocks are retried without them at this step (above)
             stop = f"round {rnd} broke delta_max ({drop:.2f} > {config.delta_max}) at the smallest step; rolled back"
         if ckpt is not None:
             _write_state(ckpt, identity, current, baseline, base_macs, base_params, base_latency, history, step_index,

@@ -20,7 +20,7 @@ SENSITIVITY = "hqp.sensitivity"  # {"criterion": str, "scores": {group id: Tenso
 PRUNE_PLAN = "hqp.prune_plan"  # dict[group id, list[int]] actually applied by PruneChannelsPass
 EXAMPLE_INPUTS = "hqp.example_inputs"  # tuple of tensors used for tracing / shape propagation
 SOURCE_NAMES = "hqp.source_names"  # qualified module names of the user's original model
-LEAVES = "hqp.leaves"  # dict[module name, why it is opaque]: the user's and hqp_fx.trace's own leaf modules
+LEAVES = "hqp.leaves"  # dict[leaf_key, why it is opaque]: the user's and hqp_fx.trace's own leaf modules and methods
 QUANTIZATION = "hqp.quantization"  # QuantizeResult.report() of the converted model, by QuantizePass
 
 # node.meta keys
@@ -53,3 +53,13 @@ def example_inputs(gm: fx.GraphModule) -> tuple[Any, ...]:
         raise KeyError(
             f"gm.meta[{EXAMPLE_INPUTS!r}] is missing: build the GraphModule with hqp_fx.trace(model, example_inputs)"
         ) from None
+
+
+def leaf_key(node: fx.Node) -> str | None:
+    """The key of ``LEAVES`` a node would be recorded under: a ``call_module``'s module name, or
+    ``"<module>.<method>"`` for a module's own method that ``hqp_fx.trace`` kept as one opaque call."""
+    if node.op == "call_module":
+        return node.target
+    if node.op == "call_method" and node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr":
+        return f"{node.args[0].target}.{node.target}"
+    return None

@@ -265,12 +265,31 @@ def _build_module(spec: Any) -> nn.Module:
         raise HQPError(f"cannot build {spec['type']}({kwargs}): {type(exc).__name__}: {exc}") from None
 
 
+def _owner_module(node: fx.Node, gm: fx.GraphModule) -> nn.Module | None:
+    """For a ``call_method`` on a module the graph reads whole (``get_attr``), that module: ``hqp_fx.trace``
+    keeps a method it cannot trace (a detector's decode) as such a call."""
+    owner = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if owner is None or owner.op != "get_attr":
+        return None
+    value = operator.attrgetter(owner.target)(gm)
+    return value if isinstance(value, nn.Module) else None
+
+
+def _users_own_method(cls: type, name: str) -> bool:
+    """``name`` is a plain function of ``cls`` defined by the user's classes, not by torch's (``nn.Module.apply``)."""
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            return inspect.isfunction(vars(klass)[name]) and not klass.__module__.split(".")[0] == "torch"
+    return False
+
+
 def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
     """Write ``gm`` (graph, leaf modules, parameters, buffers) to one file, atomically.
 
     Refuses a graph ``load`` would refuse (a call target or method outside the loadable tables), so a file that
     saves also loads. A leaf module that is not a listed torch.nn layer is saved as its class name and tensors;
-    ``load`` then needs the module itself (``leaf_modules``)."""
+    ``load`` then needs the module itself (``leaf_modules``). So is a module whose own method the graph calls
+    (a decode ``hqp_fx.trace`` kept opaque): the method's code comes from that module at load, never from the file."""
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"hqp_fx.save expects a torch.fx.GraphModule (from hqp_fx.trace or a pass), got {type(gm).__name__}")
     nodes, modules = [], {}
@@ -281,10 +300,18 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
             if LOADABLE_FUNCTIONS.get(target) is not node.target:
                 raise HQPError(f"cannot save node {node.format_node()}: {target} is not in "
                                "hqp_fx.serialize.LOADABLE_FUNCTIONS, so the file could not be loaded safely")
-        elif node.op == "call_method":
+        elif node.op == "call_method" and _owner_module(node, gm) is None:
             _method(target)
-        elif node.op == "call_module" and target not in modules:
-            modules[target] = _module_spec(target, gm.get_submodule(target))
+        elif node.op == "call_method":  # a user module's own method, kept opaque by hqp_fx.trace
+            if not _users_own_method(type(_owner_module(node, gm)), _identifier(target, "method name")):
+                raise HQPError(f"cannot save node {node.format_node()}: {target!r} is not a method the module's "
+                               "own class defines, so the file could not be loaded safely")
+        elif node.op in ("call_module", "get_attr") and target not in modules:
+            mod = operator.attrgetter(target)(gm)
+            if isinstance(mod, nn.Module):  # get_attr: a module whose own method the graph calls
+                modules[target] = _module_spec(target, mod)
+                if node.op == "get_attr" and not modules[target].get("user_module"):
+                    raise HQPError(f"cannot save node {node.format_node()}: it reads torch.nn module {target!r} whole")
         nodes.append({"name": node.name, "op": node.op, "target": target,
                       "args": _encode(node.args), "kwargs": _encode(dict(node.kwargs))})
     params = {k: v.detach() for k, v in gm.named_parameters()}
@@ -384,6 +411,9 @@ def _rebuild(payload: dict, templates: dict[str, nn.Module]) -> fx.GraphModule:
         elif op == "output":
             if target != "output" or len(args) != 1 or kwargs:
                 raise HQPError(f"malformed output node {name!r}")
+        elif op == "get_attr" and isinstance(root.get(target), nn.Module):
+            if not spec["modules"][target].get("user_module"):
+                raise HQPError(f"node {name!r} reads module {target!r} whole; only a user module is read so")
         elif op == "get_attr":
             if _dotted(target, "attribute") not in tensors:
                 raise HQPError(f"node {name!r} reads {target!r}, which the file holds no tensor for")
@@ -391,6 +421,12 @@ def _rebuild(payload: dict, templates: dict[str, nn.Module]) -> fx.GraphModule:
         elif op == "call_module":
             if _dotted(target, "module") not in spec["modules"]:
                 raise HQPError(f"node {name!r} calls module {target!r}, which the file does not describe")
+        elif op == "call_method" and args and isinstance(args[0], fx.Node) and args[0].op == "get_attr" \
+                and isinstance(root.get(args[0].target), nn.Module):
+            owner = type(root[args[0].target])  # the caller's own module (a template), never code from the file
+            if not _users_own_method(owner, _identifier(target, "method name")):
+                raise HQPError(f"node {name!r} calls {target!r}, which is not a method {owner.__name__} defines "
+                               "(torch's own nn.Module methods are never called from a file)")
         elif op == "call_method":
             _method(target)
             if not args or not isinstance(args[0], fx.Node):

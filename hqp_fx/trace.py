@@ -78,6 +78,14 @@ class _Tracer(fx.Tracer):
             return super().iter(obj)
         return iter([obj[i] for i in range(count)])
 
+    def opaque_method(self, path: str, name: str):
+        """What replaces method ``name`` of the module at ``path`` while tracing: a call recorded as one opaque
+        ``call_method`` on the module itself (``get_attr`` of the module), run as written when the graph runs."""
+        def call(*args, **kwargs):
+            owner = self.create_proxy("get_attr", path, (), {})
+            return self.create_proxy("call_method", name, (owner, *args), kwargs)
+        return call
+
     def is_user_leaf(self, m: nn.Module, qualname: str) -> bool:
         return qualname in self.leaf_names or bool(self.leaf_types and isinstance(m, self.leaf_types))
 
@@ -239,11 +247,21 @@ def trace(
 
 
 def _fx_trace(root, model, inputs, leaf_types, leaf_names, made_leaves: dict[str, str], auto_leaf: bool):
-    """The fx graph of ``root``, making untraceable submodules leaves (recorded in ``made_leaves``); the
-    TraceError naming module, code and fix when the root's own forward cannot be traced."""
+    """The fx graph of ``root``, making untraceable code opaque (recorded in ``made_leaves``); the TraceError
+    naming module, code and fix when the root's own forward cannot be traced.
+
+    When the untraceable code is in a method the module's ``forward`` calls on ``self`` (a detector's decode:
+    ``self._inference(x)``), only that call is opaque (key ``"<module>.<method>"``), so the layers ``forward``
+    runs before it (the head's convolutions) stay in the graph and prune. Otherwise the whole module is a leaf."""
+    methods: dict[str, tuple[str, str]] = {}  # key in made_leaves -> (module, method) traced as one opaque call
     while True:
-        tracer = _Tracer(leaf_types, leaf_names | frozenset(made_leaves), len(inputs))
+        tracer = _Tracer(leaf_types, leaf_names | frozenset(k for k in made_leaves if k not in methods), len(inputs))
+        patched = []
         try:
+            for path, name in methods.values():
+                mod = root.get_submodule(path)
+                mod.__dict__[name] = tracer.opaque_method(path, name)  # an instance attribute, removed below
+                patched.append((mod, name))
             return tracer.trace(root)
         except Exception as exc:
             where = tracer.failed_in or ("", type(model).__name__)
@@ -251,7 +269,13 @@ def _fx_trace(root, model, inputs, leaf_types, leaf_names, made_leaves: dict[str
             code = f" at {frame[0]}:{frame[1]}: `{frame[2]}`" if frame else ""
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if auto_leaf and where[0] and where[0] not in made_leaves and len(made_leaves) < _MAX_AUTO_LEAVES:
-                made_leaves[where[0]] = f"{where[1]} cannot be traced{code}: {msg}"
+                method = _method_called_by_forward(exc, root.get_submodule(where[0]))
+                key = f"{where[0]}.{method}"
+                if method and key not in made_leaves:
+                    methods[key] = (where[0], method)
+                    made_leaves[key] = f"{where[1]}.{method}() cannot be traced{code}: {msg}"
+                else:
+                    made_leaves[where[0]] = f"{where[1]} cannot be traced{code}: {msg}"
                 continue
             name = where[0] or "<root>"
             fix = (
@@ -261,6 +285,25 @@ def _fx_trace(root, model, inputs, leaf_types, leaf_names, made_leaves: dict[str
                 else "rewrite the data-dependent part of forward() or move it into a submodule passed as a leaf module"
             )
             return TraceError(f"cannot trace module {name!r} ({where[1]}){code}: {msg}. Fix: {fix}.")
+        finally:
+            for mod, name in patched:
+                del mod.__dict__[name]
+
+
+def _method_called_by_forward(exc: BaseException, mod: nn.Module) -> str | None:
+    """The method of ``mod`` that its ``forward`` called on ``self`` and inside which tracing failed, if any."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for caller, callee in zip(frames, frames[1:]):
+        name = callee.f_code.co_name
+        if caller.f_code.co_name == "forward" and caller.f_locals.get("self") is mod \
+                and callee.f_locals.get("self") is mod and name != "forward" \
+                and inspect.isfunction(inspect.getattr_static(type(mod), name, None)):
+            return name
+    return None
 
 
 def _export_or_raise(root: nn.Module, inputs, fx_error: TraceError | None) -> fx.Graph:
@@ -277,9 +320,11 @@ def _export_or_raise(root: nn.Module, inputs, fx_error: TraceError | None) -> fx
 
 
 def _leaf_record(gm: fx.GraphModule, leaf_types, leaf_names, made_leaves: dict[str, str]) -> dict[str, str]:
-    """Every opaque module the graph calls that is not a torch.nn layer, with why it is opaque."""
+    """Every opaque module (or module method) the graph calls that is not a torch.nn layer, with why it is opaque."""
     record = {}
     for node in gm.graph.nodes:
+        if node.op == "call_method" and meta.leaf_key(node) in made_leaves:
+            record[meta.leaf_key(node)] = f"made a leaf: {made_leaves[meta.leaf_key(node)]}"
         if node.op != "call_module" or node.target in record:
             continue
         mod = gm.get_submodule(node.target)
@@ -288,3 +333,4 @@ def _leaf_record(gm: fx.GraphModule, leaf_types, leaf_names, made_leaves: dict[s
         elif node.target in leaf_names or (leaf_types and isinstance(mod, leaf_types)):
             record[node.target] = "a leaf because leaf_modules names it"
     return record
+

@@ -230,3 +230,24 @@ def output_tensors(out) -> list[torch.Tensor]:
     import torch.utils._pytree as pytree
 
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+class DecodeHead(nn.Module):
+    """ultralytics' Detect layout: the head's convolutions in ``forward``, then a decode method on ``self`` whose
+    Python branches on a shape (``if self.dynamic or self.shape != shape``), called once per output."""
+
+    def __init__(self):
+        super().__init__()
+        self.box = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 1))
+        self.cls = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1))
+        self.register_buffer("stride", torch.tensor(8.0))
+        self.act = nn.Sigmoid()
+
+    def forward(self, x):
+        box, cls = self.box(x), self.cls(x)
+        return self._decode(box, scale=True), self._decode(cls, scale=False), box
+
+    def _decode(self, y, scale):
+        if y.shape[-1] > 2 and scale:
+            return self.act(y) * self.stride
+        return self.act(y)

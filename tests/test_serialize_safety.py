@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import hqp_fx
 from hqp_fx.core import HQPError
+from hqp_fx.passes import ChannelDependencyPass, PruneChannelsPass
 from hqp_fx.serialize import FORMAT, LOADABLE_FUNCTIONS, LOADABLE_METHODS, VERSION
 
 CORPUS = sorted((Path(__file__).parent / "hostile").glob("*.json"))
@@ -238,3 +239,32 @@ def test_user_leaf_modules_come_from_the_caller_never_from_the_file(tmp_path):
     back = hqp_fx.load(tmp_path / "g.hqp", leaf_modules=dict(model.named_modules()))
     assert torch.equal(back(x), gm(x)) and back.get_submodule("1").scale.item() == 3.0
     assert model[1].scale.item() == 2.0 and back.get_submodule("1") is not model[1]  # the template is copied
+
+
+def test_an_opaque_decode_method_comes_from_the_callers_module(tmp_path):
+    """``hqp_fx.trace`` keeps a detector's decode as a call of the head's own method: the file names the method,
+    its code comes from the caller's module, and torch's own nn.Module methods cannot be called from a file."""
+    from helpers import DecodeHead
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DecodeHead()).eval()
+    x = torch.randn(1, 3, 6, 6)
+    gm = hqp_fx.trace(model, x)
+    ChannelDependencyPass()(gm)
+    pruned = PruneChannelsPass({"1.box.0": [0, 3]})(gm).graph_module
+    hqp_fx.save(pruned, tmp_path / "d.hqp")
+    with pytest.raises(HQPError, match=r"module '1' is a user module of type '.*DecodeHead'"):
+        hqp_fx.load(tmp_path / "d.hqp")
+    back = hqp_fx.load(tmp_path / "d.hqp", leaf_modules=dict(model.named_modules()))
+    with torch.no_grad():
+        for a, e in zip(back(x), pruned(x)):
+            assert torch.equal(a, e)
+    assert back.get_submodule("1.box.0").out_channels == 6
+
+    payload = torch.load(tmp_path / "d.hqp", weights_only=True)
+    for method in ("apply", "register_forward_hook", "load_state_dict", "__init__"):
+        payload["graph"] = payload["graph"].replace('"_decode"', f'"{method}"')
+        torch.save(payload, tmp_path / "hostile.hqp")
+        with pytest.raises(HQPError, match="not a method DecodeHead defines|plain Python identifier"):
+            hqp_fx.load(tmp_path / "hostile.hqp", leaf_modules=dict(model.named_modules()))
+        payload["graph"] = payload["graph"].replace(f'"{method}"', '"_decode"')

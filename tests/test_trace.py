@@ -67,6 +67,42 @@ def test_untraceable_submodules_become_leaves_and_say_why():
     assert not conv.prunable and "opaque DataDependent module gate (made a leaf" in conv.reason, conv.reason
 
 
+def test_a_decode_method_is_opaque_and_the_head_convs_before_it_prune():
+    """Only the method that cannot be traced is opaque, not the whole head: its convolutions stay in the graph,
+    their hidden channels prune exactly, and the channels the decode reads are kept, saying why."""
+    from hqp_fx.passes import ChannelDependencyPass, PruneChannelsPass
+
+    from helpers import DecodeHead, masked_copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DecodeHead()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    gm = hqp_fx.trace(model, x)
+    assert {"1.box.0", "1.box.2", "1.cls.0", "1.cls.2"} <= {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    decodes = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "_decode"]
+    assert len(decodes) == 2
+    why = gm.meta[meta.LEAVES]["1._decode"]
+    assert why.startswith("made a leaf: DecodeHead._decode() cannot be traced") and "`if y.shape[-1] > 2 and scale:`" in why
+    assert "_decode" not in gm.get_submodule("1").__dict__ and "_decode" not in model[1].__dict__  # no patch left
+    with torch.no_grad():
+        for a, e in zip(gm(x), model(x)):
+            assert torch.equal(a, e)
+
+    ChannelDependencyPass()(gm)
+    groups = {g.id: g for g in meta.channel_groups(gm)}
+    assert groups["1.box.0"].prunable and groups["1.cls.0"].prunable and groups["0"].prunable
+    assert not groups["1.cls.2"].prunable
+    assert "opaque DecodeHead method 1._decode() (made a leaf: DecodeHead._decode()" in groups["1.cls.2"].reason
+    plan = {"1.box.0": [1, 4, 6], "1.cls.0": [0, 7]}
+    pruned = PruneChannelsPass(plan)(gm).graph_module
+    assert pruned.get_submodule("1.box.2").in_channels == 5 and pruned.get_submodule("1.cls.2").in_channels == 6
+    with torch.no_grad():
+        reference, masked, got = gm(x), masked_copy(gm, plan)(x), pruned(x)
+    for r, m, g in zip(reference, masked, got):
+        assert (m - r).abs().max() > 1e-2  # masking moves every output: the comparison can fail
+        torch.testing.assert_close(g, m, rtol=1e-5, atol=1e-5)
+
+
 def test_data_dependent_code_in_the_root_forward_is_still_an_error():
     class Root(nn.Module):
         def __init__(self):

@@ -200,7 +200,7 @@ class _Propagator:
             return self._execute(node)
         rule = ops.rule_for(node, self.modules)
         if rule is None:
-            leaf = self.gm.meta.get(meta.LEAVES, {}).get(node.target) if node.op == "call_module" else None
+            leaf = self.gm.meta.get(meta.LEAVES, {}).get(meta.leaf_key(node))
             what = f"opaque {_describe(node, self.modules)} ({leaf})" if leaf else f"unsupported op {_describe(node, self.modules)}"
             return self.unknown(node, what)
         return rule.label(self, node)
@@ -528,6 +528,9 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_module":
         return f"{type(modules[node.target]).__name__} module {node.target}"
     if node.op == "call_method":
+        owner = node.args[0] if node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr" else None
+        if owner is not None and owner.target in modules:
+            return f"{type(modules[owner.target]).__name__} method {owner.target}.{node.target}()"
         return f"method .{node.target}()"
     t = node.target
     return f"{getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', t)}".lstrip(".")

@@ -67,6 +67,24 @@ def _copy_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
+
+def _delete_unused_submodules(gm: fx.GraphModule) -> None:
+    """``GraphModule.delete_all_unused_submodules``, except that a module the graph reads whole (``get_attr``: the
+    owner of a method ``hqp_fx.trace`` kept opaque, such as a detector's decode) keeps its children too; fx's
+    own version keeps them only for ``call_module`` and would drop the decode's layers and buffers."""
+    used = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        parts = node.target.split(".")
+        used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        obj = operator.attrgetter(node.target)(gm)
+        if isinstance(obj, nn.Module):
+            used.update(f"{node.target}.{name}" for name, _ in obj.named_modules() if name)
+    for name in [name for name, _ in gm.named_modules() if name and name not in used]:
+        gm.delete_submodule(name)
+
+
 class Keep(NamedTuple):
     """The surviving positions of a tensor: ``mask[i]`` is True when position ``i`` along ``dim`` is kept."""
 
@@ -456,5 +474,5 @@ def _apply_changes(new: fx.GraphModule, changes: _Changes) -> None:
         gathered.meta = dict(g.end.meta)
         replaced[g.end] = gathered
     new.graph.eliminate_dead_code()
-    new.delete_all_unused_submodules()
+    _delete_unused_submodules(new)
     new.recompile()

@@ -67,6 +67,7 @@ def max_abs_output(model: nn.Module, inputs: list[torch.Tensor]) -> float:
 def small(tmp_path_factory):
     """(float model, its ONNX, INT8 model, its Q/DQ ONNX), exported once for the module."""
     folder = tmp_path_factory.mktemp("verify")
+    torch.manual_seed(0)  # built at the worker's first use: without a seed its weights depend on what ran before
     model = realistic_random(SmallCNN(), torch.randn(SHAPE)).eval()
     fp_onnx = export(model, torch.randn(SHAPE), folder / "small_fp32.onnx")
     qmodel = quantize_pt2e(model, batches(4, seed=100))
@@ -100,8 +101,9 @@ def test_int8_onnx_matches_quantized_pytorch(small):
     inputs = batches(3)
     v = verify_onnx(q_onnx, qmodel, inputs, kind="int8-onnxruntime")
     assert v.passed, v.summary()
-    # ORT's integer kernels are not bit-exact with the simulated quantization, but within the tolerance.
-    assert 0 < v.max_rel_error <= TOLERANCES["int8-onnxruntime"][0]
+    # ORT's integer kernels need not be bit-exact with the simulated quantization (on some weights they are:
+    # 2 of 8 seeds gave 0.0), but they are within the tolerance.
+    assert v.max_rel_error <= TOLERANCES["int8-onnxruntime"][0]
     assert v.top1_agreement is not None and v.top1_agreement >= 0.9
     # The Q/DQ model really is quantized: it is far from the float model, which the fp32 check would catch.
     vs_float = verify_onnx(q_onnx, model, inputs, kind="fp32")

@@ -9,12 +9,14 @@ of a group is its ``k``-th class in topological order of the first layer produci
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Literal, Sequence
 
 import torch
 
-__all__ = ["ParamSlice", "ChannelGroup", "ChannelAnalysis", "SliceRecord", "labels_vary", "labels_along"]
+__all__ = ["ParamSlice", "ChannelGroup", "ChannelAnalysis", "SliceRecord", "labels_vary", "labels_along", "kept_units"]
 
 NO_LABEL = torch.iinfo(torch.long).max  # above every element id: ignored by a min over labels
 
@@ -85,6 +87,23 @@ class ChannelAnalysis:
             return lab.expand(shape)
         return tuple(None if l is None else l.expand(s) for l, s in zip(lab, shape))
 
+    @functools.cached_property
+    def tensor_widths(self) -> dict[tuple[int, ...], int]:
+        """Every traced tensor's set of classes, with how many channels one of them spans there: the narrowest
+        ``width`` of their groups (1 for convolution channels, head_dim for attention heads). Per-tensor channel
+        minimums count channels, so they divide by this."""
+        widths: dict[tuple[int, ...], int] = {}
+        for lab in self.node_labels.values():
+            for t in (lab if isinstance(lab, tuple) else (lab,)):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                present = torch.unique(self.class_of[t[t > 0]])
+                key = tuple(present.tolist())
+                if key and key not in widths:
+                    owners = torch.unique(self.group_of[present])
+                    widths[key] = min((self.groups[i].width for i in owners[owners >= 0].tolist()), default=1)
+        return widths
+
     def removed_elements(self, plan: dict[str, Sequence[int]]) -> torch.Tensor:
         """Boolean mask over elements removed by ``plan`` (already validated)."""
         removed_classes = torch.zeros_like(self.class_of, dtype=torch.bool)
@@ -134,6 +153,18 @@ class ChannelGroup:
             raise ValueError(f"group {self.id!r}: duplicate channel indices {dup}")
         return idx
 
+    @functools.cached_property
+    def width(self) -> int:
+        """Channels one of this group's classes spans in the layers producing it: 1, or head_dim (3 * head_dim in
+        a fused qkv projection) for an attention head. Read from the weights, not the activations: an attention
+        map holds one entry per head, and a per-head temperature one value."""
+        return max((len(s.index) for s in self.slices([0]) if s.role == "out"), default=1)
+
+    def unit(self, multiple: int) -> int:
+        """The fewest classes of this group whose channels make a multiple of ``multiple`` (engine alignment in
+        the group's own units: 1 head of 64 channels is aligned to 16, a single conv channel is not)."""
+        return multiple // math.gcd(multiple, self.width)
+
     def slices(self, indices: Iterable[int]) -> list[ParamSlice]:
         idx = self.check_indices(indices)
         chosen = torch.zeros_like(self.analysis.class_of, dtype=torch.bool)
@@ -161,3 +192,8 @@ class ChannelGroup:
             rec = self.analysis.records[rid]
             lines.append(f"  {rec.role:>3} {rec.param} dim {rec.dim} ({len(rec.labels)} entries)")
         return "\n".join(lines)
+
+
+def kept_units(channels: int, width: int) -> int:
+    """How many classes ``width`` channels wide hold at least ``channels`` channels (a minimum in classes)."""
+    return -(-channels // width)

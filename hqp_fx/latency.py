@@ -40,6 +40,7 @@ import torch.nn as nn
 from . import meta
 from .core import HQPError, atomic_write_text
 from .data import cache_dir as data_cache_dir
+from .groups import kept_units
 
 __all__ = ["LayerShape", "LatencyModel", "select_for_latency", "time_layer"]
 
@@ -315,14 +316,9 @@ class LatencyModel:
 def _tensor_limits(analysis, min_keep: int):
     """Per traced tensor, the channel classes it holds and how many of them it may lose (``select_channels``'s
     rule: every tensor keeps ``min_keep`` channels, or all it has when fewer), indexed by class."""
-    sets, by_class = [], {}
-    for lab in analysis.node_labels.values():
-        for t in (lab if isinstance(lab, tuple) else (lab,)):
-            if isinstance(t, torch.Tensor):
-                present = tuple(torch.unique(analysis.class_of[t[t > 0]]).tolist())
-                if present and present not in sets:
-                    sets.append(present)
-    room = [len(p) - min(min_keep, len(p)) for p in sets]
+    sets = list(analysis.tensor_widths)
+    room = [len(p) - min(kept_units(min_keep, w), len(p)) for p, w in analysis.tensor_widths.items()]
+    by_class: dict[int, list[int]] = {}
     for i, present in enumerate(sets):
         for c in present:
             by_class.setdefault(c, []).append(i)
@@ -353,8 +349,9 @@ def select_for_latency(gm: fx.GraphModule, scores: Mapping[str, torch.Tensor], m
         for gid, g in by_id.items():
             taken = len(plan.get(gid, []))  # == g.size once the group went whole: no item is left below
             items = []
-            block = (g.size - taken) % align or align
-            if g.size - taken - block >= min_keep:
+            unit = g.unit(align)  # align and min_keep count a layer's channels: an attention head is head_dim of them
+            block = (g.size - taken) % unit or unit
+            if g.size - taken - block >= kept_units(min_keep, g.width):
                 items.append(order[gid][taken:taken + block])
             if remove_branches and g.removable and gid not in keep_whole and g.size - taken > 0:
                 items.append(order[gid][taken:])  # depth pruning: the rest of the group, and its branch with it

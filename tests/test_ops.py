@@ -315,6 +315,32 @@ def test_attention_heads_prune_whole(build, group):
         assert_close(pruned(y), masked_copy(gm, {group: [1, 3]})(y), 1e-5, "another input size")
 
 
+@pytest.mark.parametrize("build, group", [(FusedQKVAttention, "qkv"), (ChannelAttention, "qkv")])
+def test_alignment_and_minimums_count_a_heads_channels(build, group):
+    """An engine multiple of 16 channels is 1 head of 16 channels, 2 heads of 8; a minimum of 16 channels is 1 such
+    head. Counted in heads (as before), a 4-head group never lost one to select_channels at min_keep 16, and
+    AlignChannelsPass rounded any removal of heads away."""
+    from hqp_fx.passes import AlignChannelsPass
+    from hqp_fx.passes.sensitivity import select_channels
+
+    torch.manual_seed(0)
+    model = build(dim=64, heads=4)
+    x = torch.randn(2, 3, 8, 8)
+    gm, groups = analyse(model, x)
+    heads, tokens = groups[group], groups["patch"]
+    assert (heads.width, heads.unit(16), heads.unit(32), heads.unit(8)) == (48, 1, 2, 1)  # q, k and v rows
+    assert (tokens.width, tokens.unit(16)) == (1, 16)
+    scores = {g.id: torch.rand(g.size) for g in groups.values() if g.prunable}
+    plan = select_channels(groups.values(), scores, 0.5, min_keep=16, unit=16)
+    assert 1 <= len(plan.get(group, [])) <= 3, plan  # whole heads go; at least one stays
+    for multiple, removed, kept in ((16, [2], 3), (32, [2], 4), (32, [2, 0], 2), (64, [2, 0, 1], 4)):
+        AlignChannelsPass({group: removed}, multiple, scores)(gm)
+        assert gm.meta[meta.ALIGN]["rounding"][group][2] == kept, (multiple, gm.meta[meta.ALIGN])
+    AlignChannelsPass({group: [2]}, 16, scores)(gm)
+    pruned = assert_prunes_exactly(gm, x, gm.meta[meta.ALIGN]["plan"])
+    assert pruned.get_submodule("qkv").out_features == 3 * 48
+
+
 class MaskedAttention(FusedQKVAttention):
     """An additive attention mask: a learned bias per head, one shared by every head, or a per-head relative
     position table read through an index buffer (CoAtNet, Swin)."""

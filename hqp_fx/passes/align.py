@@ -45,7 +45,8 @@ def aligned_keep(size: int, keep: int, multiple: int) -> int:
 
 
 class AlignChannelsPass(GraphPass):
-    """Adjust ``plan`` so each group it prunes keeps a multiple of ``multiple`` channels.
+    """Adjust ``plan`` so each group it prunes keeps a multiple of ``multiple`` channels (a group whose channels
+    are attention heads keeps heads whose channels make that multiple: ``ChannelGroup.unit``).
 
     Analysis only: writes ``gm.meta["hqp.align"] = {"multiple", "plan", "rounding"}``, where
     ``rounding[group id] = (size, kept as requested, kept after alignment)``. Plan lists are
@@ -76,7 +77,8 @@ class AlignChannelsPass(GraphPass):
                 continue
             size = groups[gid].size
             keep = size - len(indices)
-            target = 0 if keep == 0 else aligned_keep(size, keep, self.multiple)  # 0: a removable group goes whole
+            # 0: a removable group goes whole; the multiple counts a layer's channels (a head is head_dim of them)
+            target = 0 if keep == 0 else aligned_keep(size, keep, groups[gid].unit(self.multiple))
             n_remove = size - target
             chosen = list(indices[:n_remove])
             if n_remove > len(chosen):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import meta
 from ..core import GraphPass, PassResult
-from ..groups import ChannelAnalysis, ChannelGroup, labels_along
+from ..groups import ChannelAnalysis, ChannelGroup, kept_units, labels_along
 
 __all__ = ["CRITERIA", "SensitivityPass", "score_channels", "select_channels"]
 
@@ -344,27 +344,30 @@ def select_channels(
         layer == pre or layer.startswith(pre + ".") for layer in g.layers for pre in ignore)]
     if not eligible:
         return {}
-    # blocks of `unit` channels in ascending score order within each group, at most size - min_keep channels
-    block_group, block_channels, block_score = [], [], []
+    # blocks of `unit` channels in ascending score order within each group, at most size - min_keep channels;
+    # both count a layer's channels, so a group whose classes are wider (attention heads) counts in fewer classes
+    blocks = []  # (mean score, group index, channels of the group)
     for gi, g in enumerate(eligible):
         order = torch.argsort(scores[g.id].to(torch.float64), stable=True)
-        n_blocks = max(g.size - min_keep, 0) // unit
-        if remove_branches and g.removable and g.size % unit == 0:
-            n_blocks = g.size // unit
-        if n_blocks:
-            chans = order[: n_blocks * unit].view(n_blocks, unit)
-            block_group.append(torch.full((n_blocks,), gi, dtype=torch.long))
-            block_channels.append(chans)
-            block_score.append(scores[g.id].to(torch.float64)[chans].mean(1))
+        g_unit = g.unit(unit)
+        n_blocks = max(g.size - kept_units(min_keep, g.width), 0) // g_unit
+        if remove_branches and g.removable and g.size % g_unit == 0:
+            n_blocks = g.size // g_unit
+        for b in range(n_blocks):
+            chans = order[b * g_unit:(b + 1) * g_unit]
+            blocks.append((float(scores[g.id].to(torch.float64)[chans].mean()), gi, chans))
     values = torch.cat([scores[g.id].to(torch.float64) for g in eligible])
     chosen = torch.zeros(len(values), dtype=torch.bool)
-    if block_group:
-        bg, bc, bs = torch.cat(block_group), torch.cat(block_channels), torch.cat(block_score)
-        offsets = torch.cumsum(torch.tensor([0] + [g.size for g in eligible[:-1]]), 0)
-        n_take = int(fraction * len(values)) // unit
-        n_take = max(n_take, 1) if fraction > 0 else 0
-        taken = torch.argsort(bs, stable=True)[:n_take]
-        chosen[(offsets[bg[taken]].view(-1, 1) + bc[taken]).flatten()] = True
+    offsets = torch.cumsum(torch.tensor([0] + [g.size for g in eligible[:-1]]), 0).tolist()
+    budget = int(fraction * len(values))
+    taken = 0
+    for _, gi, chans in sorted(blocks, key=lambda b: b[0]):  # stable: ties keep group order
+        if taken and taken + len(chans) > budget:
+            break
+        if fraction == 0:
+            break
+        chosen[offsets[gi] + chans] = True
+        taken += len(chans)
     _keep_every_tensor(eligible, values, chosen, min_keep, remove_branches)
     group_idx = torch.cat([torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(eligible)])
     chan_idx = torch.cat([torch.arange(g.size) for g in eligible])
@@ -387,20 +390,12 @@ def _keep_every_tensor(eligible: list[ChannelGroup], values: torch.Tensor, chose
     analysis = eligible[0].analysis
     entry_class = torch.cat([g.classes for g in eligible])
     whole = torch.cat([g.classes for g in eligible if g.removable] + [torch.zeros(0, dtype=torch.long)])
-    seen: set[tuple[int, ...]] = set()
-    for lab in analysis.node_labels.values():
-        for t in (lab if isinstance(lab, tuple) else (lab,)):
-            if not isinstance(t, torch.Tensor):
-                continue
-            present = torch.unique(analysis.class_of[t[t > 0]])
-            key = tuple(present.tolist())
-            if not key or key in seen:
-                continue
-            seen.add(key)
-            inside = torch.isin(entry_class, present)
-            picked = (inside & chosen).nonzero().flatten()
-            if remove_branches and len(picked) == len(present) and bool(torch.isin(present, whole).all()):
-                continue  # the whole branch goes
-            excess = len(picked) - (len(present) - min(min_keep, len(present)))
-            if excess > 0:  # give back the most sensitive of the picks in this tensor
-                chosen[picked[torch.argsort(values[picked], descending=True, stable=True)[:excess]]] = False
+    for key, width in analysis.tensor_widths.items():
+        present = torch.tensor(key)
+        inside = torch.isin(entry_class, present)
+        picked = (inside & chosen).nonzero().flatten()
+        if remove_branches and len(picked) == len(present) and bool(torch.isin(present, whole).all()):
+            continue  # the whole branch goes
+        excess = len(picked) - (len(present) - min(kept_units(min_keep, width), len(present)))
+        if excess > 0:  # give back the most sensitive of the picks in this tensor
+            chosen[picked[torch.argsort(values[picked], descending=True, stable=True)[:excess]]] = False

@@ -50,8 +50,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     console.print(table)
     leaves = gm.meta.get(meta.LEAVES, {})
     if leaves:  # what fx could not look into: the channels through these are kept
-        opaque = Table(title="opaque modules: kept whole, channels through them are not pruned")
-        opaque.add_column("module")
+        opaque = Table(title="opaque modules and methods: kept whole, channels through them are not pruned")
+        opaque.add_column("module (or module.method)")
         opaque.add_column("why")
         for name, why in leaves.items():
             opaque.add_row(name, why)

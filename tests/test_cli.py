@@ -52,13 +52,25 @@ def test_inspect_lists_the_modules_made_leaves_and_why(tmp_path):
             def forward(self, x):
                 return x * 2 if x.shape[-1] % 2 == 0 else x
 
+        class Head(nn.Module):  # its convolution traces; only the method it calls on self is opaque
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(4, 4, 1)
+
+            def forward(self, x):
+                return self._grid(self.conv(x))
+
+            def _grid(self, y):
+                return y + 1 if y.shape[-1] > 3 else y
+
         def build():
-            return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), Decode())
+            return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), Decode(), Head())
     """))
     out = run("inspect", f"{src}:build", "--summary-only")
     assert out.returncode == 0, out.stderr
-    assert "opaque modules" in out.stdout and "Decode cannot be traced" in out.stdout
+    assert "opaque modules and methods" in out.stdout and "Decode cannot be traced" in out.stdout
     assert "x.shape[-1] % 2 == 0" in out.stdout
+    assert "4._grid" in out.stdout and "Head._grid() cannot be traced" in out.stdout and "y.shape[-1] > 3" in out.stdout
 
 
 @pytest.mark.parametrize("args, message", [

@@ -8,7 +8,9 @@ weights -> ``QuantizeLinear``, which ORT fuses to ``QLinearConv``), at the model
 on a grid of kept input and output channel counts. A model's predicted latency is the sum of its layers' times,
 interpolated on the grid, plus a residual (everything else: adds, pooling, the graph's overhead) calibrated
 once against the whole dense model measured in the engine. Tables are cached on disk, keyed by machine,
-versions, preset, input shape and threads.
+versions, preset, input shape and threads. A linear layer on tokens (``[B, N, C]``) is timed with its rows; the
+products of two activations in attention (``q @ k``, ``attn @ v``, SDPA) are not layers of the table, so a pruned
+head's share of them stays in the residual (the prediction overstates what is left).
 
 A layer is timed as the difference between graphs holding several copies of it and one (see ``time_layer``), so
 the per-run overhead of a session is not counted once per layer. The layer graphs are written with ``onnx.helper`` rather than through ``quantize`` + ``export_onnx``: those
@@ -57,7 +59,7 @@ class LayerShape:
     padding: tuple[int, ...]
     dilation: tuple[int, ...]
     depthwise: bool
-    input: tuple[int, ...]  # batch and spatial size of the input (channels excluded)
+    input: tuple[int, ...]  # batch and spatial (or token) size of the input (channels excluded)
 
     def key(self) -> str:
         return json.dumps([self.kind, self.kernel, self.stride, self.padding, self.dilation, self.depthwise,
@@ -77,7 +79,7 @@ def _qdq_layer(shape: LayerShape, c_in: int, c_out: int, reduce_range: bool, cop
         w_shape = [c_out, 1 if shape.depthwise else c_in, *shape.kernel]
         x_shape = [batch, c_in, *spatial]
     else:
-        w_shape, x_shape = [c_in, c_out], [batch, c_in]
+        w_shape, x_shape = [c_in, c_out], [*shape.input, c_in]  # rows: the batch, and tokens for [B, N, C]
     inits = [numpy_helper.from_array(np.full(c_out, 0.01, np.float32), "w_scale"),
              numpy_helper.from_array(np.zeros(c_out, np.int8), "w_zp"),
              numpy_helper.from_array(np.array(0.05, np.float32), "a_scale"),
@@ -128,7 +130,7 @@ def time_layer(shape: LayerShape, c_in: int, c_out: int, *, threads: int = 2, re
     A session run costs a fixed overhead (and the input's quantization) that a layer inside a whole model does not
     pay; timed alone, small layers would be all overhead. So the time is the difference between graphs of
     ``copies`` and of one copy of the layer, per extra copy."""
-    x_shape = [shape.input[0], c_in, *shape.input[1:]] if shape.kind == "conv" else [shape.input[0], c_in]
+    x_shape = [shape.input[0], c_in, *shape.input[1:]] if shape.kind == "conv" else [*shape.input, c_in]
     one = _median_ms(_qdq_layer(shape, c_in, c_out, reduce_range), x_shape, threads, runs, warmup)
     many = _median_ms(_qdq_layer(shape, c_in, c_out, reduce_range, copies), x_shape, threads, runs, warmup)
     return max(many - one, 0.0) / (copies - 1)
@@ -190,7 +192,8 @@ def _machine_key(threads: int, preset: str, reduce_range: bool) -> str:
 
 
 def _layer_shapes(gm: fx.GraphModule) -> dict[str, tuple[LayerShape, int, int]]:
-    """Every conv2d/linear leaf module of a traced graph: (shape, input channels, output channels)."""
+    """Every conv2d/linear leaf module of a traced graph (a linear on any number of leading dims): (shape, input
+    channels, output channels)."""
     found = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -207,8 +210,8 @@ def _layer_shapes(gm: fx.GraphModule) -> dict[str, tuple[LayerShape, int, int]]:
             found[node.target] = (LayerShape("conv", tuple(mod.kernel_size), tuple(mod.stride), tuple(mod.padding),
                                              tuple(mod.dilation), depthwise, (x[0], *x[2:])),
                                   mod.in_channels, mod.out_channels)
-        elif isinstance(mod, nn.Linear) and len(x) == 2:
-            found[node.target] = (LayerShape("linear", (), (), (), (), False, (x[0],)), mod.in_features,
+        elif isinstance(mod, nn.Linear) and len(x) >= 2:  # [B, C], or a transformer's tokens [B, N, C]
+            found[node.target] = (LayerShape("linear", (), (), (), (), False, x[:-1]), mod.in_features,
                                   mod.out_features)
     return found
 

@@ -279,7 +279,7 @@ def _users_own_method(cls: type, name: str) -> bool:
     """``name`` is a plain function of ``cls`` defined by the user's classes, not by torch's (``nn.Module.apply``)."""
     for klass in cls.__mro__:
         if name in vars(klass):
-            return inspect.isfunction(vars(klass)[name]) and not klass.__module__.split(".")[0] == "torch"
+            return inspect.isfunction(vars(klass)[name]) and klass.__module__.split(".")[0] != "torch"
     return False
 
 

@@ -138,6 +138,25 @@ def test_depth_pruning_is_one_more_item_of_the_knapsack():
     assert "layer1.1.conv1" not in plan and plan
 
 
+def test_the_knapsack_takes_whole_attention_heads_at_the_engine_alignment():
+    """A head of 16 channels is one aligned block at align 16: the knapsack may take heads, down to one (min_keep 16
+    is one head's channels). Counted as single channels, a 4-head group had no block at all."""
+    from test_ops import FusedQKVAttention
+
+    torch.manual_seed(0)
+    model, x = FusedQKVAttention(dim=64, heads=4), torch.randn(1, 3, 16, 16)
+    gm = analysed(model, x)
+    groups = {g.id: g for g in meta.channel_groups(gm) if g.prunable}
+    engine = step_table(gm)
+    scores = {gid: torch.full((g.size,), 1.0) for gid, g in groups.items()}
+    scores["qkv"] = torch.tensor([0.01, 0.02, 0.03, 0.04])
+    plan = select_for_latency(gm, scores, engine, 0.3, align=16, min_keep=16)
+    assert plan.get("qkv") and len(plan["qkv"]) <= 3 and plan["qkv"][0] == 0, plan  # the cheapest head first
+    pruned = analysed(PruneChannelsPass(plan)(gm).graph_module, x)
+    assert pruned.get_submodule("qkv").out_features == 3 * 16 * (4 - len(plan["qkv"]))
+    assert engine.predict(pruned) == pytest.approx(engine.predict(gm, plan))
+
+
 class Stubs:
     def __init__(self, fail_at=None):
         self.fail_at = fail_at

@@ -103,6 +103,33 @@ def test_a_decode_method_is_opaque_and_the_head_convs_before_it_prune():
         torch.testing.assert_close(g, m, rtol=1e-5, atol=1e-5)
 
 
+def test_an_opaque_method_named_like_a_tensor_method_stays_opaque():
+    """``self.flatten(y)`` kept opaque is the module's method, not Tensor.flatten: the analysis must not read it
+    with the tensor op's rule (whose first argument would be the module)."""
+    from hqp_fx.passes import ChannelDependencyPass
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 6, 1)
+
+        def forward(self, x):
+            return self.flatten(self.conv(x))
+
+        def flatten(self, y):
+            return y.flatten(1) if y.shape[-1] > 1 else y
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), Head()).eval()
+    x = torch.randn(1, 3, 4, 4)
+    gm = hqp_fx.trace(model, x)
+    assert "1.flatten" in gm.meta[meta.LEAVES]
+    ChannelDependencyPass()(gm)
+    groups = {g.id: g for g in meta.channel_groups(gm)}
+    assert groups["0"].prunable and "opaque Head method 1.flatten()" in groups["1.conv"].reason
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+
+
 def test_data_dependent_code_in_the_root_forward_is_still_an_error():
     class Root(nn.Module):
         def __init__(self):

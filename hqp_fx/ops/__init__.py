@@ -49,6 +49,9 @@ def rule_for(node: fx.Node, modules: dict[str, nn.Module]) -> OpRule | None:
     if node.op == "call_function":
         return _BY_FUNCTION.get(node.target)
     if node.op == "call_method":
+        owner = node.args[0] if node.args else None
+        if isinstance(owner, fx.Node) and owner.op == "get_attr" and owner.target in modules:
+            return None  # a module's own method hqp_fx.trace kept opaque (``self.flatten(x)`` is not Tensor.flatten)
         return _BY_METHOD.get(node.target)
     if node.op == "call_module":
         mod = modules[node.target]

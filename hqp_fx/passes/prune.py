@@ -67,7 +67,6 @@ def _copy_module(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-
 def _delete_unused_submodules(gm: fx.GraphModule) -> None:
     """``GraphModule.delete_all_unused_submodules``, except that a module the graph reads whole (``get_attr``: the
     owner of a method ``hqp_fx.trace`` kept opaque, such as a detector's decode) keeps its children too; fx's

@@ -359,13 +359,10 @@ def select_channels(
     values = torch.cat([scores[g.id].to(torch.float64) for g in eligible])
     chosen = torch.zeros(len(values), dtype=torch.bool)
     offsets = torch.cumsum(torch.tensor([0] + [g.size for g in eligible[:-1]]), 0).tolist()
-    budget = int(fraction * len(values))
-    taken = 0
-    for _, gi, chans in sorted(blocks, key=lambda b: b[0]):  # stable: ties keep group order
+    budget, taken = int(fraction * len(values)), 0
+    for _, gi, chans in sorted(blocks, key=lambda b: b[0]) if fraction > 0 else ():  # stable: ties keep group order
         if taken and taken + len(chans) > budget:
-            break
-        if fraction == 0:
-            break
+            break  # at least one block is taken whenever fraction > 0
         chosen[offsets[gi] + chans] = True
         taken += len(chans)
     _keep_every_tensor(eligible, values, chosen, min_keep, remove_branches)

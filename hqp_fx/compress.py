@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
@@ -65,7 +66,7 @@ class CompressConfig:
 
 
 def onnx_latency(example: torch.Tensor, threads: int = 2, runs: int = 100, *, quant: QuantConfig | None = None,
-                 calibration: list | None = None) -> Callable[[nn.Module], float]:
+                 calibration: list | None = None) -> "OnnxLatency":
     """A ``latency_fn`` for ``prune_loop``: the model's ONNX Runtime CPU latency in ms (``measure_onnx``).
 
     With ``quant`` the model is first quantized by it on ``calibration``, so the loop's latency target is judged on
@@ -74,15 +75,37 @@ def onnx_latency(example: torch.Tensor, threads: int = 2, runs: int = 100, *, qu
     """
     if quant is not None and not calibration:
         raise ValueError("onnx_latency with quant needs calibration batches to quantize each candidate")
+    return OnnxLatency(example, threads, runs, quant, calibration)
 
-    def measure(model: nn.Module) -> float:
-        if quant is not None:
-            model = quantize(model, example, calibration, quant).model
+
+@dataclass
+class OnnxLatency:
+    """``onnx_latency``'s callable; ``paired`` times two models in alternating rounds, each exported once."""
+
+    example: torch.Tensor
+    threads: int
+    runs: int
+    quant: QuantConfig | None
+    calibration: list | None
+
+    def _export(self, model: nn.Module, path: Path) -> Path:
+        if self.quant is not None:
+            model = quantize(model, self.example, self.calibration, self.quant).model
+        export_onnx(model, (self.example,), path)
+        return path
+
+    def __call__(self, model: nn.Module) -> float:
         with tempfile.TemporaryDirectory(prefix="hqp_latency_") as tmp:
-            path = Path(tmp) / "model.onnx"
-            export_onnx(model, (example,), path)
-            return measure_onnx(path, tuple(example.shape), threads=threads, runs=runs)["median_ms"]
-    return measure
+            path = self._export(model, Path(tmp) / "model.onnx")
+            return measure_onnx(path, tuple(self.example.shape), threads=self.threads, runs=self.runs)["median_ms"]
+
+    def paired(self, reference: nn.Module, candidate: nn.Module, rounds: int) -> tuple[float, float]:
+        with tempfile.TemporaryDirectory(prefix="hqp_latency_") as tmp:
+            paths = {"reference": self._export(reference, Path(tmp) / "reference.onnx"),
+                     "candidate": self._export(candidate, Path(tmp) / "candidate.onnx")}
+            stats = measure_alternating(paths, tuple(self.example.shape), threads=self.threads, runs=self.runs,
+                                        rounds=rounds)
+        return statistics.median(stats["reference"]["rounds_ms"]), statistics.median(stats["candidate"]["rounds_ms"])
 
 
 def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: ImageSet, config: CompressConfig,

@@ -170,18 +170,22 @@ class Stubs:
         return {"top1": 90.0 - 5.0 * (1 - hqp_fx.count_params(m) / self.base)}
 
 
-def _loop(tmp_path, stubs=None, resume=False, **cfg):
+def _engine(model):
+    """The "engine": the synthetic table of ``model``, plus 0.05 ms of overhead."""
+    measured = step_table(analysed(model))
+    return lambda m: measured.predict(analysed(m)) + 0.05
+
+
+def _loop(tmp_path, stubs=None, resume=False, latency_fn=None, **cfg):
     torch.manual_seed(0)
     model = realistic_random(CifarResNet(20), X)
     calib = [(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 10)]
     stubs = stubs or Stubs()
-    measured = step_table(analysed(model))  # the "engine": the same synthetic table, plus 0.05 ms of overhead
     config = PruneLoopConfig(**{"delta_max": 50.0, "align": 16, "max_rounds": 4, "select": "latency", "steps": (0.1,),
                           **cfg})
     return prune_loop(model, X, calibration=calib, finetune_fn=stubs.finetune, evaluate_fn=stubs.evaluate,
                       config=config, checkpoint_dir=tmp_path, resume=resume,
-                      latency_fn=lambda m: measured.predict(analysed(m)) + 0.05,
-                      latency_model=lambda gm: step_table(gm))
+                      latency_fn=latency_fn or _engine(model), latency_model=lambda gm: step_table(gm))
 
 
 def test_the_loop_predicts_and_measures_every_accepted_round_and_resumes_exactly(tmp_path):
@@ -227,3 +231,29 @@ def test_a_whole_block_that_breaks_delta_max_is_kept_and_the_step_retried(tmp_pa
     with pytest.raises(ValueError, match="select='latency' needs latency_model"):
         prune_loop(CifarResNet(20), X, calibration=[], finetune_fn=lambda m, r: None, evaluate_fn=lambda m: {},
                    config=PruneLoopConfig(select="latency"))
+
+
+class SlowStart:
+    """A machine in a slow spell while the run starts: its first timing is 30% slow, every later one exact."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.engine, self.calls = _engine(realistic_random(CifarResNet(20), X)), 0
+
+    def __call__(self, m):
+        self.calls += 1
+        return self.engine(m) * (1.3 if self.calls == 1 else 1.0)
+
+
+def test_the_latency_target_is_judged_against_the_dense_model_timed_alongside(tmp_path):
+    """Judged against a dense time taken once at the start, the slow spell made the first round look like 0.73 of
+    dense and the loop stopped there (the true ratio 0.9). Each accepted round is now timed in alternating rounds
+    with the dense model, and the target is their ratio."""
+    timer = SlowStart()
+    res = _loop(tmp_path, latency_fn=timer, target_latency=0.8, max_rounds=6)
+    accepted = [r for r in res.history if r.accepted]
+    assert len(accepted) >= 2 and "latency target reached" in res.stop_reason, (res.history, res.stop_reason)
+    for r in accepted:
+        assert r.reference_latency == pytest.approx(timer.engine(CifarResNet(20)))  # the steady dense time
+    assert accepted[-1].latency / accepted[-1].reference_latency <= 0.8 < accepted[-2].latency / accepted[-2].reference_latency
+    assert timer.calls == 1 + 2 * 3 * len(accepted)  # the start, then 3 alternating rounds of two per accepted round

@@ -257,9 +257,12 @@ def test_the_rounds_left_count_the_round_numbers_not_the_lines_printed():
     with RunProgress(22, stream=stream, interactive=False) as progress:
         for rnd in (16, 18):
             progress.round(RoundRecord(rnd, 0.01, False, 90.0, 1.5, 10 ** 6, 10 ** 4, {"g": 16}))
+        progress.round(RoundRecord(19, 0.01, True, 90.0, 0.5, 10 ** 6, 10 ** 4, {"g": 16}, latency=0.5,
+                                   reference_latency=0.8))
     lines = stream.getvalue().splitlines()
     assert "round 16: rolled back" in lines[0] and "at most 5 round(s) left" in lines[0], lines
     assert "at most 3 round(s) left" in lines[1], lines
+    assert "latency 0.500 ms (0.625 of dense timed alongside)" in lines[2], lines  # the ratio the target judges
 
 
 @pytest.mark.slow  # a whole compress job

@@ -312,7 +312,8 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--target-latency", type=_FRACTION, help="stop once the ONNX Runtime CPU latency <= this fraction "
                    "of the dense model's in the same form: with --backend onnxruntime both are INT8 files, so the "
                    "reference is the quantize-only model; with other backends (whose engines ORT does not run) both "
-                   "are FP32. Measured every accepted round")
+                   "are FP32. Every accepted round is timed with the dense model in 3 alternating rounds and "
+                   "judged on their ratio")
     c.add_argument("--ignore", action="append", help="module never pruned (repeatable)")
     c.add_argument("--select", default="channels", choices=("channels", "latency"), help="channels (default): each "
                    "round removes --step of the channels, ranked by the criterion; latency: each round removes the "

@@ -173,9 +173,9 @@ def prune_loop(
     deployment engine; e.g. ``hqp_fx.compress.onnx_latency``, ms in ONNX Runtime); it is called on the dense model
     and on every accepted candidate, that one together with the dense model again in ``config.latency_rounds``
     alternating rounds (``paired_latency``), and the target is judged on their ratio: timing on a shared machine
-    drifts by tens of percent over minutes, so a dense time taken once at the start is no reference an hour later. ``recover_fn(model)`` fine-tunes the final model in place once the rounds stop
-    (not when none was accepted); the result replaces it only when its metric is at least the last accepted
-    round's.
+    drifts by tens of percent over minutes, so a dense time taken once at the start is no reference an hour later.
+    ``recover_fn(model)`` fine-tunes the final model in place once the rounds stop (not when none was accepted); the
+    result replaces it only when its metric is at least the last accepted round's.
     ``leaf_modules`` are kept opaque while tracing (``hqp_fx.trace``).
 
     ``config.select="latency"`` needs ``latency_model(dense graph)`` (e.g. ``LatencyModel.measure``) and

@@ -55,11 +55,18 @@ def example_inputs(gm: fx.GraphModule) -> tuple[Any, ...]:
         ) from None
 
 
+def method_owner(node: fx.Node) -> str | None:
+    """For a ``call_method`` on an attribute read whole (``get_attr``), that attribute's name: a module whose own
+    method ``hqp_fx.trace`` kept as one opaque call when it names a module (else a parameter's tensor method)."""
+    if node.op == "call_method" and node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr":
+        return node.args[0].target
+    return None
+
+
 def leaf_key(node: fx.Node) -> str | None:
     """The key of ``LEAVES`` a node would be recorded under: a ``call_module``'s module name, or
     ``"<module>.<method>"`` for a module's own method that ``hqp_fx.trace`` kept as one opaque call."""
     if node.op == "call_module":
         return node.target
-    if node.op == "call_method" and node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr":
-        return f"{node.args[0].target}.{node.target}"
-    return None
+    owner = method_owner(node)
+    return None if owner is None else f"{owner}.{node.target}"

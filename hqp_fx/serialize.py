@@ -268,10 +268,8 @@ def _build_module(spec: Any) -> nn.Module:
 def _owner_module(node: fx.Node, gm: fx.GraphModule) -> nn.Module | None:
     """For a ``call_method`` on a module the graph reads whole (``get_attr``), that module: ``hqp_fx.trace``
     keeps a method it cannot trace (a detector's decode) as such a call."""
-    owner = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    if owner is None or owner.op != "get_attr":
-        return None
-    value = operator.attrgetter(owner.target)(gm)
+    owner = meta.method_owner(node)
+    value = None if owner is None else operator.attrgetter(owner)(gm)
     return value if isinstance(value, nn.Module) else None
 
 

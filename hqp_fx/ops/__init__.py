@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
+from .. import meta
 from . import attention, conv_linear, data_movement, elementwise, norms, pooling
 from .base import NodeEdit, OpRule, arg, run_call, weight_name
 
@@ -49,8 +50,7 @@ def rule_for(node: fx.Node, modules: dict[str, nn.Module]) -> OpRule | None:
     if node.op == "call_function":
         return _BY_FUNCTION.get(node.target)
     if node.op == "call_method":
-        owner = node.args[0] if node.args else None
-        if isinstance(owner, fx.Node) and owner.op == "get_attr" and owner.target in modules:
+        if meta.method_owner(node) in modules:
             return None  # a module's own method hqp_fx.trace kept opaque (``self.flatten(x)`` is not Tensor.flatten)
         return _BY_METHOD.get(node.target)
     if node.op == "call_module":

@@ -528,9 +528,9 @@ def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_module":
         return f"{type(modules[node.target]).__name__} module {node.target}"
     if node.op == "call_method":
-        owner = node.args[0] if node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr" else None
-        if owner is not None and owner.target in modules:
-            return f"{type(modules[owner.target]).__name__} method {owner.target}.{node.target}()"
+        owner = meta.method_owner(node)
+        if owner in modules:
+            return f"{type(modules[owner]).__name__} method {owner}.{node.target}()"
         return f"method .{node.target}()"
     t = node.target
     return f"{getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', t)}".lstrip(".")

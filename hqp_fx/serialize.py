@@ -298,10 +298,10 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> None:
             if LOADABLE_FUNCTIONS.get(target) is not node.target:
                 raise HQPError(f"cannot save node {node.format_node()}: {target} is not in "
                                "hqp_fx.serialize.LOADABLE_FUNCTIONS, so the file could not be loaded safely")
-        elif node.op == "call_method" and _owner_module(node, gm) is None:
+        elif node.op == "call_method" and (owner := _owner_module(node, gm)) is None:
             _method(target)
         elif node.op == "call_method":  # a user module's own method, kept opaque by hqp_fx.trace
-            if not _users_own_method(type(_owner_module(node, gm)), _identifier(target, "method name")):
+            if not _users_own_method(type(owner), _identifier(target, "method name")):
                 raise HQPError(f"cannot save node {node.format_node()}: {target!r} is not a method the module's "
                                "own class defines, so the file could not be loaded safely")
         elif node.op in ("call_module", "get_attr") and target not in modules:

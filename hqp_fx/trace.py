@@ -292,11 +292,7 @@ def _fx_trace(root, model, inputs, leaf_types, leaf_names, made_leaves: dict[str
 
 def _method_called_by_forward(exc: BaseException, mod: nn.Module) -> str | None:
     """The method of ``mod`` that its ``forward`` called on ``self`` and inside which tracing failed, if any."""
-    frames = []
-    tb = exc.__traceback__
-    while tb is not None:
-        frames.append(tb.tb_frame)
-        tb = tb.tb_next
+    frames = [frame for frame, _ in traceback.walk_tb(exc.__traceback__)]
     for caller, callee in zip(frames, frames[1:]):
         name = callee.f_code.co_name
         if caller.f_code.co_name == "forward" and caller.f_locals.get("self") is mod \
@@ -323,8 +319,9 @@ def _leaf_record(gm: fx.GraphModule, leaf_types, leaf_names, made_leaves: dict[s
     """Every opaque module (or module method) the graph calls that is not a torch.nn layer, with why it is opaque."""
     record = {}
     for node in gm.graph.nodes:
-        if node.op == "call_method" and meta.leaf_key(node) in made_leaves:
-            record[meta.leaf_key(node)] = f"made a leaf: {made_leaves[meta.leaf_key(node)]}"
+        key = meta.leaf_key(node)
+        if node.op == "call_method" and key in made_leaves:
+            record[key] = f"made a leaf: {made_leaves[key]}"
         if node.op != "call_module" or node.target in record:
             continue
         mod = gm.get_submodule(node.target)

@@ -148,34 +148,41 @@ def _checkpoint_folder(args: argparse.Namespace) -> Path:
     return checkpoints
 
 
-def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, validation, test, *, augment: bool,
-                  lr: float, checkpoints: Path, identity: dict,
-                  validation_source: str = "the data's val/ folder") -> dict:
-    """Shared by ``hqp compress`` and ``hqp demo``: stage, run with progress, summarise. ``checkpoints`` comes from
-    ``_checkpoint_folder``, checked before the data was loaded; ``identity`` joins the checkpoints' run fingerprint
-    (what a resume must share: the model spec, ...)."""
-    from .compress import CompressConfig, compress, remove_checkpoints
-    from .artifacts import StagedOutput
+def compress_config(args: argparse.Namespace, *, lr: float, augment: bool):
+    """The ``CompressConfig`` that ``hqp compress`` / ``hqp demo`` run with these parsed arguments."""
+    from .compress import CompressConfig
     from .prune_loop import PruneLoopConfig, step_schedule
     from .passes.align import engine_alignment
     from .passes.quantize import QuantConfig
-    from .progress import RunProgress
     from .train import FinetuneConfig
 
-    steps = step_schedule(args.step)
     align = engine_alignment(args.backend) if args.align == "auto" else args.align
-    config = CompressConfig(
-        prune=PruneLoopConfig(delta_max=args.delta_max, steps=steps, criterion=args.criterion,
-                        flops_normalize=args.flops_normalize, align=align,
-                        target_macs=args.target_macs, target_latency=args.target_latency,
-                        ignore=tuple(args.ignore or ()), remove_branches=args.remove_branches, seed=args.seed,
-                        max_rounds=args.max_rounds, select=args.select),
+    return CompressConfig(
+        prune=PruneLoopConfig(delta_max=args.delta_max, steps=step_schedule(args.step), criterion=args.criterion,
+                              flops_normalize=args.flops_normalize, align=align, target_macs=args.target_macs,
+                              target_latency=args.target_latency, ignore=tuple(args.ignore or ()),
+                              keep_stem=args.keep_stem, remove_branches=args.remove_branches, seed=args.seed,
+                              max_rounds=args.max_rounds,
+                              select=args.select or ("latency" if args.backend == "onnxruntime" else "channels")),
         finetune=FinetuneConfig(epochs=args.finetune_epochs, lr=lr, distill=args.distill,
                                 temperature=args.temperature),
         recover_epochs=args.recover_epochs,
         quant=QuantConfig(backend=args.backend, calibration=args.calibration, num_samples=args.samples),
         batch_size=args.batch_size, augment=augment, ablation=args.ablation, hybrid=not args.no_hybrid,
         threads=args.threads, val_fraction=args.val_fraction, val_max_images=args.val_max)
+
+
+def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, validation, test, *, augment: bool,
+                  lr: float, checkpoints: Path, identity: dict,
+                  validation_source: str = "the data's val/ folder") -> dict:
+    """Shared by ``hqp compress`` and ``hqp demo``: stage, run with progress, summarise. ``checkpoints`` comes from
+    ``_checkpoint_folder``, checked before the data was loaded; ``identity`` joins the checkpoints' run fingerprint
+    (what a resume must share: the model spec, ...)."""
+    from .compress import compress, remove_checkpoints
+    from .artifacts import StagedOutput
+    from .progress import RunProgress
+
+    config = compress_config(args, lr=lr, augment=augment)
     base_macs = count_macs(model, example) if args.target_macs is not None else None
     with StagedOutput(args.out) as stage, RunProgress(args.max_rounds, base_macs=base_macs,
                                                       target_macs=args.target_macs) as progress:
@@ -288,24 +295,38 @@ def _add_validation_options(p: argparse.ArgumentParser, *, fraction: float) -> N
     p.add_argument("--val-max", type=_COUNT, default=5000, help="at most this many held-out validation images")
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` states each default that is a value (not None, not an off switch) and not already in the text."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
+    """``hqp compress``'s defaults are the recipe that measured best on two CIFAR ResNet checkpoints (taylor,
+    selection by measured engine latency with depth pruning, the stem whole, distillation, one epoch per round
+    and one of recovery; benchmarks/RESULTS.md, "The default recipe"). The demo keeps its own, smaller job."""
     c.add_argument("--out", required=not demo, default="hqp_demo" if demo else None,
                    help="output folder (must not exist or be empty)")
     c.add_argument("--delta-max", type=_NON_NEGATIVE, default=1.0, help="largest allowed top-1 drop in points")
-    c.add_argument("--step", type=_FRACTION, default=0.05, help="fraction of channels pruned per round (then 2%%, 1%%)")
-    c.add_argument("--finetune-epochs", type=_NON_NEGATIVE, default=1.0 if demo else 2.0)
-    c.add_argument("--recover-epochs", type=_NON_NEGATIVE, default=0.0, help="after the last round, fine-tune the "
-                   "pruned model this many epochs more (kept only if top-1 does not fall); 0: no recovery fine-tune")
+    c.add_argument("--step", type=_FRACTION, default=0.05 if demo else 0.1, help="share removed per round (then 2%%, "
+                   "1%%): of the predicted latency with --select latency, of the channels with --select channels")
+    c.add_argument("--finetune-epochs", type=_NON_NEGATIVE, default=1.0, help="fine-tuning after each round")
+    c.add_argument("--recover-epochs", type=_NON_NEGATIVE, default=0.0 if demo else 1.0, help="after the last round, "
+                   "fine-tune the pruned model this many epochs more (kept only if top-1 does not fall); 0: none")
     c.add_argument("--lr", type=_number(float, 0, open_low=True), default=0.01,
                    help="fine-tune learning rate (1/10 of the base rate)")
-    c.add_argument("--distill", type=_number(float, 0, 1), default=0.9 if demo else 0.0,
-                   help="fine-tune with this weight on distillation from the dense model (e.g. 0.9; the rest on the "
-                   "labels); 0: labels only" + (" (demo default 0.9)" if demo else ""))
+    c.add_argument("--distill", type=_number(float, 0, 1), default=0.9,
+                   help="fine-tune with this weight on distillation from the dense model (the rest on the labels); "
+                   "0: labels only")
     c.add_argument("--temperature", type=_number(float, 0, open_low=True), default=4.0, help="distillation temperature")
     c.add_argument("--align", type=_align_arg, default="auto", help="round kept channels to this multiple; auto "
                    "(default): the block width of the --backend's INT8 convolutions, 16 for every backend "
                    "(hqp_fx.passes.align.ENGINE_ALIGNMENT says why)")
-    c.add_argument("--criterion", default="fisher", choices=CRITERIA)
+    c.add_argument("--criterion", default="fisher" if demo else "taylor", choices=CRITERIA,
+                   help="channel importance on the calibration images")
     c.add_argument("--flops-normalize", action="store_true", help="taylor / group-fisher: rank channels by "
                    "estimated loss change per MAC they cost")
     c.add_argument("--target-macs", type=_FRACTION, help="stop once MACs <= this fraction of the dense model")
@@ -315,19 +336,23 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
                    "are FP32. Every accepted round is timed with the dense model in 3 alternating rounds and "
                    "judged on their ratio")
     c.add_argument("--ignore", action="append", help="module never pruned (repeatable)")
-    c.add_argument("--select", default="channels", choices=("channels", "latency"), help="channels (default): each "
-                   "round removes --step of the channels, ranked by the criterion; latency: each round removes the "
-                   "channel blocks (and, with --remove-branches, whole blocks) of least importance per millisecond "
-                   "they save until the predicted ONNX Runtime INT8 latency falls by --step, from a table of every "
-                   "layer timed on this machine (cached), and measures every accepted round")
-    c.add_argument("--remove-branches", action="store_true", help="depth pruning: all inner channels of a residual "
-                   "block (or an SE gate) may go, and the block with them; ranked with the channel blocks")
-    c.add_argument("--max-rounds", type=_COUNT, default=12 if demo else 100)
+    c.add_argument("--keep-stem", action=argparse.BooleanOptionalAction, default=not demo, help="never prune the "
+                   "first conv/linear layer's output channels (in a ResNet, the stream every block adds to)")
+    c.add_argument("--select", default="channels" if demo else None, choices=("channels", "latency"),
+                   help=("channels (default)" if demo else "default: latency with --backend onnxruntime (the engine "
+                         "its table times), else channels") + ". latency: each round removes the channel blocks (and, with --remove-branches, whole blocks) "
+                   "of least importance per millisecond they save until the predicted ONNX Runtime INT8 latency "
+                   "falls by --step, from a table of every layer timed on this machine (cached), and measures every "
+                   "accepted round; channels: each round removes --step of the channels, ranked by the criterion")
+    c.add_argument("--remove-branches", action=argparse.BooleanOptionalAction, default=not demo, help="depth "
+                   "pruning: all inner channels of a residual block (or an SE gate) may go, and the block with them; "
+                   "ranked with the channel blocks")
+    c.add_argument("--max-rounds", type=_COUNT, default=12 if demo else 100, help="pruning rounds at most")
     c.add_argument("--backend", type=_backend, default="onnxruntime" if demo else "auto", help=_BACKEND_HELP)
     c.add_argument("--calibration", default="histogram", choices=CALIBRATIONS)
     c.add_argument("--samples", type=_COUNT, default=256 if demo else 512, help="calibration images")
     c.add_argument("--no-hybrid", action="store_true", help="never keep layers in FP to honour delta_max")
-    c.add_argument("--ablation", action="store_true", default=demo,
+    c.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure quantize-only (dense INT8); dense FP32 and prune-only are always measured")
     c.add_argument("--batch-size", type=_COUNT, default=64 if demo else 128)
     c.add_argument("--threads", type=_COUNT, default=2)
@@ -371,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=_number(int, 0), default=0)
     q.set_defaults(func=cmd_quantize)
 
-    c = sub.add_parser("compress", help="HQP end to end: prune under delta_max, quantize, export, verify, report")
+    c = sub.add_parser("compress", help="HQP end to end: prune under delta_max, quantize, export, verify, report",
+                       formatter_class=_ShowDefaults)
     c.add_argument("model", help="torchvision:NAME | cifar:resnet20|32|44|56|110 | path/to/file.py:factory")
     c.add_argument("--weights", help="local checkpoint (state dict); for torchvision also a hub weights name")
     c.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ or test/")
@@ -380,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress_options(c, demo=False)
     c.set_defaults(func=cmd_compress)
 
-    d = sub.add_parser("demo", help="the whole HQP job in a few CPU minutes on scikit-learn's handwritten digits")
+    d = sub.add_parser("demo", help="the whole HQP job in a few CPU minutes on scikit-learn's handwritten digits",
+                       formatter_class=_ShowDefaults)
     _add_compress_options(d, demo=True)
     d.add_argument("--size", type=_COUNT, default=16,
                    help="the 8x8 digits are upsampled to SIZE x SIZE (default 16: at 8x8 latencies are noise)")

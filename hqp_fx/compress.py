@@ -239,7 +239,7 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
         "round_latency": (f"{'INT8 (' + config.quant.backend + ' preset)' if latency_quant else 'FP32'} model in ONNX "
                           "Runtime CPU, ms; measured on accepted rounds when a latency target is set or the selection "
                           "is by latency"),
-        "latency_model": _prediction_error(pruned.history),
+        "latency_model": _prediction_error(pruned.history, pruned.baseline_latency),
         "stop_reason": pruned.stop_reason,
         "recovery": pruned.recovery and {**pruned.recovery, "epochs": config.recover_epochs},
         "channels": _channels_per_layer(model, pruned.model),
@@ -272,15 +272,18 @@ def _paired_ratio(reference: dict, variant: dict) -> float:
     return ratios[len(ratios) // 2]
 
 
-def _prediction_error(history: list[RoundRecord]) -> dict | None:
-    """How well the latency model predicted the accepted rounds it chose (None when it was not used)."""
-    pairs = [(r.round, r.predicted_latency, r.latency) for r in history
-             if r.predicted_latency is not None and r.latency is not None]
+def _prediction_error(history: list[RoundRecord], dense_ms: float | None) -> dict | None:
+    """How well the latency model predicted the accepted rounds it chose (None when it was not used). Predictions are
+    on the scale of the dense model's first timing (``dense_ms``); so is each measurement here: its ratio to the dense
+    model timed alongside, times ``dense_ms``. The raw ms of a later round also carry the machine's drift since."""
+    pairs = [(r.round, r.predicted_latency, r.latency / r.reference_latency * dense_ms, r.latency) for r in history
+             if r.predicted_latency is not None and r.latency is not None and r.reference_latency and dense_ms]
     if not pairs:
         return None
-    errors = [(p - m) / m for _, p, m in pairs]
-    return {"rounds": [{"round": n, "predicted_ms": p, "measured_ms": m, "error": e}
-                       for (n, p, m), e in zip(pairs, errors)],
+    errors = [(p - m) / m for _, p, m, _ in pairs]
+    return {"dense_ms": dense_ms,
+            "rounds": [{"round": n, "predicted_ms": p, "measured_ms": m, "raw_measured_ms": raw, "error": e}
+                       for (n, p, m, raw), e in zip(pairs, errors)],
             "mean_abs_error": sum(abs(e) for e in errors) / len(errors), "max_abs_error": max(abs(e) for e in errors)}
 
 

@@ -72,6 +72,7 @@ class PruneLoopConfig:
     latency_rounds: int = 3  # an accepted round is timed with the dense model in this many alternating rounds
     calib_batches: int | None = 8
     ignore: tuple[str, ...] = ()
+    keep_stem: bool = False  # the first conv/linear layer's channels (the stem, and the stream it feeds) stay whole
     seed: int = 0
     metric: str = "top1"  # the key of evaluate_fn's dict that delta_max guards (higher is better, in points)
 
@@ -133,12 +134,27 @@ def _analysed(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def stem_layers(gm: fx.GraphModule) -> tuple[str, ...]:
+    """The first convolution or linear layer in execution order: the stem, whose output channels in a residual
+    network are the stream every block of its stage adds to. Pruning them thins every block at once, and per MAC
+    they rank cheapest: the loss-per-MAC ranking cut ResNet-56's stream to 6/17/48 channels and lost 5.8 points
+    more than with the stem kept (benchmarks/RESULTS.md, "Criteria and Torch-Pruning at equal MACs")."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.modules.conv._ConvNd, nn.Linear)):
+            return (str(node.target),)
+    return ()
+
+
+def _ignored(gm: fx.GraphModule, config: PruneLoopConfig) -> tuple[str, ...]:
+    return config.ignore + (stem_layers(gm) if config.keep_stem else ())
+
+
 def _floor(gm: fx.GraphModule, min_keep: int, config: PruneLoopConfig, example) -> tuple[int, int]:
     """MACs and params with every eligible group pruned down to ``min_keep`` (or away, with remove_branches):
     the most pruning can do."""
     groups = meta.channel_groups(gm)
     scores = {g.id: torch.arange(g.size, dtype=torch.float64) for g in groups if g.prunable}
-    plan = select_channels(groups, scores, 0.999999, min_keep=min_keep, ignore=config.ignore,
+    plan = select_channels(groups, scores, 0.999999, min_keep=min_keep, ignore=_ignored(gm, config),
                            remove_branches=config.remove_branches)
     smallest = PruneChannelsPass(plan)(gm).graph_module if plan else gm
     return count_macs(smallest, example), count_params(smallest)
@@ -179,9 +195,11 @@ def prune_loop(
     ``leaf_modules`` are kept opaque while tracing (``hqp_fx.trace``).
 
     ``config.select="latency"`` needs ``latency_model(dense graph)`` (e.g. ``LatencyModel.measure``) and
-    ``latency_fn``: the model is calibrated on the measured dense latency, each round removes the channel blocks of
-    least importance per predicted millisecond until the prediction falls by the step (``select_for_latency``),
-    and every accepted round is measured too, so each record holds the prediction and the measurement. With
+    ``latency_fn``: each round removes the channel blocks of least importance per predicted millisecond until the
+    prediction falls by the step (``select_for_latency``); every accepted round is measured too, so each record
+    holds the prediction and the measurement. The model is calibrated on the last measurement (the dense model at
+    first, then each accepted round's ratio to the dense model timed alongside, on the dense model's first timing's
+    scale), so a prediction is that measurement minus what the table says this round's cut saves. With
     ``remove_branches`` whole blocks are items of that knapsack; when a smaller step (or the smallest one again)
     proposes the same whole blocks a rejected round removed, they are kept from then on (they may still be
     thinned) and the rejected round's step is tried again without them, instead of the loop stopping there.
@@ -222,7 +240,6 @@ def prune_loop(
         engine = None
         if by_latency:
             engine = latency_model(current)
-            engine.calibrate(current, base_latency)
             if ckpt is not None:
                 ckpt.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(ckpt / LATENCY_FILE, engine.to_json())
@@ -248,10 +265,13 @@ def prune_loop(
             engine = LatencyModel.from_json((ckpt / LATENCY_FILE).read_text())
 
     current_macs, current_params = count_macs(current, example), count_params(current)
+    ignore = _ignored(current, config)
     accepted_top1 = next((r.top1 for r in reversed(history) if r.accepted), baseline[config.metric])
     last = next((r for r in reversed(history) if r.accepted), None)
     current_latency = last.latency if last is not None else base_latency
     ratio = 1.0 if last is None or last.latency is None else last.latency / (last.reference_latency or base_latency)
+    if engine is not None:
+        engine.calibrate(current, ratio * base_latency)
     stop = state.get("stop_reason", "") if state else ""
     for rnd in range(next_round, config.max_rounds):
         if config.target_macs is not None and current_macs <= config.target_macs * base_macs:
@@ -273,11 +293,11 @@ def prune_loop(
         scores = current.meta[meta.SENSITIVITY]["scores"]
         if by_latency:
             plan = select_for_latency(current, scores, engine, step, align=config.align, min_keep=min_keep,
-                                      ignore=config.ignore, remove_branches=config.remove_branches,
+                                      ignore=ignore, remove_branches=config.remove_branches,
                                       keep_whole=frozenset(kept_whole))
         else:
             plan = select_channels(meta.channel_groups(current), scores, step, min_keep=min_keep, unit=config.align,
-                                   ignore=config.ignore, remove_branches=config.remove_branches)
+                                   ignore=ignore, remove_branches=config.remove_branches)
         Pipeline([AlignChannelsPass(plan, config.align, scores)], available=tuple(current.meta))(current)
         aligned = current.meta[meta.ALIGN]["plan"]
         sizes = {g.id: g.size for g in meta.channel_groups(current)} if by_latency else {}
@@ -318,6 +338,10 @@ def prune_loop(
             current_macs, current_params, accepted_top1 = record.macs, record.params, record.top1
             current_latency = record.latency
             ratio = record.latency / record.reference_latency if measure else ratio
+            if engine is not None:
+                # each prediction starts from the last measurement (NetAdapt's measure-and-correct): the table then
+                # only has to get one round's cut right, and on the dense start's scale the VM's drift cancels
+                engine.calibrate(current, ratio * base_latency)
         elif step_index + 1 < len(config.steps):
             step_index += 1
         elif not whole:  # whole blocks are retried without them at this step (above)

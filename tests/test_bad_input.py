@@ -327,7 +327,7 @@ def test_cli_resume_refuses_another_model_and_a_rerun_refuses_old_rounds(tmp_pat
     assert "refusing to resume" in err and "model spec: \"cifar:resnet20\" then, \"cifar:resnet32\" now" in err
     assert "model weights" in err and "Traceback" not in err
     assert main(["compress", "cifar:resnet20", *args, "--resume", "--criterion", "l1"]) == 2
-    assert "config.criterion: \"fisher\" then, \"l1\" now" in capsys.readouterr().err
+    assert "config.criterion: \"taylor\" then, \"l1\" now" in capsys.readouterr().err
     assert sorted(p.name for p in checkpoints.iterdir()) == rounds and not out.exists()
 
 
@@ -392,6 +392,28 @@ def test_backend_auto_picks_the_engine_this_machine_can_build(monkeypatch, capsy
     with pytest.raises(SystemExit):
         build_parser().parse_args(base + ["--backend", "openvino"])
     assert "expected auto or one of tensorrt, onnxruntime, x86-inductor, got 'openvino'" in capsys.readouterr().err
+
+
+def test_compress_defaults_are_the_benchmarked_recipe(monkeypatch):
+    """The command without flags runs the recipe of benchmarks/RESULTS.md's "The default recipe": selection by
+    measured ONNX Runtime latency (the engine its table times; channels for the other backends), depth pruning,
+    taylor, the stem whole, distillation, one epoch per round and one of recovery, quantize-only measured beside."""
+    from hqp_fx.cli import build_parser, compress_config
+
+    base = ["compress", "cifar:resnet20", "--data", "d", "--out", "o"]
+    monkeypatch.setattr("hqp_fx.engines.tensorrt.tensorrt_unavailable_reason", lambda: "TensorRT: not run (no GPU)")
+    config = compress_config(build_parser().parse_args(base), lr=0.01, augment=True)
+    p = config.prune
+    assert (p.select, p.criterion, p.remove_branches, p.keep_stem, p.steps, p.align) == \
+        ("latency", "taylor", True, True, (0.1, 0.02, 0.01), 16)
+    assert (config.finetune.epochs, config.finetune.distill, config.recover_epochs, config.ablation) == (1.0, 0.9, 1.0, True)
+    assert config.quant.backend == "onnxruntime"
+    expert = compress_config(build_parser().parse_args(base + ["--no-remove-branches", "--no-keep-stem", "--select",
+                                                               "channels", "--no-ablation"]), lr=0.01, augment=True)
+    assert (expert.prune.remove_branches, expert.prune.keep_stem, expert.prune.select, expert.ablation) == \
+        (False, False, "channels", False)
+    monkeypatch.setattr("hqp_fx.engines.tensorrt.tensorrt_unavailable_reason", lambda: None)
+    assert compress_config(build_parser().parse_args(base), lr=0.01, augment=True).prune.select == "channels"
 
 
 def test_ort_model_feeds_a_static_batch_file_any_number_of_images(tmp_path):

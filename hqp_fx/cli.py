@@ -184,8 +184,8 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, va
 
     config = compress_config(args, lr=lr, augment=augment)
     base_macs = count_macs(model, example) if args.target_macs is not None else None
-    with StagedOutput(args.out) as stage, RunProgress(args.max_rounds, base_macs=base_macs,
-                                                      target_macs=args.target_macs) as progress:
+    with StagedOutput(args.out) as stage, RunProgress(args.max_rounds, base_macs=base_macs, target_macs=args.target_macs,
+                                                      target_latency=args.target_latency) as progress:
         report = compress(model, example, train, test, config, stage, validation=validation, checkpoint_dir=checkpoints,
                           resume=args.resume, progress=progress.phase, on_round=progress.round,
                           leaf_modules=tuple(getattr(args, "leaf", None) or ()), fingerprint=identity,

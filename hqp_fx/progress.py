@@ -24,15 +24,17 @@ def _clock(seconds: float) -> str:
 class RunProgress:
     """``phase(message)`` and ``round(record)`` sinks for ``compress``; a context manager.
 
-    ``base_macs`` and ``target_macs`` (a fraction) let the line mode estimate the rounds left to a MACs target
-    from the average reduction of the accepted rounds so far; without a target it states the rounds budget left.
+    ``base_macs`` and ``target_macs`` (a fraction), or ``target_latency`` (a fraction of the dense model timed
+    alongside), let the line mode estimate the rounds left to that target from the average reduction of the
+    accepted rounds so far; without a target it states the rounds budget left.
     """
 
     def __init__(self, max_rounds: int, *, base_macs: int | None = None, target_macs: float | None = None,
-                 stream: TextIO | None = None, interactive: bool | None = None):
+                 target_latency: float | None = None, stream: TextIO | None = None, interactive: bool | None = None):
         self.stream = stream or sys.stderr
         self.interactive = self.stream.isatty() if interactive is None else interactive
         self.max_rounds, self.base_macs, self.target_macs = max_rounds, base_macs, target_macs
+        self.target_latency = target_latency
         self.start = self.last = time.monotonic()
         self.durations: list[float] = []
         self.records: list[RoundRecord] = []
@@ -81,17 +83,20 @@ class RunProgress:
             self._line(f"{text}; {self.estimate()}")
 
     def estimate(self) -> str:
-        """Time left: rounds still to run (to the MACs target when one is set) times the mean round so far."""
+        """Time left: rounds still to run (to the MACs or latency target when one is set) times the mean round."""
         mean = sum(self.durations) / len(self.durations)
         budget = self.max_rounds - (self.records[-1].round + 1)  # round numbers count skipped and resumed rounds too
         accepted = [r for r in self.records if r.accepted]
-        if self.target_macs is not None and self.base_macs and accepted:
-            fraction = accepted[-1].macs / self.base_macs
-            per_accept = fraction ** (1 / len(accepted))  # the average MACs ratio of one accepted round
-            if fraction <= self.target_macs or per_accept >= 1:
-                left = 0 if fraction <= self.target_macs else budget
-            else:
-                accepts = math.ceil(math.log(self.target_macs / fraction) / math.log(per_accept))
-                left = min(budget, math.ceil(accepts * len(self.records) / len(accepted)))
-            return f"~{left} round(s) to the MACs target, ETA {_clock(left * mean)} (mean round {_clock(mean)})"
-        return f"at most {budget} round(s) left, {_clock(budget * mean)} at the mean round of {_clock(mean)}"
+        if self.target_latency is not None and accepted and accepted[-1].latency and accepted[-1].reference_latency:
+            what, target, fraction = "latency", self.target_latency, accepted[-1].latency / accepted[-1].reference_latency
+        elif self.target_macs is not None and self.base_macs and accepted:
+            what, target, fraction = "MACs", self.target_macs, accepted[-1].macs / self.base_macs
+        else:
+            return f"at most {budget} round(s) left, {_clock(budget * mean)} at the mean round of {_clock(mean)}"
+        per_accept = fraction ** (1 / len(accepted))  # the average ratio of one accepted round
+        if fraction <= target or per_accept >= 1:
+            left = 0 if fraction <= target else budget
+        else:
+            accepts = math.ceil(math.log(target / fraction) / math.log(per_accept))
+            left = min(budget, math.ceil(accepts * len(self.records) / len(accepted)))
+        return f"~{left} round(s) to the {what} target, ETA {_clock(left * mean)} (mean round {_clock(mean)})"

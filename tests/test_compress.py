@@ -263,6 +263,12 @@ def test_the_rounds_left_count_the_round_numbers_not_the_lines_printed():
     assert "round 16: rolled back" in lines[0] and "at most 5 round(s) left" in lines[0], lines
     assert "at most 3 round(s) left" in lines[1], lines
     assert "latency 0.500 ms (0.625 of dense timed alongside)" in lines[2], lines  # the ratio the target judges
+    stream = io.StringIO()
+    with RunProgress(100, target_latency=0.5, stream=stream, interactive=False) as progress:
+        for rnd, ratio in enumerate((0.9, 0.8)):  # 0.894 per accepted round: 0.8 -> 0.5 takes 5 more, 5 rounds
+            progress.round(RoundRecord(rnd, 0.1, True, 90.0, 0.5, 10 ** 6, 10 ** 4, {"g": 16}, latency=ratio,
+                                       reference_latency=1.0))
+    assert "~5 round(s) to the latency target, ETA" in stream.getvalue().splitlines()[-1], stream.getvalue()
 
 
 @pytest.mark.slow  # a whole compress job

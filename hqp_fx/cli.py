@@ -340,8 +340,8 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
                    "first conv/linear layer's output channels (in a ResNet, the stream every block adds to)")
     c.add_argument("--select", default="channels" if demo else None, choices=("channels", "latency"),
                    help=("channels (default)" if demo else "default: latency with --backend onnxruntime (the engine "
-                         "its table times), else channels") + ". latency: each round removes the channel blocks (and, with --remove-branches, whole blocks) "
-                   "of least importance per millisecond they save until the predicted ONNX Runtime INT8 latency "
+                         "its table times), else channels") + ". latency: each round removes the channel blocks (and, "
+                   "with --remove-branches, whole blocks) of least importance per millisecond they save until the predicted ONNX Runtime INT8 latency "
                    "falls by --step, from a table of every layer timed on this machine (cached), and measures every "
                    "accepted round; channels: each round removes --step of the channels, ranked by the criterion")
     c.add_argument("--remove-branches", action=argparse.BooleanOptionalAction, default=not demo, help="depth "

@@ -125,7 +125,9 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
     where a given ``validation`` came from.
     """
     source = validation_source
-    if validation is None:  # a checkpoint trained on all of train has seen these images: optimistic, but not test
+    if validation is None:
+        # a checkpoint trained on all of train has seen these images: its top-1 there is optimistic, and the drop
+        # there pessimistic (fine-tuning without them forgets them), so decisions err on the safe side; not test
         train, validation = train.hold_out(config.val_fraction, config.val_max_images, seed=config.prune.seed)
         source = (f"held out from the training images (stratified, {config.val_fraction:g} of each class, at most "
                   f"{config.val_max_images}, seed {config.prune.seed})")

@@ -202,7 +202,8 @@ def prune_loop(
     scale), so a prediction is that measurement minus what the table says this round's cut saves. With
     ``remove_branches`` whole blocks are items of that knapsack; when a smaller step (or the smallest one again)
     proposes the same whole blocks a rejected round removed, they are kept from then on (they may still be
-    thinned) and the rejected round's step is tried again without them, instead of the loop stopping there.
+    thinned), no further block is removed whole, and the rejected round's step is tried again with channel blocks
+    only, instead of the loop stopping there.
 
     With ``checkpoint_dir`` the run records a fingerprint of what decides it: the model's weights, the example
     input's shape, ``config`` (all but ``max_rounds``) and ``fingerprint``, the caller's own entries for what the
@@ -246,6 +247,7 @@ def prune_loop(
         history: list[RoundRecord] = []
         step_index, next_round, rejected = 0, 0, None
         kept_whole: list[str] = []
+        depth_closed = False
     else:
         current = _analysed(load(_checkpoint_file(ckpt, state["model"]), leaf_modules=dict(model.named_modules())))
         dense = trace(model, example_inputs, leaf_modules=leaf_modules) if measure else None
@@ -255,6 +257,7 @@ def prune_loop(
         history = state["history"]
         step_index, next_round, rejected = state["step_index"], state["next_round"], state.get("rejected_plan")
         kept_whole = list(state.get("kept_whole", []))
+        depth_closed = bool(state.get("depth_closed", False))
         if "stop_reason" in state:  # the rounds had finished: resuming returns that result
             next_round = config.max_rounds
         engine = None
@@ -293,7 +296,7 @@ def prune_loop(
         scores = current.meta[meta.SENSITIVITY]["scores"]
         if by_latency:
             plan = select_for_latency(current, scores, engine, step, align=config.align, min_keep=min_keep,
-                                      ignore=ignore, remove_branches=config.remove_branches,
+                                      ignore=ignore, remove_branches=config.remove_branches and not depth_closed,
                                       keep_whole=frozenset(kept_whole))
         else:
             plan = select_channels(meta.channel_groups(current), scores, step, min_keep=min_keep, unit=config.align,
@@ -305,8 +308,11 @@ def prune_loop(
         if whole and _same_plan(aligned, rejected):
             # the knapsack takes its cheapest item first whatever the step, so whole blocks that broke delta_max
             # come back at every smaller step: they were the reason, so they stay from now on (they may be
-            # thinned) and the rejected round's step is tried again without them
+            # thinned) and the rejected round's step is tried again without any whole block: the next block ranks
+            # below the rejected one per millisecond and costs about as much, and on both CIFAR ResNets each such
+            # try broke delta_max and cost a round (benchmarks/RESULTS.md, "The default recipe")
             kept_whole += whole
+            depth_closed = True
             rejected = None
             step_index = config.steps.index(history[-1].step) if history[-1].step in config.steps else step_index
             continue
@@ -348,7 +354,7 @@ def prune_loop(
             stop = f"round {rnd} broke delta_max ({drop:.2f} > {config.delta_max}) at the smallest step; rolled back"
         if ckpt is not None:
             _write_state(ckpt, identity, current, baseline, base_macs, base_params, base_latency, history, step_index,
-                         rnd + 1, rejected_plan=rejected, kept_whole=kept_whole,
+                         rnd + 1, rejected_plan=rejected, kept_whole=kept_whole, depth_closed=depth_closed,
                          **({"stop_reason": stop} if stop else {}))  # a stop here is not re-derived on resume
         if on_round is not None:
             on_round(record)
@@ -370,6 +376,7 @@ def prune_loop(
     if ckpt is not None:  # the finished state: a later resume returns this result without training again
         _write_state(ckpt, identity, current, baseline, base_macs, base_params, base_latency, history, step_index,
                      history[-1].round + 1 if history else 0, rejected_plan=rejected, kept_whole=kept_whole,
+                     depth_closed=depth_closed,
                      stop_reason=stop, recovery=recovery)
     final = {config.metric: accepted_top1}
     return PruneResult(current, baseline, final, base_macs, base_params, history, stop, base_latency, recovery)

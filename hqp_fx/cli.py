@@ -168,7 +168,7 @@ def compress_config(args: argparse.Namespace, *, lr: float, augment: bool):
                                 temperature=args.temperature),
         recover_epochs=args.recover_epochs,
         quant=QuantConfig(backend=args.backend, calibration=args.calibration, num_samples=args.samples),
-        batch_size=args.batch_size, augment=augment, ablation=args.ablation, hybrid=not args.no_hybrid,
+        batch_size=args.batch_size, augment=augment, ablation=args.ablation, hybrid=not args.no_hybrid, guard=args.guard,
         threads=args.threads, val_fraction=args.val_fraction, val_max_images=args.val_max)
 
 
@@ -352,6 +352,9 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--calibration", default="histogram", choices=CALIBRATIONS)
     c.add_argument("--samples", type=_COUNT, default=256 if demo else 512, help="calibration images")
     c.add_argument("--no-hybrid", action="store_true", help="never keep layers in FP to honour delta_max")
+    c.add_argument("--guard", default="fp32", choices=("fp32", "int8"), help="what each round's delta_max decision "
+                   "judges: the pruned FP32 model, or its INT8 model run in ONNX Runtime (the budget is then spent on "
+                   "what ships, and no layer needs keeping in FP; costs a quantization per round)")
     c.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure quantize-only (dense INT8); dense FP32 and prune-only are always measured")
     c.add_argument("--batch-size", type=_COUNT, default=64 if demo else 128)

@@ -23,7 +23,7 @@ from .core import atomic_write_text
 from .count import count_macs, count_params
 from .data import BatchLoader, ImageSet
 from .artifacts import ship_quantized, write_json
-from .engines.ort import OrtModel
+from .engines.ort import OrtModel, onnxruntime_top1
 from .measure import measure_alternating, measure_onnx, versions
 from .prune_loop import PruneLoopConfig, PruneResult, RoundRecord, prune_loop
 from .latency import LatencyModel
@@ -51,6 +51,7 @@ class CompressConfig:
     val_max_images: int = 5000
     ablation: bool = False  # also measure quantize-only (dense INT8)
     hybrid: bool = True  # keep sensitive layers in FP when INT8 would break delta_max
+    guard: str = "fp32"  # what each round's delta_max decision judges: the FP32 candidate, or its INT8 model ("int8")
     threads: int = 2
     latency_runs: int = 100
     latency_rounds: int = 3  # the variants are timed in alternating rounds: a slow spell of the machine hits all
@@ -63,6 +64,8 @@ class CompressConfig:
             raise ValueError(f"latency_rounds must be >= 1, got {self.latency_rounds}")
         if self.recover_epochs < 0:
             raise ValueError(f"recover_epochs must be >= 0 (0: no recovery fine-tune), got {self.recover_epochs}")
+        if self.guard not in ("fp32", "int8"):
+            raise ValueError(f"guard must be 'fp32' or 'int8', got {self.guard!r}")
 
 
 def onnx_latency(example: torch.Tensor, threads: int = 2, runs: int = 100, *, quant: QuantConfig | None = None,
@@ -145,6 +148,13 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
     def evaluate_fn(m: nn.Module) -> dict:
         return evaluate(m, val_loader, num_classes=len(validation.classes))
 
+    int8_top1 = onnxruntime_top1(example, val_loader, config.threads)
+
+    def guard_int8(m: nn.Module) -> dict:
+        """The candidate quantized as it will ship, run in ONNX Runtime on validation."""
+        progress("INT8 check: quantizing the candidate and scoring it in ONNX Runtime")
+        return {"top1": int8_top1(quantize(m, example, calibration, config.quant).model)}
+
     def recover_fn(m: nn.Module) -> None:
         progress(f"recovery: fine-tuning the pruned model {config.recover_epochs:g} epoch(s)")
         loader = BatchLoader(train, config.batch_size, shuffle=True, augment=config.augment,
@@ -157,6 +167,7 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
     identity = {"data.train": train.digest(), "data.validation": validation.digest(),
                 **{f"finetune.{k}": v for k, v in asdict(config.finetune).items()}, "batch_size": config.batch_size,
                 "augment": config.augment, "calib_images_per_class": config.calib_images_per_class,
+                **({"guard": config.guard, "quant": asdict(config.quant)} if config.guard != "fp32" else {}),
                 **({"latency.quant": asdict(latency_quant) if latency_quant else None,
                     "latency.threads": config.threads} if config.prune.target_latency is not None else {}),
                 **(fingerprint or {})}
@@ -174,12 +185,14 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
                                      recover_fn=recover_fn if config.recover_epochs > 0 else None,
                                      latency_fn=onnx_latency(example, config.threads, config.latency_runs,
                                                              quant=latency_quant, calibration=calibration),
-                                     latency_model=engine_model if config.prune.select == "latency" else None)
+                                     latency_model=engine_model if config.prune.select == "latency" else None,
+                                     guard_fn=guard_int8 if config.guard == "int8" else None)
     save(pruned.model, stage / "model_pruned.hqp")
     progress("exporting the dense FP32 baseline")
     dense_onnx = stage / "model_dense_fp32.onnx"
     export_onnx(dense, (example,), dense_onnx)
-    budget_left = config.prune.delta_max - (pruned.baseline["top1"] - pruned.final["top1"])  # on validation
+    final_fp32 = pruned.final["top1"] if config.guard == "fp32" else evaluate(pruned.model, val_loader)["top1"]
+    budget_left = config.prune.delta_max - (pruned.baseline["top1"] - final_fp32)  # on validation, FP32 to FP32
     shipped = ship_quantized(pruned.model, example, calibration, test_loader, config.quant, stage,
                              max_drop=max(0.0, budget_left) if config.hybrid else None, validation=val_loader,
                              threads=config.threads, runs=config.latency_runs, progress=progress)
@@ -251,7 +264,7 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
         "tensorrt_rules": ship["tensorrt_rules"],
         "config": {"prune": asdict(config.prune), "finetune": asdict(config.finetune), "quant": asdict(config.quant),
                    "recover_epochs": config.recover_epochs, "batch_size": config.batch_size, "augment": config.augment,
-                   "ablation": config.ablation, "val_fraction": config.val_fraction,
+                   "ablation": config.ablation, "guard": config.guard, "val_fraction": config.val_fraction,
                    "val_max_images": config.val_max_images},
         "machine": ship["machine"],
         "latency_engine": f"ONNX Runtime CPUExecutionProvider, {config.threads} threads, batch {example.shape[0]}: "

@@ -177,6 +177,7 @@ def prune_loop(
     leaf_modules: Iterable[type | str] = (),
     latency_model: Callable[[fx.GraphModule], LatencyModel] | None = None,
     loss_fn: Callable = F.cross_entropy,
+    guard_fn: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> PruneResult:
     """Run the HQP pruning loop on a copy of ``model``.
 
@@ -190,6 +191,9 @@ def prune_loop(
     and on every accepted candidate, that one together with the dense model again in ``config.latency_rounds``
     alternating rounds (``paired_latency``), and the target is judged on their ratio: timing on a shared machine
     drifts by tens of percent over minutes, so a dense time taken once at the start is no reference an hour later.
+    ``guard_fn(model)``, when given, judges each candidate and the recovered model instead of ``evaluate_fn``, against
+    ``evaluate_fn``'s dense baseline: e.g. the top-1 of the candidate's INT8 model (``compress`` with
+    ``guard="int8"``), so that delta_max is spent on what ships and none is left for a hybrid fallback to buy back.
     ``recover_fn(model)`` fine-tunes the final model in place once the rounds stop (not when none was accepted); the
     result replaces it only when its metric is at least the last accepted round's.
     ``leaf_modules`` are kept opaque while tracing (``hqp_fx.trace``).
@@ -329,7 +333,7 @@ def prune_loop(
             current).graph_module
         torch.manual_seed(config.seed * 1000 + rnd)
         finetune_fn(candidate, rnd)
-        value = _evaluate(evaluate_fn, candidate, config.metric)[config.metric]
+        value = _evaluate(guard_fn or evaluate_fn, candidate, config.metric)[config.metric]
         drop = baseline[config.metric] - value
         accepted = drop <= config.delta_max
         reference_ms, candidate_ms = (paired_latency(latency_fn, dense, candidate, config.latency_rounds)
@@ -369,7 +373,7 @@ def prune_loop(
         candidate = copy.deepcopy(current)
         torch.manual_seed(config.seed * 1000 + history[-1].round + 1)  # the seed of the round it stands in for
         recover_fn(candidate)
-        top1 = _evaluate(evaluate_fn, candidate, config.metric)[config.metric]
+        top1 = _evaluate(guard_fn or evaluate_fn, candidate, config.metric)[config.metric]
         recovery = {"top1_before": accepted_top1, "top1_after": top1, "kept": top1 >= accepted_top1}
         if recovery["kept"]:
             current, accepted_top1 = _analysed(candidate), top1

@@ -293,11 +293,15 @@ def test_demo_selects_by_predicted_latency_and_reports_the_prediction_error(tmp_
     monkeypatch.setenv("HQP_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     assert main(["demo", "--out", str(out), "--size", "8", "--max-rounds", "2", "--select", "latency", "--step", "0.1",
-                 "--delta-max", "100", "--finetune-epochs", "0.2", "--samples", "32", "--threads", "1"]) == 0
+                 "--delta-max", "100", "--finetune-epochs", "0.2", "--samples", "32", "--threads", "1",
+                 "--guard", "int8"]) == 0
     report = json.loads((out / "hqp.json").read_text())
     jsonschema.validate(report, HQP_JSON_SCHEMA)
-    assert report["config"]["prune"]["select"] == "latency"
+    assert report["config"]["prune"]["select"] == "latency" and report["config"]["guard"] == "int8"
     accepted = [r for r in report["rounds"] if r["accepted"]]
+    # the guard judged each round on the INT8 model as it ships: the last one is the shipped file's validation top-1
+    final = report["recovery"]["top1_after"] if (report["recovery"] or {}).get("kept") else accepted[-1]["top1"]
+    assert report["accuracy"]["validation"]["hqp_int8_onnxruntime"]["top1"] == pytest.approx(final)
     lm = report["latency_model"]
     assert accepted and [x["round"] for x in lm["rounds"]] == [r["round"] for r in accepted]
     for x, r in zip(lm["rounds"], accepted):  # every accepted round: predicted and measured in the engine

@@ -88,6 +88,27 @@ def test_loop_honours_delta_max_with_forced_rollback():
     assert "delta_max" in res.stop_reason or "nothing left" in res.stop_reason
 
 
+def test_a_guard_judges_the_candidates_against_the_dense_evaluation():
+    """guard_fn (compress: the candidate's INT8 model in ONNX Runtime) decides delta_max for every round and the
+    recovery; the baseline stays evaluate_fn's dense figure. A guard 1.5 points below leaves 0.5 of the budget."""
+    stubs, calls = Stubs(), []
+
+    def guard(m):
+        calls.append(m)
+        return {"top1": stubs.evaluate(m)["top1"] - 1.5}
+
+    rec = Recovery(0.0)
+    config = PruneLoopConfig(delta_max=2.0, align=4, criterion="fisher")
+    res = prune_loop(model(), X, calibration=CALIB, finetune_fn=stubs.finetune, evaluate_fn=stubs.evaluate,
+                     config=config, guard_fn=guard, recover_fn=rec.recover)
+    plain = run()
+    assert res.baseline["top1"] == 90.0 and len(calls) == len(res.history) + 1  # every round and the recovery
+    for r in res.history:
+        assert r.drop == pytest.approx(1.5 + 10.0 * (1 - r.params / stubs.base)) and r.accepted == (r.drop <= 2.0)
+    assert res.recovery["top1_before"] == res.final["top1"] and res.baseline["top1"] - res.final["top1"] <= 2.0
+    assert hqp_fx.count_params(res.model) > hqp_fx.count_params(plain.model)  # the guard's budget was smaller
+
+
 def test_resume_after_kill_gives_the_same_decisions(tmp_path):
     straight = run(tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):

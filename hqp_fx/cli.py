@@ -15,6 +15,7 @@ from .models import build_model
 from .passes import ChannelDependencyPass
 from .passes.quantize import BACKENDS, CALIBRATIONS
 from .passes.sensitivity import CRITERIA
+from .prune_loop import SELECTIONS
 from .trace import trace
 
 __all__ = ["main"]
@@ -168,8 +169,8 @@ def compress_config(args: argparse.Namespace, *, lr: float, augment: bool):
                                 temperature=args.temperature),
         recover_epochs=args.recover_epochs,
         quant=QuantConfig(backend=args.backend, calibration=args.calibration, num_samples=args.samples),
-        batch_size=args.batch_size, augment=augment, ablation=args.ablation, hybrid=not args.no_hybrid, guard=args.guard,
-        threads=args.threads, val_fraction=args.val_fraction, val_max_images=args.val_max)
+        batch_size=args.batch_size, augment=augment, ablation=args.ablation, hybrid=not args.no_hybrid,
+        guard=args.guard, threads=args.threads, val_fraction=args.val_fraction, val_max_images=args.val_max)
 
 
 def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, validation, test, *, augment: bool,
@@ -184,7 +185,8 @@ def _run_compress(args, model: torch.nn.Module, example: torch.Tensor, train, va
 
     config = compress_config(args, lr=lr, augment=augment)
     base_macs = count_macs(model, example) if args.target_macs is not None else None
-    with StagedOutput(args.out) as stage, RunProgress(args.max_rounds, base_macs=base_macs, target_macs=args.target_macs,
+    with StagedOutput(args.out) as stage, RunProgress(args.max_rounds, base_macs=base_macs,
+                                                      target_macs=args.target_macs,
                                                       target_latency=args.target_latency) as progress:
         report = compress(model, example, train, test, config, stage, validation=validation, checkpoint_dir=checkpoints,
                           resume=args.resume, progress=progress.phase, on_round=progress.round,
@@ -338,12 +340,13 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--ignore", action="append", help="module never pruned (repeatable)")
     c.add_argument("--keep-stem", action=argparse.BooleanOptionalAction, default=not demo, help="never prune the "
                    "first conv/linear layer's output channels (in a ResNet, the stream every block adds to)")
-    c.add_argument("--select", default="channels" if demo else None, choices=("channels", "latency"),
+    c.add_argument("--select", default="channels" if demo else None, choices=SELECTIONS,
                    help=("channels (default)" if demo else "default: latency with --backend onnxruntime (the engine "
                          "its table times), else channels") + ". latency: each round removes the channel blocks (and, "
-                   "with --remove-branches, whole blocks) of least importance per millisecond they save until the predicted ONNX Runtime INT8 latency "
-                   "falls by --step, from a table of every layer timed on this machine (cached), and measures every "
-                   "accepted round; channels: each round removes --step of the channels, ranked by the criterion")
+                   "with --remove-branches, whole blocks) of least importance per millisecond they save until the "
+                   "predicted ONNX Runtime INT8 latency falls by --step, from a table of every layer timed on this "
+                   "machine (cached), and measures every accepted round; channels: each round removes --step of the "
+                   "channels, ranked by the criterion")
     c.add_argument("--remove-branches", action=argparse.BooleanOptionalAction, default=not demo, help="depth "
                    "pruning: all inner channels of a residual block (or an SE gate) may go, and the block with them; "
                    "ranked with the channel blocks")

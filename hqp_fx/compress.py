@@ -237,6 +237,8 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
         "seed": config.prune.seed,
         "splits": {"train": len(train), "validation": len(validation), "test": len(test),
                    "validation_source": source,
+                   # only reported: well above zero, the model has likely trained on the validation images
+                   "dense_val_minus_test": pruned.baseline["top1"] - dense_test["top1"],
                    "protocol": "rounds, the recovery and the hybrid fallback are decided on the validation split; "
                                "the test split is only reported"},
         "accuracy": {"dense_fp32": dense_test, "pruned_fp32": ship["accuracy"]["fp32"],

@@ -243,6 +243,13 @@ def test_decisions_use_the_validation_split_and_the_test_split_is_only_reported(
     assert "held out from the training images" in splits["validation_source"]
     assert seen and all(len(d) == splits["train"] for d in seen)
     assert "on the validation split that decided the run" in (tmp_path / "a" / "report.md").read_text()
+    # the demo model trained on all of train, the held-out images included: the report says when that shows
+    gap = a["accuracy"]["validation"]["dense_fp32"]["top1"] - a["accuracy"]["dense_fp32"]["top1"]
+    assert splits["dense_val_minus_test"] == pytest.approx(gap)
+    from hqp_fx.report import MEMORISED_GAP, render_report
+    for value, warned in ((MEMORISED_GAP + 0.1, True), (MEMORISED_GAP - 0.1, False), (-5.0, False)):
+        text = render_report({**a, "splits": {**splits, "dense_val_minus_test": value}})
+        assert ("likely trained on the validation images" in text) is warned
 
 
 def test_the_rounds_left_count_the_round_numbers_not_the_lines_printed():

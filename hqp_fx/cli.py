@@ -163,7 +163,7 @@ def compress_config(args: argparse.Namespace, *, lr: float, augment: bool):
                               flops_normalize=args.flops_normalize, align=align, target_macs=args.target_macs,
                               target_latency=args.target_latency, ignore=tuple(args.ignore or ()),
                               keep_stem=args.keep_stem, remove_branches=args.remove_branches, seed=args.seed,
-                              max_rounds=args.max_rounds,
+                              max_rounds=args.max_rounds, patience=args.patience,
                               select=args.select or ("latency" if args.backend == "onnxruntime" else "channels")),
         finetune=FinetuneConfig(epochs=args.finetune_epochs, lr=lr, distill=args.distill,
                                 temperature=args.temperature),
@@ -308,8 +308,9 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     """``hqp compress``'s defaults are the recipe that measured best on two CIFAR ResNet checkpoints (taylor,
-    selection by measured engine latency with depth pruning, the stem whole, distillation, one epoch per round
-    and one of recovery; benchmarks/RESULTS.md, "The default recipe"). The demo keeps its own, smaller job."""
+    selection by measured engine latency with depth pruning, the stem whole, distillation, one epoch per round,
+    one more for a round just over delta_max, one of recovery, rounds judged on the INT8 model; benchmarks/RESULTS.md,
+    "The default recipe"). The demo keeps its own, smaller job."""
     c.add_argument("--out", required=not demo, default="hqp_demo" if demo else None,
                    help="output folder (must not exist or be empty)")
     c.add_argument("--delta-max", type=_NON_NEGATIVE, default=1.0, help="largest allowed top-1 drop in points")
@@ -355,9 +356,13 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--calibration", default="histogram", choices=CALIBRATIONS)
     c.add_argument("--samples", type=_COUNT, default=256 if demo else 512, help="calibration images")
     c.add_argument("--no-hybrid", action="store_true", help="never keep layers in FP to honour delta_max")
-    c.add_argument("--guard", default="fp32", choices=("fp32", "int8"), help="what each round's delta_max decision "
-                   "judges: the pruned FP32 model, or its INT8 model run in ONNX Runtime (the budget is then spent on "
-                   "what ships, and no layer needs keeping in FP; costs a quantization per round)")
+    c.add_argument("--guard", default="fp32" if demo else "int8", choices=("fp32", "int8"), help="what each round's "
+                   "delta_max decision judges: the pruned FP32 model, or its INT8 model run in ONNX Runtime (the "
+                   "budget is then spent on what ships, and no layer needs keeping in FP; costs a quantization per "
+                   "round)")
+    c.add_argument("--patience", type=_number(int, 0), default=0 if demo else 1, help="a round over delta_max by "
+                   "less than delta_max more is fine-tuned --finetune-epochs again, up to this many times, before it "
+                   "is rolled back")
     c.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure quantize-only (dense INT8); dense FP32 and prune-only are always measured")
     c.add_argument("--batch-size", type=_COUNT, default=64 if demo else 128)

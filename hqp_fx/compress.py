@@ -10,6 +10,7 @@ import json
 import shutil
 import statistics
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -25,7 +26,7 @@ from .data import BatchLoader, ImageSet
 from .artifacts import ship_quantized, write_json
 from .engines.ort import OrtModel, onnxruntime_top1
 from .measure import measure_alternating, measure_onnx, versions
-from .prune_loop import PruneLoopConfig, PruneResult, RoundRecord, prune_loop
+from .prune_loop import RETRY_SEED, PruneLoopConfig, PruneResult, RoundRecord, prune_loop
 from .latency import LatencyModel
 from .lower_onnx import export_onnx
 from .passes.quantize import QuantConfig, quantize
@@ -140,10 +141,16 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
     calibration = list(BatchLoader(train.subset(config.calib_images_per_class), 64, shuffle=True,
                                    seed=config.prune.seed))
 
+    calls: Counter[int] = Counter()  # a round's retried fine-tune (config.prune.patience) sees a new data order
+
     def finetune_fn(m: nn.Module, rnd: int) -> None:
-        progress(f"round {rnd}: fine-tuning {config.finetune.epochs:g} epoch(s)")
+        retry = calls[rnd]
+        calls[rnd] += 1
+        progress(f"round {rnd}: fine-tuning {config.finetune.epochs:g} epoch(s)"
+                 + (f" more: over delta_max, retry {retry} of {config.prune.patience}" if retry else ""))
         finetune(m, BatchLoader(train, config.batch_size, shuffle=True, augment=config.augment,
-                                seed=config.prune.seed * 1000 + rnd), config.finetune, teacher=teacher)
+                                seed=config.prune.seed * 1000 + rnd + RETRY_SEED * retry), config.finetune,
+                 teacher=teacher)
 
     def evaluate_fn(m: nn.Module) -> dict:
         return evaluate(m, val_loader, num_classes=len(validation.classes))

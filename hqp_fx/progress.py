@@ -72,7 +72,8 @@ class RunProgress:
         self.last = now
         self.records.append(r)
         text = (f"round {r.round}: {'accepted' if r.accepted else 'rolled back'}, top-1 {r.top1:.2f}% "
-                f"(drop {r.drop:+.2f}), MACs {r.macs / 1e6:.2f}M"
+                f"(drop {r.drop:+.2f}{f' after {r.retries} retried fine-tune(s)' if r.retries else ''}), "
+                f"MACs {r.macs / 1e6:.2f}M"
                 + (f", latency {r.latency:.3f} ms" if r.latency is not None else "")
                 + (f" ({r.latency / r.reference_latency:.3f} of dense timed alongside)"
                    if r.latency is not None and r.reference_latency else ""))

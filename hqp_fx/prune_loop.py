@@ -48,6 +48,7 @@ __all__ = ["PruneLoopConfig", "RoundRecord", "PruneResult", "prune_loop", "step_
 STATE_FILE = "hqp_state.json"
 LATENCY_FILE = "latency_model.json"  # the table a select="latency" run decides with, kept for an exact resume
 SELECTIONS = ("channels", "latency")
+RETRY_SEED = 100003  # a retried fine-tune's seed offset, past any round number
 
 
 def step_schedule(first: float = 0.05) -> tuple[float, ...]:
@@ -66,6 +67,7 @@ class PruneLoopConfig:
     remove_branches: bool = False  # a removable group (a residual block's inner channels) may go whole: depth pruning
     select: str = "channels"  # "channels": the step is a share of channels; "latency": a share of predicted latency
     max_rounds: int = 100
+    patience: int = 0  # a round over delta_max (by at most delta_max more) gets up to this many more fine-tunes
     target_macs: float | None = None  # stop once MACs <= this fraction of the baseline
     target_params: float | None = None
     target_latency: float | None = None  # stop once latency_fn(model) <= this fraction of the dense model's
@@ -88,6 +90,8 @@ class PruneLoopConfig:
             v = getattr(self, name)
             if v is not None and not 0 < v < 1:
                 raise ValueError(f"{name} is a fraction of the dense model in (0, 1), got {v}")
+        if self.patience < 0:
+            raise ValueError(f"patience is a count of extra fine-tunes (>= 0), got {self.patience}")
         if self.latency_rounds < 1:
             raise ValueError(f"latency_rounds must be >= 1, got {self.latency_rounds}")
         if self.align < 1:
@@ -114,6 +118,7 @@ class RoundRecord:
     latency: float | None = None  # latency_fn of the candidate (measured), when a latency target is set
     predicted_latency: float | None = None  # the latency model's prediction for the candidate (select="latency")
     reference_latency: float | None = None  # the dense model's, timed in the same alternating rounds as ``latency``
+    retries: int = 0  # extra fine-tunes the candidate had (config.patience) before this verdict
 
 
 @dataclass
@@ -194,6 +199,9 @@ def prune_loop(
     ``guard_fn(model)``, when given, judges each candidate and the recovered model instead of ``evaluate_fn``, against
     ``evaluate_fn``'s dense baseline: e.g. the top-1 of the candidate's INT8 model (``compress`` with
     ``guard="int8"``), so that delta_max is spent on what ships and none is left for a hybrid fallback to buy back.
+    With ``config.patience`` > 0, a candidate over delta_max by at most delta_max more is fine-tuned again
+    (``finetune_fn(model, round_index)`` once more, on the same candidate; a ``finetune_fn`` that wants a fresh data
+    order counts its calls per round) and judged again, up to that many times, before it is rolled back.
     ``recover_fn(model)`` fine-tunes the final model in place once the rounds stop (not when none was accepted); the
     result replaces it only when its metric is at least the last accepted round's.
     ``leaf_modules`` are kept opaque while tracing (``hqp_fx.trace``).
@@ -335,12 +343,21 @@ def prune_loop(
         finetune_fn(candidate, rnd)
         value = _evaluate(guard_fn or evaluate_fn, candidate, config.metric)[config.metric]
         drop = baseline[config.metric] - value
+        retries = 0
+        # a cut just over the budget is often a fine-tune short of it, and a round's cut costs a whole round to find
+        # again; one far over it (twice delta_max or more: ResNet-20's 10.9 points) is not, and is not retried
+        while config.delta_max < drop <= 2 * config.delta_max and retries < config.patience:
+            retries += 1
+            torch.manual_seed(config.seed * 1000 + rnd + RETRY_SEED * retries)
+            finetune_fn(candidate, rnd)
+            value = _evaluate(guard_fn or evaluate_fn, candidate, config.metric)[config.metric]
+            drop = baseline[config.metric] - value
         accepted = drop <= config.delta_max
         reference_ms, candidate_ms = (paired_latency(latency_fn, dense, candidate, config.latency_rounds)
                                       if measure and accepted else (None, None))
         record = RoundRecord(rnd, step, accepted, value, drop, count_macs(candidate, example),
                              count_params(candidate), {k: len(v) for k, v in aligned.items()}, candidate_ms,
-                             engine.predict(current, aligned) if engine is not None else None, reference_ms)
+                             engine.predict(current, aligned) if engine is not None else None, reference_ms, retries)
         history.append(record)
         rejected = None if accepted else {k: sorted(v) for k, v in aligned.items()}
         if accepted:

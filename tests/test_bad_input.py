@@ -397,21 +397,24 @@ def test_backend_auto_picks_the_engine_this_machine_can_build(monkeypatch, capsy
 def test_compress_defaults_are_the_benchmarked_recipe(monkeypatch):
     """The command without flags runs the recipe of benchmarks/RESULTS.md's "The default recipe": selection by
     measured ONNX Runtime latency (the engine its table times; channels for the other backends), depth pruning,
-    taylor, the stem whole, distillation, one epoch per round and one of recovery, quantize-only measured beside."""
+    taylor, the stem whole, distillation, one epoch per round (one more for a round just over delta_max) and one of
+    recovery, rounds judged on the INT8 model, quantize-only measured beside."""
     from hqp_fx.cli import build_parser, compress_config
 
     base = ["compress", "cifar:resnet20", "--data", "d", "--out", "o"]
     monkeypatch.setattr("hqp_fx.engines.tensorrt.tensorrt_unavailable_reason", lambda: "TensorRT: not run (no GPU)")
     config = compress_config(build_parser().parse_args(base), lr=0.01, augment=True)
     p = config.prune
-    assert (p.select, p.criterion, p.remove_branches, p.keep_stem, p.steps, p.align) == \
-        ("latency", "taylor", True, True, (0.1, 0.02, 0.01), 16)
+    assert (p.select, p.criterion, p.remove_branches, p.keep_stem, p.steps, p.align, p.patience) == \
+        ("latency", "taylor", True, True, (0.1, 0.02, 0.01), 16, 1)
+    assert config.guard == "int8"
     assert (config.finetune.epochs, config.finetune.distill, config.recover_epochs, config.ablation) == (1.0, 0.9, 1.0, True)
     assert config.quant.backend == "onnxruntime"
     expert = compress_config(build_parser().parse_args(base + ["--no-remove-branches", "--no-keep-stem", "--select",
-                                                               "channels", "--no-ablation"]), lr=0.01, augment=True)
-    assert (expert.prune.remove_branches, expert.prune.keep_stem, expert.prune.select, expert.ablation) == \
-        (False, False, "channels", False)
+                                                               "channels", "--no-ablation", "--guard", "fp32",
+                                                               "--patience", "0"]), lr=0.01, augment=True)
+    assert (expert.prune.remove_branches, expert.prune.keep_stem, expert.prune.select, expert.ablation,
+            expert.guard, expert.prune.patience) == (False, False, "channels", False, "fp32", 0)
     monkeypatch.setattr("hqp_fx.engines.tensorrt.tensorrt_unavailable_reason", lambda: None)
     assert compress_config(build_parser().parse_args(base), lr=0.01, augment=True).prune.select == "channels"
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -107,6 +108,38 @@ def test_a_guard_judges_the_candidates_against_the_dense_evaluation():
         assert r.drop == pytest.approx(1.5 + 10.0 * (1 - r.params / stubs.base)) and r.accepted == (r.drop <= 2.0)
     assert res.recovery["top1_before"] == res.final["top1"] and res.baseline["top1"] - res.final["top1"] <= 2.0
     assert hqp_fx.count_params(res.model) > hqp_fx.count_params(plain.model)  # the guard's budget was smaller
+
+
+class Retuned(Stubs):
+    """A candidate scores ``penalty`` points under the stub after its round's fine-tune and wins back ``gain``
+    points with each further fine-tune of the same round (the loop's patience)."""
+
+    def __init__(self, penalty: float, gain: float):
+        super().__init__()
+        self.penalty, self.gain, self.calls = penalty, gain, Counter()
+
+    def finetune(self, m, rnd):
+        super().finetune(m, rnd)
+        self.calls[rnd] += 1
+        m.extra = self.calls[rnd] - 1
+
+    def evaluate(self, m):
+        top1 = super().evaluate(m)["top1"]
+        return {"top1": top1 if not hasattr(m, "extra") else top1 - self.penalty + self.gain * m.extra}
+
+
+def test_patience_fine_tunes_a_candidate_just_over_delta_max_again_before_rolling_it_back():
+    stub_drop = lambda r: 10.0 * (1 - r.params / Stubs().base)  # noqa: E731
+    for patience, penalty, accepted in ((1, 2.0, True), (0, 2.0, False), (3, 4.5, False)):
+        stubs = Retuned(penalty, gain=1.0)
+        res = run(stubs=stubs, patience=patience, max_rounds=1)
+        (first,) = res.history
+        # 2.0 over the stub: one more fine-tune wins the point back; 4.5 over is more than twice delta_max: no retry
+        assert first.accepted is accepted and first.retries == (1 if accepted else 0)
+        assert stubs.calls[first.round] == 1 + first.retries
+        assert first.drop == pytest.approx(stub_drop(first) + penalty - first.retries)
+    with pytest.raises(ValueError, match="patience"):
+        PruneLoopConfig(patience=-1)
 
 
 def test_resume_after_kill_gives_the_same_decisions(tmp_path):

@@ -339,19 +339,15 @@ def prune_loop(
         # the aligned plan is pruned and the result analysed at once: fine-tuning changes weights, not structure
         candidate = Pipeline([PruneChannelsPass(), ChannelDependencyPass()], available=tuple(current.meta))(
             current).graph_module
-        torch.manual_seed(config.seed * 1000 + rnd)
-        finetune_fn(candidate, rnd)
-        value = _evaluate(guard_fn or evaluate_fn, candidate, config.metric)[config.metric]
-        drop = baseline[config.metric] - value
-        retries = 0
-        # a cut just over the budget is often a fine-tune short of it, and a round's cut costs a whole round to find
-        # again; one far over it (twice delta_max or more: ResNet-20's 10.9 points) is not, and is not retried
-        while config.delta_max < drop <= 2 * config.delta_max and retries < config.patience:
-            retries += 1
+        for retries in range(config.patience + 1):
             torch.manual_seed(config.seed * 1000 + rnd + RETRY_SEED * retries)
             finetune_fn(candidate, rnd)
             value = _evaluate(guard_fn or evaluate_fn, candidate, config.metric)[config.metric]
             drop = baseline[config.metric] - value
+            # a cut just over the budget is often a fine-tune short of it, and a round's cut costs a whole round to
+            # find again; one far over it (twice delta_max or more: ResNet-20's 10.9 points) is not retried
+            if not config.delta_max < drop <= 2 * config.delta_max:
+                break
         accepted = drop <= config.delta_max
         reference_ms, candidate_ms = (paired_latency(latency_fn, dense, candidate, config.latency_rounds)
                                       if measure and accepted else (None, None))

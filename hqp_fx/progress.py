@@ -72,7 +72,7 @@ class RunProgress:
         self.last = now
         self.records.append(r)
         text = (f"round {r.round}: {'accepted' if r.accepted else 'rolled back'}, top-1 {r.top1:.2f}% "
-                f"(drop {r.drop:+.2f}{f' after {r.retries} retried fine-tune(s)' if r.retries else ''}), "
+                f"(drop {r.drop:+.2f}{_retried(r)}), "
                 f"MACs {r.macs / 1e6:.2f}M"
                 + (f", latency {r.latency:.3f} ms" if r.latency is not None else "")
                 + (f" ({r.latency / r.reference_latency:.3f} of dense timed alongside)"
@@ -101,3 +101,10 @@ class RunProgress:
             accepts = math.ceil(math.log(target / fraction) / math.log(per_accept))
             left = min(budget, math.ceil(accepts * len(self.records) / len(accepted)))
         return f"~{left} round(s) to the {what} target, ETA {_clock(left * mean)} (mean round {_clock(mean)})"
+
+
+def _retried(r: RoundRecord) -> str:
+    """The drops before the retries too: they are what the retry gate (prune_loop) is judged by."""
+    if not r.retries:
+        return ""
+    return f" after {r.retries} retried fine-tune(s), from {', '.join(f'{d:+.2f}' for d in r.drops_before)}"

@@ -119,6 +119,7 @@ class RoundRecord:
     predicted_latency: float | None = None  # the latency model's prediction for the candidate (select="latency")
     reference_latency: float | None = None  # the dense model's, timed in the same alternating rounds as ``latency``
     retries: int = 0  # extra fine-tunes the candidate had (config.patience) before this verdict
+    drops_before: list[float] = field(default_factory=list)  # the drop after each earlier fine-tune, one per retry
 
 
 @dataclass
@@ -339,6 +340,7 @@ def prune_loop(
         # the aligned plan is pruned and the result analysed at once: fine-tuning changes weights, not structure
         candidate = Pipeline([PruneChannelsPass(), ChannelDependencyPass()], available=tuple(current.meta))(
             current).graph_module
+        drops_before: list[float] = []
         for retries in range(config.patience + 1):
             torch.manual_seed(config.seed * 1000 + rnd + RETRY_SEED * retries)
             finetune_fn(candidate, rnd)
@@ -346,14 +348,16 @@ def prune_loop(
             drop = baseline[config.metric] - value
             # a cut just over the budget is often a fine-tune short of it, and a round's cut costs a whole round to
             # find again; one far over it (twice delta_max or more: ResNet-20's 10.9 points) is not retried
-            if not config.delta_max < drop <= 2 * config.delta_max:
+            if retries == config.patience or not config.delta_max < drop <= 2 * config.delta_max:
                 break
+            drops_before.append(drop)  # kept so the retry gate can be judged from a run's records
         accepted = drop <= config.delta_max
         reference_ms, candidate_ms = (paired_latency(latency_fn, dense, candidate, config.latency_rounds)
                                       if measure and accepted else (None, None))
         record = RoundRecord(rnd, step, accepted, value, drop, count_macs(candidate, example),
                              count_params(candidate), {k: len(v) for k, v in aligned.items()}, candidate_ms,
-                             engine.predict(current, aligned) if engine is not None else None, reference_ms, retries)
+                             engine.predict(current, aligned) if engine is not None else None, reference_ms, retries,
+                             drops_before)
         history.append(record)
         rejected = None if accepted else {k: sorted(v) for k, v in aligned.items()}
         if accepted:

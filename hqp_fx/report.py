@@ -60,12 +60,17 @@ def render_report(r: dict) -> str:
                      f"{v['latency_ms']:.3f} | {v['speedup']:.2f}× | {v['size_mb']:.2f} | {v['compression']:.2f}× | "
                      f"{v['peak_rss_mb']:.0f} |")
     lines += ["", "Rounds are judged on the validation split.", "",
-              "| round | step | accepted | val top-1 % | drop | retried fine-tunes | MACs |",
+              "| round | step | accepted | val top-1 % | drop | retried fine-tunes (drops before) | MACs |",
               "|---|---|---|---|---|---|---|"]
     for x in r["rounds"]:
         lines.append(f"| {x['round']} | {x['step']:.2f} | {'yes' if x['accepted'] else 'rolled back'} | "
-                     f"{x['top1']:.2f} | {x['drop']:+.2f} | {x.get('retries', 0)} | {x['macs'] / 1e6:.2f}M |")
+                     f"{x['top1']:.2f} | {x['drop']:+.2f} | {_retried(x)} | {x['macs'] / 1e6:.2f}M |")
     return "\n".join(lines) + "\n"
+
+
+def _retried(x: dict) -> str:
+    retries, before = x.get("retries", 0), x.get("drops_before", [])
+    return f"{retries} ({', '.join(f'{d:+.2f}' for d in before)})" if retries else "0"
 
 
 def plot_report(r: dict, folder: Path) -> None:

@@ -140,6 +140,8 @@ def test_patience_fine_tunes_a_candidate_just_over_delta_max_again_before_rollin
         assert (first.accepted, first.retries) == (accepted, retries)
         assert stubs.calls[first.round] == 1 + first.retries
         assert first.drop == pytest.approx(stub_drop(first) + penalty - first.retries)
+        # the drop each retry started from is on the record (1.0 above the final one under this stub)
+        assert first.drops_before == pytest.approx([first.drop + 1.0] * first.retries)
     with pytest.raises(ValueError, match="patience"):
         PruneLoopConfig(patience=-1)
 

@@ -169,8 +169,8 @@ def test_rms_norm_follows_its_channels_and_is_cross_channel():
 
 class AttentionBiasTable(nn.Module):
     """LeViT / EfficientFormer / CoAtNet / MaxViT: a learned bias table indexed by an integer buffer, added to the
-    attention scores. The tensor-indexed read pins the heads; the channels around it stay prunable, and pruning
-    them must not re-run that read on labels (the index buffer holds labels there, not positions)."""
+    attention scores. The read goes along the tokens, so the table's rows follow their heads; pruning the channels
+    around it must not re-run that read on labels (the index buffer holds positions, not labels)."""
 
     def __init__(self):
         super().__init__()
@@ -198,6 +198,10 @@ def test_a_bias_table_read_through_an_index_buffer_does_not_block_pruning():
     hidden = next(g for g in groups.values() if "mlp.0" in g.layers)
     assert hidden.prunable and hidden.size == 16
     assert_prunes_exactly(gm, x, {hidden.id: [0, 3, 5, 9, 12]}, rtol=1e-5)
+    # the heads (a pair of q/k channels each) prune too, the table's row of a removed head with them
+    assert groups["qk"].prunable and groups["qk"].size == 2
+    pruned = assert_prunes_exactly(gm, x, {"qk": [0]}, rtol=1e-5)
+    assert pruned.biases.shape == (1, 5) and pruned.qk.out_channels == 2
 
 
 class FusedQKVAttention(nn.Module):
@@ -342,8 +346,8 @@ def test_alignment_and_minimums_count_a_heads_channels(build, group):
 
 
 class MaskedAttention(FusedQKVAttention):
-    """An additive attention mask: a learned bias per head, one shared by every head, or a per-head relative
-    position table read through an index buffer (CoAtNet, Swin)."""
+    """An additive attention mask: a learned bias per head, one shared by every head, a per-head relative
+    position table read through an index buffer (CoAtNet, Swin), or one whose index buffer picks the heads."""
 
     def __init__(self, mask: str):
         super().__init__()
@@ -351,30 +355,40 @@ class MaskedAttention(FusedQKVAttention):
         self.bias = nn.Parameter(torch.randn(1, self.heads if mask == "per-head" else 1, 4, 4))
         self.table = nn.Parameter(torch.randn(self.heads, 7))
         self.register_buffer("index", (torch.arange(4).view(4, 1) - torch.arange(4).view(1, 4) + 3))
+        self.register_buffer("order", torch.tensor([1, 0, 3, 2]))
 
     def forward(self, x):
         x = self.patch(x).flatten(2).transpose(1, 2)
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        mask = self.table[:, self.index].unsqueeze(0) if self.mask == "indexed" else self.bias
+        if self.mask == "indexed":
+            mask = self.table[:, self.index].unsqueeze(0)
+        elif self.mask == "head-indexed":  # the index reorders the heads: the rewrite could not follow it
+            mask = self.table[self.order][:, self.index].unsqueeze(0)
+        else:
+            mask = self.bias
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.head((x + self.proj(y.transpose(1, 2).reshape(B, N, C))).mean(1))
 
 
-@pytest.mark.parametrize("mask", ["per-head", "shared", "indexed"])
+@pytest.mark.parametrize("mask", ["per-head", "shared", "indexed", "head-indexed"])
 def test_an_attention_mask_goes_with_its_heads(mask):
-    """A per-head mask loses the removed heads' rows, a shared one stays whole; a table read through an index
-    buffer is opaque to the analysis (a tensor-indexed read), so its heads are kept, with the reason."""
+    """A per-head mask loses the removed heads' rows, a shared one stays whole, and a table read through an index
+    buffer loses the removed heads' rows of the table (the index reads along the tokens). An index buffer that
+    reads along the heads keeps them, with the reason."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     gm, groups = analyse(MaskedAttention(mask), x)
-    if mask == "indexed":
-        assert not groups["qkv"].prunable and "mask spans the heads" in groups["qkv"].reason
+    if mask == "head-indexed":
+        assert not groups["qkv"].prunable and "index tensor along a channel dim" in groups["qkv"].reason
         assert groups["patch"].prunable
         return
     assert groups["qkv"].prunable and groups["qkv"].size == 4
     pruned = assert_prunes_exactly(gm, x, {"qkv": [0, 3]})
-    assert pruned.bias.shape == ((1, 2, 4, 4) if mask == "per-head" else (1, 1, 4, 4))
+    if mask == "indexed":
+        assert pruned.table.shape == (2, 7) and torch.equal(pruned.index, gm.index)
+    else:
+        assert pruned.bias.shape == ((1, 2, 4, 4) if mask == "per-head" else (1, 1, 4, 4))
 
 
 def test_torchvision_vit_self_attention_is_written_out_and_its_heads_prune():
@@ -410,6 +424,42 @@ def test_torchvision_vit_self_attention_is_written_out_and_its_heads_prune():
         gm = hqp_fx.trace(model.eval(), t if leaves == () else x, leaf_modules=leaves)
         assert any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.MultiheadAttention)
                    for n in gm.graph.nodes)
+
+
+def test_torchvision_swin_window_attention_is_written_out_and_its_heads_prune(tmp_path):
+    """torchvision wraps Swin's window attention and patch merging for fx (their padding, shift and mask depend
+    on the image size), which pinned every head and the residual stream. trace writes both out for the traced
+    size, exactly; the heads then prune whole with their rows of the relative-position table, and the stream
+    (through LayerNorm: cross-channel) prunes too. 20x20 images exercise the padding and both shifted stages."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 20, 20)
+    swin = realistic_random(SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                            window_size=[3, 3], num_classes=5), x).eval()
+    gm, groups = analyse(swin, x)
+    assert not gm.meta[meta.LEAVES] and not any("swin_transformer" in str(n.target) for n in gm.graph.nodes)
+    with torch.no_grad():
+        assert_close(gm(x), swin(x), 1e-6, "written out vs torchvision")
+        assert_close(gm(x[:1]), swin(x[:1]), 1e-6, "another batch size")
+    heads = groups["features.1.1.attn.qkv"]  # a shifted block
+    assert heads.prunable and heads.size == 2 and not heads.cross_channel
+    pruned = assert_prunes_exactly(gm, x, {heads.id: [1]})
+    attn = pruned.get_submodule("features.1.1.attn")
+    assert attn.qkv.out_features == 24 and attn.proj.in_features == 8
+    assert attn.relative_position_bias_table.shape == (25, 1)
+    with torch.no_grad():  # the window count times the batch stays computed (padding's zeros are not channels)
+        assert_close(pruned(x[:1]), pruned(x)[:1], 1e-6, "pruned, another batch size")
+    streams = [g for g in groups.values() if g.cross_channel and g.prunable]
+    assert {g.id for g in streams} == {"features.0.0", "features.2.reduction"}
+    for g in groups.values():
+        if g.prunable:
+            with torch.no_grad():
+                out = PruneChannelsPass({g.id: list(range(0, g.size, 2))})(gm).graph_module(x)
+            assert out.shape == (2, 5) and torch.isfinite(out).all(), g.id
+    hqp_fx.save(pruned, tmp_path / "swin.hqp")  # the shift mask is a buffer: it travels with the file
+    with torch.no_grad():
+        assert_close(hqp_fx.load(tmp_path / "swin.hqp")(x), pruned(x), 1e-6, "saved and loaded")
 
 
 @pytest.mark.parametrize("build", [ClassToken, LayerScale, RMSNormNet, AttentionBiasTable, FusedQKVAttention,

@@ -223,11 +223,41 @@ class _Propagator:
         if node.target is operator.getitem and isinstance(self.value(node.args[0]), (tuple, list)):
             return self.value(node.args[0])[node.args[1]]
         idx = node.args[1] if node.target is operator.getitem and len(node.args) > 1 else None
-        if idx is not None and any(isinstance(v, torch.Tensor) for v in _tensors_in(fx.node.map_arg(idx, self.value))):
-            return self.unknown(node, f"tensor-indexed getitem {node.name}")
+        if idx is not None and _nodes_in(idx):
+            return self._indexed(node)
         args = fx.node.map_arg(node.args, materialise)
         kwargs = fx.node.map_arg(node.kwargs, materialise)
         return _map_tensors(ops.run_call(node.op, node.target, args, kwargs, self.modules), _compact)
+
+    def _indexed(self, node: fx.Node) -> Any:
+        """``x[index]`` with integer index tensors that are buffers of the model (a relative position table read
+        through its index: Swin, CoAtNet, LeViT): run on the labels with the buffer's values, like any move. The
+        index may not select along a dim that carries channels (the rewrite could not follow it): whether a dim
+        does is known only once every union is (a table's entries are one class per head), so each run of
+        positions along an indexed dim is checked then, by ``resolve_mixed``, and pinned when it holds several
+        classes. Any other tensor index (computed in forward, or a boolean mask) pins its channels."""
+        x, idx = node.args[0], node.args[1]
+        entries = idx if isinstance(idx, tuple) else (idx,)
+        if not isinstance(x, fx.Node) or not isinstance(self.value(x), torch.Tensor) or any(
+                isinstance(e, fx.Node) and not _index_buffer(e, self.gm) for e in entries) or any(
+                _nodes_in(e) and not isinstance(e, fx.Node) for e in entries):
+            return self.unknown(node, f"tensor-indexed getitem {node.name}")
+        full = self.full(x)
+        dims, dim = [], 0  # the dims of x that the tensor entries index
+        explicit = sum(1 for e in entries if e is not None and e is not Ellipsis)
+        for e in entries:
+            if e is Ellipsis:
+                dim += full.ndim - explicit
+            elif e is not None:
+                if isinstance(e, fx.Node):
+                    dims.append(dim)
+                dim += 1
+        for d in dims:
+            if full.shape[d] > 1:
+                self.mixed.append((full.movedim(d, -1).reshape(-1, full.shape[d]),
+                                   f"{node.name} reads its input through an index tensor along a channel dim"))
+        index = tuple(operator.attrgetter(e.target)(self.gm) if isinstance(e, fx.Node) else e for e in entries)
+        return _compact(full[index if isinstance(idx, tuple) else index[0]])
 
     def concat(self, node: fx.Node) -> Any:
         """torch.cat: data movement, and where it stacks tensors along a dim that is not their channel dim (a
@@ -493,6 +523,15 @@ class _Propagator:
 # ---------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------
+
+def _index_buffer(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """A ``get_attr`` of an integer buffer: an index whose values are known when the graph is analysed."""
+    if node.op != "get_attr":
+        return False
+    value = operator.attrgetter(node.target)(gm)
+    return isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and \
+        value.dtype in (torch.int64, torch.int32, torch.int16, torch.int8)  # uint8 and bool index as masks
+
 
 def _along(ids: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
     shape = [1] * ndim

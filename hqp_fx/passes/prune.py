@@ -358,7 +358,7 @@ def _moves_to_gather(new: fx.GraphModule, modules, kept: KeptChannels, changes: 
         if labelled and node not in changes.edits and not kept.touched(name) and not any(
                 kept.touched(n.name) for n in node.all_input_nodes):
             # the plan reaches neither its inputs nor its output: it runs as before. Re-running it on labels
-            # could not even work for an index buffer (LeViT's attention_bias_idxs), which holds labels here
+            # could not even work for a tensor the analysis labelled but an op reads as values
             env[node] = kept.restricted_value(name)
             continue
 

@@ -34,21 +34,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 TORCHVISION = ["seg:fcn_resnet50", "seg:deeplabv3_resnet50", "body:retinanet_resnet50_fpn", "body:fcos_resnet50_fpn",
-               "body:fasterrcnn_mobilenet_v3_large_fpn", "tv:maxvit_t", "tv:swin_v2_t", "tv:vit_b_32",
+               "body:fasterrcnn_mobilenet_v3_large_fpn", "tv:maxvit_t", "tv:swin_v2_t", "tv:swin_s", "tv:vit_b_32",
                "tv:regnet_y_800mf", "tv:resnext101_32x8d", "tv:shufflenet_v2_x0_5", "tv:efficientnet_b3"]
 TIMM = ["timm:resnet18d", "timm:mobilenetv3_small_100", "timm:efficientnet_b0", "timm:regnetx_002", "timm:ghostnet_100",
         "timm:repvgg_a0", "timm:cspdarknet53", "timm:dla34", "timm:hrnet_w18_small", "timm:vit_tiny_patch16_224",
         "timm:deit_tiny_patch16_224", "timm:levit_128s", "timm:mobilevit_xxs", "timm:convnextv2_atto",
         "timm:efficientformer_l1", "timm:rexnet_100", "timm:mixnet_s", "timm:res2net50_14w_8s", "timm:sebotnet33ts_256",
         "timm:densenet121", "timm:inception_v4", "timm:xception41", "timm:nfnet_l0", "timm:fastvit_t8",
-        "timm:mobilenetv4_conv_small", "timm:edgenext_xx_small", "timm:poolformer_s12", "timm:coatnet_nano_rw_224"]
+        "timm:mobilenetv4_conv_small", "timm:edgenext_xx_small", "timm:poolformer_s12", "timm:coatnet_nano_rw_224",
+        "timm:swin_tiny_patch4_window7_224"]
 YOLO = ["yolo:yolov5nu", "yolo:yolov8n-seg", "yolo:yolov8n-pose", "yolo:yolov8n-obb", "yolo:yolov8n-cls",
         "yolo:yolo11n-seg", "yolo:yolo11n-pose", "yolo:yolov9t", "yolo:yolov10n", "yolo:yolo12n", "yolo:yolov6n",
         "yolo:yolov3-tiny"]
 SIZES = {"timm:vit_tiny_patch16_224": 224, "timm:deit_tiny_patch16_224": 224, "timm:levit_128s": 224,
          "timm:efficientformer_l1": 224, "timm:sebotnet33ts_256": 256, "timm:coatnet_nano_rw_224": 224,
          "tv:maxvit_t": 224, "tv:swin_v2_t": 64, "tv:vit_b_32": 224, "timm:inception_v4": 96, "timm:fastvit_t8": 64,
-         "timm:xception41": 96}
+         "timm:xception41": 96, "timm:swin_tiny_patch4_window7_224": 224}
 
 
 class Body(torch.nn.Module):

@@ -43,11 +43,13 @@ class _Proxy(fx.Proxy):
 class _Tracer(fx.Tracer):
     """fx.Tracer that honours user leaf modules and remembers which module it is inside."""
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str], num_inputs: int):
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str], num_inputs: int,
+                 swin_shapes: dict[str, tuple[int, ...]] | None = None):
         super().__init__()
         self.leaf_types = leaf_types
         self.leaf_names = leaf_names
         self.num_inputs = num_inputs  # example inputs: the placeholders of a forward(x, *args, **kwargs)
+        self.swin_shapes = swin_shapes or {}  # Swin modules written out -> their input's shape
         self.hqp_module_stack: list[tuple[str, str]] = []
         self.failed_in: tuple[str, str] | None = None  # innermost module when tracing raised
 
@@ -96,7 +98,10 @@ class _Tracer(fx.Tracer):
         if isinstance(m, nn.MultiheadAttention) and not self.is_user_leaf(m, self.path_of_module(m)) and \
                 _plain_self_attention(m, args, kwargs):
             return _self_attention(m, args[0] if args else kwargs["query"]), None
-        self.hqp_module_stack.append((self.path_of_module(m), type(m).__name__))
+        path = self.path_of_module(m)
+        if path in self.swin_shapes and not self.is_user_leaf(m, path) and len(args) == 1 and not kwargs:
+            return _write_out_swin(self, m, path, args[0], self.swin_shapes[path])
+        self.hqp_module_stack.append((path, type(m).__name__))
         try:
             out = super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -135,6 +140,105 @@ def _self_attention(m: nn.MultiheadAttention, x):
     y = F.scaled_dot_product_attention(q, k, v)
     return F.linear(y.transpose(1, 2).reshape(batch, tokens, m.num_heads * m.head_dim), m.out_proj.weight,
                     m.out_proj.bias)
+
+
+def _swin_part(m: nn.Module) -> str | None:
+    """Which of torchvision's Swin modules ``m`` is, among those written out: ``"attention"`` for v1's
+    ``ShiftedWindowAttention`` without dropout (the exact class: v2's cosine attention is not written out),
+    ``"merging"`` / ``"merging_v2"`` for ``PatchMerging`` / ``PatchMergingV2``."""
+    cls = type(m)
+    if cls.__module__ != "torchvision.models.swin_transformer":
+        return None
+    if cls.__name__ == "ShiftedWindowAttention":
+        plain = m.attention_dropout == 0.0 and m.dropout == 0.0 and isinstance(m.qkv, nn.Linear) and \
+            isinstance(m.proj, nn.Linear)
+        return "attention" if plain else None
+    return {"PatchMerging": "merging", "PatchMergingV2": "merging_v2"}.get(cls.__name__)
+
+
+def _swin_shapes(root: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_types, leaf_names) \
+        -> dict[str, tuple[int, ...]]:
+    """The input shape of every Swin module ``_write_out_swin`` may write out, from one forward run of ``root``
+    (only when it has one). A module called at several shapes, or a model that does not run on ``inputs``
+    (shape propagation then says why), leaves it opaque."""
+    targets = {name: m for name, m in root.named_modules() if _swin_part(m)
+               and name not in leaf_names and not (leaf_types and isinstance(m, leaf_types))}
+    if not targets:
+        return {}
+    seen: dict[str, set[tuple[int, ...]]] = {}
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args, name=name: seen.setdefault(name, set()).add(tuple(args[0].shape) if args else ()))
+        for name, m in targets.items()]
+    try:
+        with torch.no_grad():
+            root(*inputs)
+    except Exception:
+        return {}
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: shape for name, shapes in seen.items() if len(shapes) == 1 for shape in shapes if len(shape) == 4}
+
+
+def _shift_mask(padded: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
+    """Shifted windows' attention mask ``[1, windows, 1, tokens, tokens]``: -100 between tokens that came from
+    different regions of the image before the cyclic shift, as torchvision's ``shifted_window_attention`` builds
+    it (the same slices and values)."""
+    (ph, pw), (wh, ww), (sh, sw) = padded, window, shift
+    region = torch.zeros(ph, pw)
+    count = 0
+    for h in ((0, -wh), (-wh, -sh), (-sh, None)):
+        for w in ((0, -ww), (-ww, -sw), (-sw, None)):
+            region[h[0]:h[1], w[0]:w[1]] = count
+            count += 1
+    region = region.view(ph // wh, wh, pw // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+    diff = region.unsqueeze(1) - region.unsqueeze(2)
+    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)[None, :, None]
+
+
+def _write_out_swin(tracer: _Tracer, m: nn.Module, path: str, x, shape: tuple[int, ...]):
+    """torchvision's Swin window attention (v1) and patch merging written out, as ``_self_attention`` does for
+    nn.MultiheadAttention. torchvision keeps ``shifted_window_attention`` and ``_patch_merging_pad`` opaque to
+    fx (``torch.fx.wrap``): their padding, cyclic shift and mask depend on the input's size. That pinned every
+    head (and the relative-position table read through an index buffer) and the residual stream. Here those
+    sizes are computed once for the shape the model is traced at (``shape``, from a forward run before tracing:
+    any batch size, that image size only), so the layers, the head reshape and the table read are graph nodes.
+    The shifted-window mask is a buffer of the module (``hqp_shift_mask``)."""
+    part = _swin_part(m)
+    if part != "attention":
+        height, width = shape[-3], shape[-2]
+        if height % 2 or width % 2:
+            x = F.pad(x, (0, 0, 0, width % 2, 0, height % 2))
+        x = torch.cat([x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], x[..., 0::2, 1::2, :], x[..., 1::2, 1::2, :]], -1)
+        return m.reduction(m.norm(x)) if part == "merging" else m.norm(m.reduction(x))
+    _, height, width, channels = shape
+    wh, ww = m.window_size
+    pad_b, pad_r = (wh - height % wh) % wh, (ww - width % ww) % ww
+    ph, pw = height + pad_b, width + pad_r
+    sh, sw = (0 if wh >= ph else m.shift_size[0]), (0 if ww >= pw else m.shift_size[1])
+    heads, tokens, windows = m.num_heads, wh * ww, (ph // wh) * (pw // ww)
+    batch = x.shape[0]
+    if pad_b or pad_r:
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+    if sh or sw:
+        x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+    x = x.view(batch, ph // wh, wh, pw // ww, ww, channels).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(batch * windows, tokens, channels)
+    q, k, v = m.qkv(x).reshape(batch * windows, tokens, 3, heads, channels // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = (q * (channels // heads) ** -0.5).matmul(k.transpose(-2, -1))
+    table = tracer.create_proxy("get_attr", f"{path}.relative_position_bias_table", (), {})
+    index = tracer.create_proxy("get_attr", f"{path}.relative_position_index", (), {})
+    attn = attn + table[index].view(tokens, tokens, -1).permute(2, 0, 1).unsqueeze(0)
+    if sh or sw:
+        m.register_buffer("hqp_shift_mask", _shift_mask((ph, pw), (wh, ww), (sh, sw)), persistent=False)
+        mask = tracer.create_proxy("get_attr", f"{path}.hqp_shift_mask", (), {})
+        attn = (attn.view(batch, windows, heads, tokens, tokens) + mask).view(-1, heads, tokens, tokens)
+    x = attn.softmax(-1).matmul(v).transpose(1, 2).reshape(batch * windows, tokens, channels)
+    x = m.proj(x).view(batch, ph // wh, pw // ww, wh, ww, channels).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(batch, ph, pw, channels)
+    if sh or sw:
+        x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
+    return x[:, :height, :width, :].contiguous() if pad_b or pad_r else x
 
 
 _PIECE_COUNT_ARG = {"chunk": "chunks", torch.chunk: "chunks", "split": "split_size", torch.split: "split_size_or_sections"}
@@ -213,7 +317,8 @@ def trace(
 
     ``nn.MultiheadAttention`` self-attention (batch first, no masks, no dropout, as torchvision's ViT calls it)
     is written out into its projections and ``scaled_dot_product_attention``, so its heads can be pruned;
-    any other use of it stays one opaque call.
+    any other use of it stays one opaque call. torchvision's Swin window attention (v1) and patch merging are
+    written out the same way, for the example input's image size.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -254,8 +359,10 @@ def _fx_trace(root, model, inputs, leaf_types, leaf_names, made_leaves: dict[str
     ``self._inference(x)``), only that call is opaque (key ``"<module>.<method>"``), so the layers ``forward``
     runs before it (the head's convolutions) stay in the graph and prune. Otherwise the whole module is a leaf."""
     methods: dict[str, tuple[str, str]] = {}  # key in made_leaves -> (module, method) traced as one opaque call
+    swin_shapes = _swin_shapes(root, inputs, leaf_types, leaf_names)
     while True:
-        tracer = _Tracer(leaf_types, leaf_names | frozenset(k for k in made_leaves if k not in methods), len(inputs))
+        tracer = _Tracer(leaf_types, leaf_names | frozenset(k for k in made_leaves if k not in methods), len(inputs),
+                         swin_shapes)
         patched = []
         try:
             for path, name in methods.values():

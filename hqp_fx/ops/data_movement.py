@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..groups import labels_vary
 from .base import NodeEdit, OpRule, arg
 
 _RESHAPE_METHODS = frozenset({"view", "reshape", "expand"})
@@ -58,7 +59,7 @@ def _reshape_rewrite(node: fx.Node, kept) -> NodeEdit | None:
     sizes = list(node.args[1]) if packed else list(node.args[1:])
     changed = False
     for i, s in enumerate(sizes):
-        counts_channels = isinstance(s, fx.Node) and i < lab.ndim and lab.shape[i] > 1
+        counts_channels = isinstance(s, fx.Node) and i < lab.ndim and labels_vary(lab, i)  # not padding's zeros
         if (isinstance(s, int) and s != -1 and old_shape[i] != new_shape[i]) or counts_channels:
             sizes[i], changed = new_shape[i], True
     if not changed:

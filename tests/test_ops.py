@@ -426,6 +426,30 @@ def test_torchvision_vit_self_attention_is_written_out_and_its_heads_prune():
                    for n in gm.graph.nodes)
 
 
+def test_padding_by_amounts_computed_from_the_shape_keeps_channels_prunable():
+    """timm's Swin pads each window partition by ``(window - H % window) % window``, computed in forward from the
+    input's shape: the amounts are known when the graph is analysed (its shapes are fixed), so the channels
+    through the pad stay prunable; amounts on a channel dim are rewritten as for constant pads."""
+
+    class WindowPad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.mlp = nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(nn.Linear(8, 12), nn.GELU())
+            self.out = nn.Linear(12, 4)
+
+        def forward(self, x):
+            x = self.mlp(self.stem(x).permute(0, 2, 3, 1))  # NHWC
+            _, height, width, _ = x.shape
+            x = F.pad(x, (0, 0, 0, (3 - width % 3) % 3, 0, (3 - height % 3) % 3))
+            return self.out(x).mean((1, 2))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 8)
+    gm, groups = analyse(WindowPad(), x)
+    assert groups["mlp.0"].prunable and groups["stem"].prunable, {g.id: g.reason for g in groups.values()}
+    assert_prunes_exactly(gm, x, {"mlp.0": [0, 5, 7], "stem": [2]})
+
+
 def test_torchvision_swin_window_attention_is_written_out_and_its_heads_prune(tmp_path):
     """torchvision wraps Swin's window attention and patch merging for fx (their padding, shift and mask depend
     on the image size), which pinned every head and the residual stream. trace writes both out for the traced

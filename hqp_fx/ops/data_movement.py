@@ -142,7 +142,8 @@ def _concat(p, node: fx.Node):
 
 
 def _pad_function(p, node: fx.Node):
-    pad = p.value(arg(node, 1, "pad"))
+    # amounts computed in forward from shapes (timm's window padding) are known here: the shapes are fixed
+    pad = fx.node.map_arg(arg(node, 1, "pad"), p.value)
     mode = arg(node, 2, "mode", "constant")
     value = arg(node, 3, "value", None)
     if not isinstance(pad, (tuple, list)) or not all(isinstance(v, int) for v in pad):

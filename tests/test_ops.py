@@ -363,6 +363,8 @@ class MaskedAttention(FusedQKVAttention):
         q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.mask == "indexed":
             mask = self.table[:, self.index].unsqueeze(0)
+        elif self.mask == "flat-indexed":  # timm's Swin: the index buffer is flattened in forward
+            mask = self.table.t()[self.index.view(-1)].view(4, 4, -1).permute(2, 0, 1).unsqueeze(0)
         elif self.mask == "head-indexed":  # the index reorders the heads: the rewrite could not follow it
             mask = self.table[self.order][:, self.index].unsqueeze(0)
         else:
@@ -371,11 +373,12 @@ class MaskedAttention(FusedQKVAttention):
         return self.head((x + self.proj(y.transpose(1, 2).reshape(B, N, C))).mean(1))
 
 
-@pytest.mark.parametrize("mask", ["per-head", "shared", "indexed", "head-indexed"])
+@pytest.mark.parametrize("mask", ["per-head", "shared", "indexed", "flat-indexed", "head-indexed"])
 def test_an_attention_mask_goes_with_its_heads(mask):
     """A per-head mask loses the removed heads' rows, a shared one stays whole, and a table read through an index
-    buffer loses the removed heads' rows of the table (the index reads along the tokens). An index buffer that
-    reads along the heads keeps them, with the reason."""
+    buffer loses the removed heads' rows of the table (the index reads along the tokens), also when forward
+    flattens the buffer first (fx records the result as a constant). An index buffer that reads along the heads
+    keeps them, with the reason."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
     gm, groups = analyse(MaskedAttention(mask), x)
@@ -387,6 +390,8 @@ def test_an_attention_mask_goes_with_its_heads(mask):
     pruned = assert_prunes_exactly(gm, x, {"qkv": [0, 3]})
     if mask == "indexed":
         assert pruned.table.shape == (2, 7) and torch.equal(pruned.index, gm.index)
+    elif mask == "flat-indexed":
+        assert pruned.table.shape == (2, 7)
     else:
         assert pruned.bias.shape == ((1, 2, 4, 4) if mask == "per-head" else (1, 1, 4, 4))
 
@@ -428,8 +433,8 @@ def test_torchvision_vit_self_attention_is_written_out_and_its_heads_prune():
 
 def test_padding_by_amounts_computed_from_the_shape_keeps_channels_prunable():
     """timm's Swin pads each window partition by ``(window - H % window) % window``, computed in forward from the
-    input's shape: the amounts are known when the graph is analysed (its shapes are fixed), so the channels
-    through the pad stay prunable; amounts on a channel dim are rewritten as for constant pads."""
+    input's shape, and crops back with ``x[:, :H, :W, :]``: the amounts and bounds are known when the graph is
+    analysed (its shapes are fixed), so the channels through them stay prunable."""
 
     class WindowPad(nn.Module):
         def __init__(self):
@@ -441,7 +446,7 @@ def test_padding_by_amounts_computed_from_the_shape_keeps_channels_prunable():
             x = self.mlp(self.stem(x).permute(0, 2, 3, 1))  # NHWC
             _, height, width, _ = x.shape
             x = F.pad(x, (0, 0, 0, (3 - width % 3) % 3, 0, (3 - height % 3) % 3))
-            return self.out(x).mean((1, 2))
+            return self.out(x[:, :height, :width, :]).mean((1, 2))  # cropped back by computed bounds
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 7, 8)

@@ -223,7 +223,7 @@ class _Propagator:
         if node.target is operator.getitem and isinstance(self.value(node.args[0]), (tuple, list)):
             return self.value(node.args[0])[node.args[1]]
         idx = node.args[1] if node.target is operator.getitem and len(node.args) > 1 else None
-        if idx is not None and _nodes_in(idx):
+        if idx is not None and any(self._is_tensor(n) for n in _nodes_in(idx)):
             return self._indexed(node)
         args = fx.node.map_arg(node.args, materialise)
         kwargs = fx.node.map_arg(node.kwargs, materialise)
@@ -237,6 +237,7 @@ class _Propagator:
         positions along an indexed dim is checked then, by ``resolve_mixed``, and pinned when it holds several
         classes. Any other tensor index (computed in forward, or a boolean mask) pins its channels."""
         x, idx = node.args[0], node.args[1]
+        idx = fx.node.map_arg(idx, lambda n: n if self._is_tensor(n) else self.value(n))  # bounds: sizes, known
         entries = idx if isinstance(idx, tuple) else (idx,)
         if not isinstance(x, fx.Node) or not isinstance(self.value(x), torch.Tensor) or any(
                 isinstance(e, fx.Node) and not _index_buffer(e, self.gm) for e in entries) or any(
@@ -258,6 +259,12 @@ class _Propagator:
                                    f"{node.name} reads its input through an index tensor along a channel dim"))
         index = tuple(operator.attrgetter(e.target)(self.gm) if isinstance(e, fx.Node) else e for e in entries)
         return _compact(full[index if isinstance(idx, tuple) else index[0]])
+
+    def _is_tensor(self, n: fx.Node) -> bool:
+        """Whether a node is a tensor, without labelling a buffer (an index buffer is read for its values)."""
+        if n.op == "get_attr":
+            return isinstance(operator.attrgetter(n.target)(self.gm), torch.Tensor)
+        return isinstance(self.value(n), torch.Tensor)
 
     def concat(self, node: fx.Node) -> Any:
         """torch.cat: data movement, and where it stacks tensors along a dim that is not their channel dim (a

@@ -95,10 +95,10 @@ class _Tracer(fx.Tracer):
         return self.is_user_leaf(m, qualname) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
-        if isinstance(m, nn.MultiheadAttention) and not self.is_user_leaf(m, self.path_of_module(m)) and \
+        path = self.path_of_module(m)
+        if isinstance(m, nn.MultiheadAttention) and not self.is_user_leaf(m, path) and \
                 _plain_self_attention(m, args, kwargs):
             return _self_attention(m, args[0] if args else kwargs["query"]), None
-        path = self.path_of_module(m)
         if path in self.swin_shapes and not self.is_user_leaf(m, path) and len(args) == 1 and not kwargs:
             return _write_out_swin(self, m, path, args[0], self.swin_shapes[path])
         self.hqp_module_stack.append((path, type(m).__name__))

@@ -23,10 +23,10 @@ import torch.nn as nn
 
 from .. import meta
 from . import attention, conv_linear, data_movement, elementwise, norms, pooling
-from .base import NodeEdit, OpRule, arg, run_call, weight_name
+from .base import NodeEdit, OpRule, arg, index_dims, run_call, weight_name
 
-__all__ = ["OpRule", "NodeEdit", "RULES", "rule_for", "moves_data", "arg", "weight_name", "run_call", "functions",
-           "methods"]
+__all__ = ["OpRule", "NodeEdit", "RULES", "rule_for", "moves_data", "arg", "index_dims", "weight_name", "run_call",
+           "functions", "methods"]
 
 RULES: tuple[OpRule, ...] = (conv_linear.RULES + norms.RULES + elementwise.RULES + data_movement.RULES
                              + pooling.RULES + attention.RULES)

@@ -79,6 +79,20 @@ def weight_name(node: Any) -> str | None:
     return ""
 
 
+def index_dims(entries: tuple, ndim: int) -> list[tuple[int, int]]:
+    """``(position in entries, dim of the indexed tensor)`` for each entry of ``x[entries]`` that reads a dim:
+    ``None`` adds a dim and reads none, ``Ellipsis`` spans the dims the other entries leave."""
+    explicit = sum(1 for e in entries if e is not None and e is not Ellipsis)
+    found, dim = [], 0
+    for pos, e in enumerate(entries):
+        if e is Ellipsis:
+            dim += ndim - explicit
+        elif e is not None:
+            found.append((pos, dim))
+            dim += 1
+    return found
+
+
 def run_call(op: str, target: Any, args: tuple, kwargs: dict, modules: dict) -> Any:
     """Run one call's op (``op`` and ``target`` as in an fx node) on the given arguments: labels, sizes or tensors."""
     if op == "call_function":

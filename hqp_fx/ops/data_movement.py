@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..groups import labels_vary
-from .base import NodeEdit, OpRule, arg
+from .base import NodeEdit, OpRule, arg, index_dims
 
 _RESHAPE_METHODS = frozenset({"view", "reshape", "expand"})
 _SPLIT_METHODS = frozenset({"split", "chunk", "tensor_split"})
@@ -110,20 +110,11 @@ def _getitem_rewrite(node: fx.Node, kept) -> NodeEdit | None:
     if keep is None:
         return None
     index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-    # map tensor dims to index entries (None adds a dim, Ellipsis spans the rest)
-    ndim = len(kept.shape(x.name))
-    explicit = sum(1 for e in index if e is not None and e is not Ellipsis)
-    entries, dim = list(index), 0
-    for pos, e in enumerate(entries):
-        if e is None:
-            continue
-        if e is Ellipsis:
-            dim += ndim - explicit
-            continue
+    entries = list(index)
+    for pos, dim in index_dims(index, len(kept.shape(x.name))):
         if dim == keep.dim:
-            entries[pos] = _reindex(e, keep.mask, node)
+            entries[pos] = _reindex(entries[pos], keep.mask, node)
             break
-        dim += 1
     return NodeEdit(node.target, (x, tuple(entries) if isinstance(node.args[1], tuple) else entries[0]), {})
 
 

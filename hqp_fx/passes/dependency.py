@@ -244,17 +244,8 @@ class _Propagator:
                 _nodes_in(e) and not isinstance(e, fx.Node) for e in entries):
             return self.unknown(node, f"tensor-indexed getitem {node.name}")
         full = self.full(x)
-        dims, dim = [], 0  # the dims of x that the tensor entries index
-        explicit = sum(1 for e in entries if e is not None and e is not Ellipsis)
-        for e in entries:
-            if e is Ellipsis:
-                dim += full.ndim - explicit
-            elif e is not None:
-                if isinstance(e, fx.Node):
-                    dims.append(dim)
-                dim += 1
-        for d in dims:
-            if full.shape[d] > 1:
+        for pos, d in ops.index_dims(entries, full.ndim):
+            if isinstance(entries[pos], fx.Node) and full.shape[d] > 1:
                 self.mixed.append((full.movedim(d, -1).reshape(-1, full.shape[d]),
                                    f"{node.name} reads its input through an index tensor along a channel dim"))
         index = tuple(operator.attrgetter(e.target)(self.gm) if isinstance(e, fx.Node) else e for e in entries)

@@ -164,6 +164,7 @@ def compress_config(args: argparse.Namespace, *, lr: float, augment: bool):
                               target_latency=args.target_latency, ignore=tuple(args.ignore or ()),
                               keep_stem=args.keep_stem, remove_branches=args.remove_branches, seed=args.seed,
                               max_rounds=args.max_rounds, patience=args.patience,
+                              time_budget=None if args.time_budget is None else 60 * args.time_budget,
                               select=args.select or ("latency" if args.backend == "onnxruntime" else "channels")),
         finetune=FinetuneConfig(epochs=args.finetune_epochs, lr=lr, distill=args.distill,
                                 temperature=args.temperature),
@@ -352,6 +353,9 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
                    "pruning: all inner channels of a residual block (or an SE gate) may go, and the block with them; "
                    "ranked with the channel blocks")
     c.add_argument("--max-rounds", type=_COUNT, default=12 if demo else 100, help="pruning rounds at most")
+    c.add_argument("--time-budget", type=_number(float, 0, open_low=True), default=None, metavar="MINUTES",
+                   help="start no pruning round that would end past this many minutes (judged by the mean round so "
+                        "far); the recovery fine-tune, quantization and the report come on top. Default: no limit")
     c.add_argument("--backend", type=_backend, default="onnxruntime" if demo else "auto", help=_BACKEND_HELP)
     c.add_argument("--calibration", default="histogram", choices=CALIBRATIONS)
     c.add_argument("--samples", type=_COUNT, default=256 if demo else 512, help="calibration images")
@@ -361,8 +365,8 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
                    "budget is then spent on what ships, and no layer needs keeping in FP; costs a quantization per "
                    "round)")
     c.add_argument("--patience", type=_number(int, 0), default=0 if demo else 1, help="a round over delta_max by "
-                   "less than delta_max more is fine-tuned --finetune-epochs again, up to this many times, before it "
-                   "is rolled back")
+                   "at most half of it is fine-tuned --finetune-epochs again, up to this many times, before it is "
+                   "rolled back")
     c.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure quantize-only (dense INT8); dense FP32 and prune-only are always measured")
     c.add_argument("--batch-size", type=_COUNT, default=64 if demo else 128)

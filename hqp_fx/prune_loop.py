@@ -24,6 +24,7 @@ import json
 import os
 import re
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -49,6 +50,10 @@ STATE_FILE = "hqp_state.json"
 LATENCY_FILE = "latency_model.json"  # the table a select="latency" run decides with, kept for an exact resume
 SELECTIONS = ("channels", "latency")
 RETRY_SEED = 100003  # a retried fine-tune's seed offset, past any round number
+# a round over delta_max by at most this share of it gets the retries of config.patience: measured retries won
+# back -0.16 to 0.32 points (benchmarks/RESULTS.md, "Figures behind constants"), never half a point
+RETRY_WITHIN = 0.5
+_clock = time.monotonic  # the time budget's clock (a test replaces it)
 
 
 def step_schedule(first: float = 0.05) -> tuple[float, ...]:
@@ -67,7 +72,8 @@ class PruneLoopConfig:
     remove_branches: bool = False  # a removable group (a residual block's inner channels) may go whole: depth pruning
     select: str = "channels"  # "channels": the step is a share of channels; "latency": a share of predicted latency
     max_rounds: int = 100
-    patience: int = 0  # a round over delta_max (by at most delta_max more) gets up to this many more fine-tunes
+    time_budget: float | None = None  # seconds: no round starts that would end past it (at the mean round's length)
+    patience: int = 0  # a round over delta_max (by at most RETRY_WITHIN of it) gets up to this many more fine-tunes
     target_macs: float | None = None  # stop once MACs <= this fraction of the baseline
     target_params: float | None = None
     target_latency: float | None = None  # stop once latency_fn(model) <= this fraction of the dense model's
@@ -90,6 +96,8 @@ class PruneLoopConfig:
             v = getattr(self, name)
             if v is not None and not 0 < v < 1:
                 raise ValueError(f"{name} is a fraction of the dense model in (0, 1), got {v}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"time_budget is in seconds (> 0), got {self.time_budget}")
         if self.patience < 0:
             raise ValueError(f"patience is a count of extra fine-tunes (>= 0), got {self.patience}")
         if self.latency_rounds < 1:
@@ -200,12 +208,14 @@ def prune_loop(
     ``guard_fn(model)``, when given, judges each candidate and the recovered model instead of ``evaluate_fn``, against
     ``evaluate_fn``'s dense baseline: e.g. the top-1 of the candidate's INT8 model (``compress`` with
     ``guard="int8"``), so that delta_max is spent on what ships and none is left for a hybrid fallback to buy back.
-    With ``config.patience`` > 0, a candidate over delta_max by at most delta_max more is fine-tuned again
-    (``finetune_fn(model, round_index)`` once more, on the same candidate; a ``finetune_fn`` that wants a fresh data
+    With ``config.patience`` > 0, a candidate over delta_max by at most half of it (``RETRY_WITHIN``) is fine-tuned
+    again (``finetune_fn(model, round_index)`` once more, on the same candidate; a ``finetune_fn`` that wants a fresh data
     order counts its calls per round) and judged again, up to that many times, before it is rolled back.
     ``recover_fn(model)`` fine-tunes the final model in place once the rounds stop (not when none was accepted); the
     result replaces it only when its metric is at least the last accepted round's.
-    ``leaf_modules`` are kept opaque while tracing (``hqp_fx.trace``).
+    ``leaf_modules`` are kept opaque while tracing (``hqp_fx.trace``). With ``config.time_budget`` (seconds, counted
+    from this call: an interrupted run resumed has the budget afresh) no round starts when the rounds so far say it would end past
+    the budget; the recovery and whatever the caller does afterwards come on top.
 
     ``config.select="latency"`` needs ``latency_model(dense graph)`` (e.g. ``LatencyModel.measure``) and
     ``latency_fn``: each round removes the channel blocks of least importance per predicted millisecond until the
@@ -219,10 +229,12 @@ def prune_loop(
     only, instead of the loop stopping there.
 
     With ``checkpoint_dir`` the run records a fingerprint of what decides it: the model's weights, the example
-    input's shape, ``config`` (all but ``max_rounds``) and ``fingerprint``, the caller's own entries for what the
-    loop cannot see (its data, its fine-tune settings). ``resume`` refuses a run whose fingerprint differs, naming
-    the fields; a run without ``resume`` refuses a ``checkpoint_dir`` that already holds a run.
+    input's shape, ``config`` (all but ``max_rounds`` and ``time_budget``) and ``fingerprint``, the caller's own
+    entries for what the loop cannot see (its data, its fine-tune settings). ``resume`` refuses a run whose
+    fingerprint differs, naming the fields; a run without ``resume`` refuses a ``checkpoint_dir`` that already holds
+    a run.
     """
+    started = _clock()
     by_latency = config.select == "latency"
     if by_latency and (latency_model is None or latency_fn is None):
         raise ValueError("select='latency' needs latency_model (e.g. hqp_fx.latency.LatencyModel.measure) to predict "
@@ -289,7 +301,15 @@ def prune_loop(
     if engine is not None:
         engine.calibrate(current, ratio * base_latency)
     stop = state.get("stop_reason", "") if state else ""
+    round_seconds: list[float] = []  # this call's rounds that trained, for the time budget
     for rnd in range(next_round, config.max_rounds):
+        elapsed = _clock() - started
+        expected = statistics.fmean(round_seconds) if round_seconds else 0.0
+        if config.time_budget is not None and elapsed + expected > config.time_budget:
+            stop = (f"time budget reached ({elapsed / 60:.1f} of {config.time_budget / 60:g} min used"
+                    + (f"; a round takes about {expected / 60:.1f} min" if round_seconds else "") + ")")
+            break
+        round_start = _clock()
         if config.target_macs is not None and current_macs <= config.target_macs * base_macs:
             stop = f"MACs target reached ({current_macs / base_macs:.3f} of dense <= {config.target_macs})"
             break
@@ -346,9 +366,9 @@ def prune_loop(
             finetune_fn(candidate, rnd)
             value = _evaluate(guard_fn or evaluate_fn, candidate, config.metric)[config.metric]
             drop = baseline[config.metric] - value
-            # a cut just over the budget is often a fine-tune short of it, and a round's cut costs a whole round to
-            # find again; one far over it (twice delta_max or more: ResNet-20's 10.9 points) is not retried
-            if retries == config.patience or not config.delta_max < drop <= 2 * config.delta_max:
+            # a cut just over the budget may be a fine-tune short of it, and a round's cut costs a whole round to
+            # find again; one further over it is not retried: no measured retry won back half a point
+            if retries == config.patience or not config.delta_max < drop <= (1 + RETRY_WITHIN) * config.delta_max:
                 break
             drops_before.append(drop)  # kept so the retry gate can be judged from a run's records
         accepted = drop <= config.delta_max
@@ -359,6 +379,7 @@ def prune_loop(
                              engine.predict(current, aligned) if engine is not None else None, reference_ms, retries,
                              drops_before)
         history.append(record)
+        round_seconds.append(_clock() - round_start)
         rejected = None if accepted else {k: sorted(v) for k, v in aligned.items()}
         if accepted:
             current = candidate
@@ -453,11 +474,12 @@ def _weights_digest(model: nn.Module) -> str:
 
 def run_fingerprint(model: nn.Module, example_inputs: Any, config: PruneLoopConfig,
                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What decides a pruning run, as JSON values: a resume must see the same (``max_rounds`` may grow)."""
+    """What decides a pruning run, as JSON values: a resume must see the same (``max_rounds`` and ``time_budget``
+    may change)."""
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     entries = {"model weights": _weights_digest(model),
                "example input shape": [list(getattr(t, "shape", ())) for t in inputs],
-               **{f"config.{k}": v for k, v in asdict(config).items() if k != "max_rounds"},
+               **{f"config.{k}": v for k, v in asdict(config).items() if k not in ("max_rounds", "time_budget")},
                **(extra or {})}
     return json.loads(json.dumps(entries, default=str))
 

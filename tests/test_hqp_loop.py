@@ -1,6 +1,7 @@
 """The HQP pruning loop: delta_max with forced rollback, targets, exact resume after a kill."""
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 
@@ -129,21 +130,55 @@ class Retuned(Stubs):
 
 
 def test_patience_fine_tunes_a_candidate_just_over_delta_max_again_before_rolling_it_back():
-    stub_drop = lambda r: 10.0 * (1 - r.params / Stubs().base)  # noqa: E731
-    # 2.0 under the stub: one more fine-tune wins back enough; 3.2: not enough, rolled back after the retry;
-    # 4.5 (the first round's drop then over twice delta_max): never retried
-    for patience, penalty, accepted, retries in ((1, 2.0, True, 1), (0, 2.0, False, 0), (1, 3.2, False, 1),
-                                                 (3, 4.5, False, 0)):
-        stubs = Retuned(penalty, gain=1.0)
+    stub_drop = lambda r: 10.0 * (1 - r.params / Stubs().base)  # noqa: E731 (0.66 for the first round here)
+    # delta_max 2.0: a drop of 2.66 wins back 1.0 with one more fine-tune; 2.96 wins back 0.2, not enough, rolled
+    # back after the retry; 3.86 is over delta_max by more than half of it (RETRY_WITHIN): never retried
+    for patience, penalty, gain, accepted, retries in ((1, 2.0, 1.0, True, 1), (0, 2.0, 1.0, False, 0),
+                                                       (1, 2.3, 0.2, False, 1), (3, 3.2, 1.0, False, 0)):
+        stubs = Retuned(penalty, gain=gain)
         res = run(stubs=stubs, patience=patience, max_rounds=1)
         (first,) = res.history
         assert (first.accepted, first.retries) == (accepted, retries)
         assert stubs.calls[first.round] == 1 + first.retries
-        assert first.drop == pytest.approx(stub_drop(first) + penalty - first.retries)
-        # the drop each retry started from is on the record (1.0 above the final one under this stub)
-        assert first.drops_before == pytest.approx([first.drop + 1.0] * first.retries)
+        assert first.drop == pytest.approx(stub_drop(first) + penalty - gain * first.retries)
+        # the drop each retry started from is on the record
+        assert first.drops_before == pytest.approx([first.drop + gain] * first.retries)
     with pytest.raises(ValueError, match="patience"):
         PruneLoopConfig(patience=-1)
+
+
+class Clocked(Stubs):
+    """Each fine-tune advances a stand-in clock by ``minutes`` (replacing the loop's, so no test waits)."""
+
+    def __init__(self, minutes: float):
+        super().__init__()
+        self.now, self.minutes = 0.0, minutes
+
+    def clock(self):
+        return self.now
+
+    def finetune(self, m, rnd):
+        super().finetune(m, rnd)
+        self.now += 60 * self.minutes
+
+
+def test_a_time_budget_starts_no_round_that_would_end_past_it(monkeypatch, tmp_path):
+    """Rounds of 10 stand-in minutes under a 35-minute budget: three rounds (30 min), then a fourth would end at
+    40, so the loop stops, says why, and the budget is no part of what a resume checks."""
+    stubs = Clocked(10.0)
+    monkeypatch.setattr("hqp_fx.prune_loop._clock", stubs.clock)
+    res = run(tmp_path / "ckpt", stubs=stubs, time_budget=35 * 60, delta_max=50.0, max_rounds=10)
+    assert len(res.history) == 3 and all(r.accepted for r in res.history)
+    assert res.stop_reason == "time budget reached (30.0 of 35 min used; a round takes about 10.0 min)"
+    # the same run with no budget goes on; a budget already spent before the first round stops at once
+    assert len(run(stubs=Clocked(10.0), delta_max=50.0, max_rounds=5).history) == 5
+    monkeypatch.setattr("hqp_fx.prune_loop._clock", itertools.count().__next__)  # a second per reading
+    spent = run(time_budget=0.5, max_rounds=5)
+    assert spent.history == [] and spent.stop_reason == "time budget reached (0.0 of 0.00833333 min used)"
+    with pytest.raises(ValueError, match="time_budget"):
+        PruneLoopConfig(time_budget=0)
+    fingerprint = json.loads((tmp_path / "ckpt" / STATE_FILE).read_text())["fingerprint"]
+    assert not any("time_budget" in k for k in fingerprint) and "config.delta_max" in fingerprint
 
 
 def test_resume_after_kill_gives_the_same_decisions(tmp_path):

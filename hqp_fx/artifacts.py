@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -84,6 +84,8 @@ class StagedOutput:
 class ShipResult:
     quantized: QuantizeResult
     report: dict
+    # the shipped INT8 model's per-image top-1 hits ("test"; "validation" when given), for paired statistics
+    int8_hits: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
 
 def _verification_dict(v) -> dict:
@@ -127,9 +129,14 @@ def ship_quantized(model: torch.nn.Module, example: torch.Tensor, calibration: I
     progress("TensorRT engine")
     trt = build_tensorrt_engine(int8_path, stage / "model_int8.engine", probe)
     progress("scoring the shipped INT8 ONNX model and measuring latency")
-    int8_acc = evaluate(OrtModel(int8_path, threads), evaluation)
-    on_validation = None if validation is None else {
-        "fp32": evaluate(model, validation), "int8_onnxruntime": evaluate(OrtModel(int8_path, threads), validation)}
+    int8_hits: dict[str, list[torch.Tensor]] = {"test": []}
+    int8_acc = evaluate(OrtModel(int8_path, threads), evaluation, hits=int8_hits["test"])
+    on_validation = None
+    if validation is not None:
+        int8_hits["validation"] = []
+        on_validation = {"fp32": evaluate(model, validation),
+                         "int8_onnxruntime": evaluate(OrtModel(int8_path, threads), validation,
+                                                      hits=int8_hits["validation"])}
     shape = tuple(example.shape)
     latency = {"fp32": measure_onnx(fp32_path, shape, threads=threads, runs=runs),
                "int8": measure_onnx(int8_path, shape, threads=threads, runs=runs)}
@@ -156,7 +163,7 @@ def ship_quantized(model: torch.nn.Module, example: torch.Tensor, calibration: I
         lines.append(f"TensorRT explicit-quantization rules: {len(violations)} violation(s)")
         lines += [f"  {v.node} ({v.op_type}) {v.rule}: {v.detail}" for v in violations]
     atomic_write_text(stage / "verification.txt", "\n".join(lines) + "\n")
-    return ShipResult(result, report)
+    return ShipResult(result, report, int8_hits)
 
 
 def write_json(path: Path, data: dict) -> None:

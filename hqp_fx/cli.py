@@ -204,7 +204,8 @@ def _times(speedup: float) -> str:
 def _summarise(report: dict, out: str) -> None:
     acc, comp, var = report["accuracy"], report["compression"], report["variants"]
     print(f"test top-1 {acc['dense_fp32']['top1']:.2f}% -> INT8 {acc['hqp_int8_onnxruntime']['top1']:.2f}% "
-          f"(drop {acc['final_drop']:.2f}; validation drop {acc['validation']['final_drop']:.2f}; "
+          f"(drop {acc['final_drop']:.2f} ± {acc['final_drop_se']:.2f}; validation drop "
+          f"{acc['validation']['final_drop']:.2f} ± {acc['validation']['final_drop_se']:.2f}; "
           f"delta_max {report['delta_max']}: "
           f"{'ok' if report['within_delta_max'] else 'BROKEN'}) | MACs {comp['macs_reduction']:.2f}x fewer | "
           f"ORT latency {_times(var['hqp_int8']['speedup'])} than dense FP32"

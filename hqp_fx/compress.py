@@ -32,7 +32,7 @@ from .lower_onnx import export_onnx
 from .passes.quantize import QuantConfig, quantize
 from .report import plot_report, render_report
 from .serialize import save
-from .train import FinetuneConfig, evaluate, finetune
+from .train import FinetuneConfig, evaluate, finetune, paired_drop
 
 __all__ = ["CompressConfig", "compress", "onnx_latency", "HQP_JSON_SCHEMA"]
 
@@ -205,7 +205,10 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
                              threads=config.threads, runs=config.latency_runs, progress=progress)
     ship = shipped.report
     progress("evaluating the dense model on the test split")
-    dense_test = evaluate(dense, test_loader, num_classes=len(test.classes))
+    dense_hits: dict[str, list] = {"test": [], "validation": []}  # for the drops' paired standard errors
+    dense_test = evaluate(dense, test_loader, num_classes=len(test.classes), hits=dense_hits["test"])
+    evaluate(dense, val_loader, hits=dense_hits["validation"])
+    drop_se = {split: paired_drop(dense_hits[split], shipped.int8_hits[split])[1] for split in dense_hits}
     on_val = ship["accuracy"]["validation"]
     variants = {
         "dense_fp32": {"top1": dense_test["top1"], "val_top1": pruned.baseline["top1"]},
@@ -250,9 +253,11 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
                                "the test split is only reported"},
         "accuracy": {"dense_fp32": dense_test, "pruned_fp32": ship["accuracy"]["fp32"],
                      "hqp_int8_onnxruntime": ship["accuracy"]["int8_onnxruntime"], "final_drop": final_drop,
+                     "final_drop_se": drop_se["test"],
                      "validation": {"dense_fp32": pruned.baseline, "pruned_fp32": on_val["fp32"],
                                     "hqp_int8_onnxruntime": on_val["int8_onnxruntime"],
-                                    "final_drop": variants["hqp_int8"]["val_drop"]}},
+                                    "final_drop": variants["hqp_int8"]["val_drop"],
+                                    "final_drop_se": drop_se["validation"]}},
         "compression": {"macs": [pruned.baseline_macs, macs], "params": [pruned.baseline_params, params],
                         "macs_reduction": pruned.baseline_macs / macs, "params_reduction": pruned.baseline_params / params,
                         "size_mb": [base["size_mb"], variants["hqp_int8"]["size_mb"]]},

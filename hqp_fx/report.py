@@ -18,8 +18,10 @@ def render_report(r: dict) -> str:
     val, splits = acc["validation"], r["splits"]
     lines = [
         "# HQP report", "",
-        f"- Final INT8 top-1 drop on the test split: **{acc['final_drop']:.2f}** points ({verdict}); on the validation "
-        f"split that decided the run: {val['final_drop']:.2f}.",
+        f"- Final INT8 top-1 drop on the test split: **{acc['final_drop']:.2f}** ± {acc['final_drop_se']:.2f} points "
+        f"({verdict}); on the validation split that decided the run: {val['final_drop']:.2f} ± "
+        f"{val['final_drop_se']:.2f} (± one standard error, paired over the images: what a split of that size can "
+        "resolve).",
         f"- Top-1, test ({splits['test']} images): dense FP32 {acc['dense_fp32']['top1']:.2f}% → pruned FP32 "
         f"{acc['pruned_fp32']['top1']:.2f}% → HQP INT8 (ONNX Runtime) {acc['hqp_int8_onnxruntime']['top1']:.2f}%",
         f"- Top-1, validation ({splits['validation']} images, {splits['validation_source']}): dense FP32 "

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["FinetuneConfig", "distillation_loss", "evaluate", "finetune"]
+__all__ = ["FinetuneConfig", "distillation_loss", "evaluate", "finetune", "paired_drop"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,11 @@ def _set_mode(model: nn.Module, training: bool) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, num_classes: int | None = None) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (percent) and mean cross-entropy over ``loader``; eval mode, mode restored."""
+def evaluate(model: nn.Module, loader: Iterable, num_classes: int | None = None,
+             hits: list[torch.Tensor] | None = None) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) and mean cross-entropy over ``loader``; eval mode, mode restored. Given a
+    ``hits`` list, each batch's per-image top-1 hits (bool) are appended to it, for ``paired_drop`` (this
+    process's images only under ``torch.distributed``)."""
     was_training = model.training
     _set_mode(model, False)
     correct1 = correct5 = total = 0
@@ -66,6 +69,8 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int | None = None)
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             hit = top == y.view(-1, 1)
             correct1 += int(hit[:, 0].sum())
+            if hits is not None:
+                hits.append(hit[:, 0].cpu())
             correct5 += int(hit.any(1).sum())
             total += len(y)
     finally:
@@ -77,6 +82,19 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int | None = None)
         dist.all_reduce(stats)
     c1, c5, n, ls = stats.tolist()
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": ls / n, "samples": int(n)}
+
+
+def paired_drop(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> tuple[float, float]:
+    """(top-1 drop, its standard error), in points, of ``candidate`` against ``reference`` on the same images
+    (``evaluate``'s ``hits`` of each, in the same order). Paired over images: only the images that change their
+    verdict vary the drop, so its error is far smaller than two independent accuracies' errors would say; it is
+    what a split of that size can resolve, and a drop within it of delta_max is not a margin."""
+    ref, cand = torch.cat(reference).double(), torch.cat(candidate).double()
+    if ref.shape != cand.shape or ref.numel() < 2:
+        raise ValueError(f"paired_drop needs the hits of both models on the same images (at least 2), got "
+                         f"{ref.numel()} and {cand.numel()}")
+    diff = ref - cand
+    return 100.0 * float(diff.mean()), 100.0 * float(diff.std() / math.sqrt(diff.numel()))
 
 
 def distillation_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None,

@@ -21,7 +21,7 @@ from hqp_fx.data import BatchLoader
 from hqp_fx.demo import digits
 from hqp_fx.engines.ort import OrtModel
 from hqp_fx.passes.quantize import QuantConfig
-from hqp_fx.train import evaluate
+from hqp_fx.train import evaluate, paired_drop
 
 OUTPUTS = ["accuracy_vs_macs.png", "channels_per_layer.png", "hqp.json", "latency_size.png", "model_dense_fp32.onnx",
            "model_dense_int8.onnx", "model_fp32.onnx", "model_int8.onnx", "model_pruned.hqp", "report.md", "report.txt",
@@ -243,6 +243,13 @@ def test_decisions_use_the_validation_split_and_the_test_split_is_only_reported(
     assert "held out from the training images" in splits["validation_source"]
     assert seen and all(len(d) == splits["train"] for d in seen)
     assert "on the validation split that decided the run" in (tmp_path / "a" / "report.md").read_text()
+    # the final drop and its standard error, paired over the test images: the dense model against the shipped file
+    dense_hits, int8_hits = [], []
+    evaluate(model, BatchLoader(test, 500), hits=dense_hits)
+    evaluate(OrtModel(tmp_path / "a" / "model_int8.onnx"), BatchLoader(test, 500), hits=int8_hits)
+    assert (a["accuracy"]["final_drop"], a["accuracy"]["final_drop_se"]) == pytest.approx(
+        paired_drop(dense_hits, int8_hits))
+    assert a["accuracy"]["final_drop_se"] > 0
     # the demo model trained on all of train, the held-out images included: the report says when that shows
     gap = a["accuracy"]["validation"]["dense_fp32"]["top1"] - a["accuracy"]["dense_fp32"]["top1"]
     assert splits["dense_val_minus_test"] == pytest.approx(gap)

@@ -12,7 +12,7 @@ from PIL import Image
 from hqp_fx import data as data_mod
 from hqp_fx.data import BatchLoader, find_splits, load_split, unpack_once
 from hqp_fx.models import build_model
-from hqp_fx.train import FinetuneConfig, distillation_loss, evaluate, finetune
+from hqp_fx.train import FinetuneConfig, distillation_loss, evaluate, finetune, paired_drop
 
 
 @pytest.fixture
@@ -130,6 +130,24 @@ def test_evaluate_matches_hand_computation():
         evaluate(model, batches, num_classes=10)
     with pytest.raises(ValueError, match="evaluation data is empty"):
         evaluate(model, [])
+
+
+def test_paired_drop_and_its_standard_error_from_the_per_image_hits():
+    """evaluate's per-image hits, in loader order; the drop's error counts only the images that changed verdict:
+    2 of 4 here (one lost, one gained), so drop 0 with error sd([0, 1, 0, -1]) / 2."""
+    model, batches = nn.Linear(4, 6), toy_problem()
+    hits: list[torch.Tensor] = []
+    stats = evaluate(model, batches, hits=hits)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    with torch.no_grad():
+        assert torch.equal(torch.cat(hits), model(x).argmax(1) == y)
+    assert 100 * torch.cat(hits).double().mean().item() == pytest.approx(stats["top1"])
+    dense, pruned = [torch.tensor([True, True]), torch.tensor([True, False])], [torch.tensor([True, False, True, True])]
+    drop, se = paired_drop(dense, pruned)
+    assert drop == pytest.approx(0.0) and se == pytest.approx(100 * (2 / 3) ** 0.5 / 2)
+    assert paired_drop(dense, dense) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same images"):
+        paired_drop(dense, [torch.tensor([True])])
 
 
 def test_finetune_learns_and_restores_mode():

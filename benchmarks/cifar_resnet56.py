@@ -8,6 +8,8 @@
     python benchmarks/cifar_resnet56.py deploy  --pruned DIR/fisher.hqp [--delta-max 1.0] [--batch-sizes 1 32]
                                                 [--out DIR]
     python benchmarks/cifar_resnet56.py widths  --pruned DIR/model.hqp [--multiple 16] [--out DIR]
+    python benchmarks/cifar_resnet56.py latency-compare --hqp COMPRESS_OUT [--dense cifar:resnet56] [--seed 0]
+                                                [--methods tp-magnitude tp-taylor] [--out DIR]
 
 ``loop``: ``hqp_fx.prune_loop.prune_loop`` under delta_max (each round fine-tunes ``--finetune-epochs`` and validates
 on all 10,000 test images; rejected rounds roll back and shrink the step). ``--distill w`` fine-tunes with
@@ -40,6 +42,15 @@ prune-only FP32 and HQP INT8, every file with a dynamic batch dimension. ONNX Ru
 3 interleaved rounds), size and top-1 (in ONNX Runtime) on the 10,000 test images, all in one run. When the
 HQP INT8 model breaks ``--delta-max``, the hybrid fallback (what ``hqp compress`` ships then) is built and timed too.
 
+``latency-compare``: Torch-Pruning at equal measured INT8 latency, on the same budget, against the model of a
+finished ``hqp compress`` run. Each TP pruner's global ratio is searched until its INT8 model is as fast as HQP's
+in ONNX Runtime at batch 1; TP then prunes to that model's MACs over ``--rounds`` rounds with the run's fine-tune
+budget (every round's fine-tunes, retries included, and the recovery: read from its hqp.json) split evenly over
+the rounds and a final fine-tune, with the run's distillation, learning rate and training images (its validation
+split held out). HQP's pruned model and the TP models are quantized the same way (hqp_fx ``onnxruntime`` preset)
+and scored on the test images in ONNX Runtime; the dense INT8 model (quantize-only) and all pruned models are
+timed side by side at ``--batch-sizes`` in ``--timing-rounds`` alternating rounds.
+
 ``widths``: does a pruned model pay for widths off ONNX Runtime's channel grid? The pruned model is timed (hqp_fx
 ``onnxruntime`` preset INT8, same protocol as ``deploy``) beside the dense net cut to the pruned model's group
 widths rounded up, and rounded down, to ``--multiple``, and the dense net itself. The rounded nets keep each
@@ -52,6 +63,7 @@ import copy
 import json
 import platform
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -64,7 +76,7 @@ from hqp_fx.core import atomic_write_text
 from hqp_fx.data import BatchLoader
 from hqp_fx.artifacts import write_json
 from hqp_fx.engines.ort import OrtModel, onnxruntime_top1
-from hqp_fx.measure import machine_description, versions
+from hqp_fx.measure import machine_description, measure_alternating, versions
 from hqp_fx.prune_loop import PruneLoopConfig, prune_loop
 from hqp_fx.passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels, select_channels
 from hqp_fx.lower_onnx import export_onnx
@@ -234,7 +246,8 @@ def tp_importance(model, method: str, calib):
     return tp.importance.GroupTaylorImportance()
 
 
-def tp_prune_to(model, method: str, calib, target_macs: float):
+def tp_candidates(model, method: str, calib, round_to: int = 8):
+    """``candidate_at(ratio)`` -> (model pruned by Torch-Pruning at that global ratio, its MACs), from ``model``."""
     import torch_pruning as tp
 
     importance = tp_importance(model, method, calib)
@@ -244,12 +257,15 @@ def tp_prune_to(model, method: str, calib, target_macs: float):
         for p_src, p_dst in zip(model.parameters(), m.parameters()):
             p_dst.grad = None if p_src.grad is None else p_src.grad.clone()  # deepcopy drops .grad; Taylor needs it
         pruner = tp.pruner.MetaPruner(m, EXAMPLE, importance=importance, pruning_ratio=ratio, global_pruning=True,
-                                      ignored_layers=[m.linear] + tp_residual_producers(m), round_to=8)
+                                      ignored_layers=[m.linear] + tp_residual_producers(m), round_to=round_to)
         pruner.step()
         m.zero_grad(set_to_none=True)
         return m, hqp_fx.count_macs(m, EXAMPLE)
+    return candidate_at
 
-    pruned, macs = smallest_removal_reaching(target_macs, candidate_at)
+
+def tp_prune_to(model, method: str, calib, target_macs: float, round_to: int = 8):
+    pruned, macs = smallest_removal_reaching(target_macs, tp_candidates(model, method, calib, round_to))
     model.zero_grad(set_to_none=True)
     return pruned, macs
 
@@ -346,6 +362,144 @@ def print_compare(results: dict) -> None:
         print("|---|---|---|---|---|---|")
         for m, v in sorted(seeded.items(), key=lambda kv: -kv[1].mean()):
             print(f"| {m} | {len(v)} | {v.mean():.2f} | {v.std():.2f} | {v.min():.2f} | {v.max():.2f} |")
+
+
+# --------------------------------------------------------------------------------------------------- at equal latency
+
+
+def int8_onnx(model, samples: list, path: Path, num_samples: int | None = None) -> Path:
+    """``model`` quantized with hqp_fx's onnxruntime preset (histogram calibration) and written with a dynamic
+    batch: how every model of ``latency-compare`` is made INT8, so only the pruning differs."""
+    n = num_samples or sum(len(s) for s in samples)
+    result = quantize(model, samples[0][:1], samples, QuantConfig(backend="onnxruntime", calibration="histogram",
+                                                                  num_samples=n))
+    export_onnx(result.model, (samples[0][:1],), path, dynamic_batch=True)
+    return path
+
+
+def paired_ms_ratio(path: Path, reference: Path, threads: int, rounds: int = 3) -> float:
+    """``path``'s batch-1 latency over ``reference``'s, the median of ratios timed in alternating rounds."""
+    lat = measure_alternating({"a": path, "b": reference}, tuple(EXAMPLE.shape), threads=threads, rounds=rounds)
+    return statistics.median(a / b for a, b in zip(lat["a"]["rounds_ms"], lat["b"]["rounds_ms"]))
+
+
+def ratio_at_latency(candidate_at, reference: Path, samples: list, folder: Path, threads: int, log) -> float:
+    """The smallest Torch-Pruning global ratio whose INT8 model is as fast as ``reference`` at batch 1: a scan in
+    steps of 0.1, then four bisections (latency falls with the ratio, in steps on ONNX Runtime's channel grid, and
+    each point is one noisy measurement: the final models are timed again side by side)."""
+    def ratio(r):
+        path = int8_onnx(candidate_at(r)[0], samples[:1], folder / "candidate.onnx")  # timing needs no calibration
+        value = paired_ms_ratio(path, reference, threads)
+        log(f"  ratio {r:.3f}: {value:.3f} of the HQP model's latency")
+        return value
+    lo, hi = 0.0, None
+    for step in range(1, 10):
+        if ratio(step * 0.1) <= 1.0:
+            hi = step * 0.1
+            break
+        lo = step * 0.1
+    if hi is None:
+        raise SystemExit("Torch-Pruning at ratio 0.9 is still slower than the HQP model; no equal-latency point")
+    for _ in range(4):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if ratio(mid) <= 1.0 else (mid, hi)
+    return hi
+
+
+def cmd_latency_compare(args, train, test, log) -> None:
+    """Torch-Pruning's pruners at the measured INT8 latency of a ``hqp compress`` run's model, on its budget."""
+    out, run_dir = Path(args.out), Path(args.hqp)
+    out.mkdir(parents=True, exist_ok=True)
+    run = json.loads((run_dir / "hqp.json").read_text())
+    cfg = run["config"]
+    # the training images the HQP run fine-tuned on (its validation split held out, as compress does), and its
+    # fine-tune budget: every round's fine-tunes, retries included, plus the recovery when it ran
+    rest, _ = train.hold_out(cfg["val_fraction"], cfg["val_max_images"], seed=cfg["prune"]["seed"])
+    epochs = args.epochs if args.epochs is not None else (
+        sum(1 + r.get("retries", 0) for r in run["rounds"]) * cfg["finetune"]["epochs"]
+        + (cfg["recover_epochs"] if run.get("recovery") else 0))
+    ft = cfg["finetune"]
+    results_path = out / "latency_compare.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results.setdefault("protocol", {
+        "hqp_run": str(run_dir), "budget_epochs": epochs, "train_images": len(rest), "rounds": args.rounds,
+        "finetune": {"lr": ft["lr"], "distill": ft["distill"], "temperature": ft["temperature"], "batch": 128},
+        "round_to": args.round_to, "int8": "hqp_fx onnxruntime preset, histogram, 512 training images",
+        "latency": "ONNX Runtime CPU, batch 1, ratios to the HQP model timed in alternating rounds",
+        "evaluation": f"{len(test)} test images in ONNX Runtime"})
+    results.setdefault("machine", machine_description())
+    results.setdefault("versions", versions())
+    results.setdefault("methods", {})
+    dense = dense_model(args.dense)
+    samples = take_samples(BatchLoader(rest, 64, shuffle=True, seed=0), 512)
+    folder = out / "onnx"
+    folder.mkdir(exist_ok=True)
+    test_loader = BatchLoader(test, 500)
+    files = {"quantize_only": int8_onnx(dense, samples, folder / "quantize_only.onnx"),
+             "hqp": int8_onnx(hqp_fx.load(run_dir / "model_pruned.hqp"), samples, folder / "hqp.onnx")}
+    if "hqp" not in results["methods"]:
+        results["dense_top1"] = evaluate(dense, test_loader, num_classes=10)["top1"]
+        results["methods"]["hqp"] = {"top1": evaluate(OrtModel(files["hqp"], args.threads), test_loader)["top1"],
+                                     "macs": hqp_fx.count_macs(hqp_fx.load(run_dir / "model_pruned.hqp"), EXAMPLE)}
+        log(f"dense {results['dense_top1']:.2f}; HQP INT8 {results['methods']['hqp']['top1']:.2f}; budget "
+            f"{epochs:g} epochs of {len(rest)} images")
+    for method in args.methods:
+        key = f"{method}@seed{args.seed}"
+        files[key] = folder / f"{key}.onnx"
+        if key in results["methods"]:
+            log(f"{key}: already measured, skipped")
+            continue
+        start = time.time()
+        calib = calibration_batches(rest, args.seed)
+        log(f"{key}: the global ratio at the HQP model's INT8 latency")
+        ratio = ratio_at_latency(tp_candidates(dense_model(args.dense), method, calib, args.round_to), files["hqp"],
+                                 samples, folder, args.threads, log)
+        target = tp_candidates(dense_model(args.dense), method, calib, args.round_to)(ratio)[1]
+        model, shift = dense_model(args.dense), 1000 * args.seed
+        teacher = dense_model(args.dense).requires_grad_(False) if ft["distill"] > 0 else None
+        dense_macs = hqp_fx.count_macs(model, EXAMPLE)
+        for k in range(1, args.rounds + 1):  # the equal-MACs comparison's schedule, to the equal-latency MACs
+            torch.manual_seed(shift + k)
+            model, macs = tp_prune_to(model, method, calib, dense_macs * (target / dense_macs) ** (k / args.rounds),
+                                      round_to=args.round_to)
+            finetune_images(model, rest, int(len(rest) * epochs / (args.rounds + 1)), seed=shift + k,
+                            teacher=teacher, distill=ft["distill"], temperature=ft["temperature"])
+            log(f"{key}: round {k} -> {macs / 1e6:.2f}M MACs")
+        finetune_images(model, rest, int(len(rest) * epochs / (args.rounds + 1)), seed=shift + 100, teacher=teacher,
+                        distill=ft["distill"], temperature=ft["temperature"])
+        int8_onnx(model, samples, files[key])
+        results["methods"][key] = {"top1": evaluate(OrtModel(files[key], args.threads), test_loader)["top1"],
+                                   "macs": hqp_fx.count_macs(model, EXAMPLE), "ratio": ratio,
+                                   "seconds": round(time.time() - start, 1)}
+        log(f"{key}: INT8 top-1 {results['methods'][key]['top1']:.2f}")
+        write_json(results_path, results)
+    results["latency"] = {}
+    for batch in args.batch_sizes:
+        log(f"latency at batch {batch}, {args.timing_rounds} alternating rounds")
+        lat = measure_alternating(files, (batch, 3, 32, 32), threads=args.threads, rounds=args.timing_rounds)
+        results["latency"][str(batch)] = {k: {"median_ms": v["median_ms"], "rounds_ms": v["rounds_ms"]}
+                                          for k, v in lat.items()}
+    results["load_after"] = load_average()
+    write_json(results_path, results)
+    print_latency_compare(results)
+
+
+def print_latency_compare(results: dict) -> None:
+    dense = results["dense_top1"]
+    batches = list(results["latency"])
+    print("| model | INT8 top-1 | drop | MACs | " + " | ".join(f"batch {b} ms | time / HQP's | faster than quantize-only"
+                                                         for b in batches) + " |")
+    print("|---" * (4 + 3 * len(batches)) + "|")
+    for name in results["latency"][batches[0]]:
+        r = results["methods"].get(name, {})
+        cells = []
+        for b in batches:
+            lat = results["latency"][b]
+            paired = lambda ref: statistics.median(x / y for x, y in zip(lat[ref]["rounds_ms"], lat[name]["rounds_ms"]))  # noqa: E731
+            cells.append(f"{lat[name]['median_ms']:.3f} | {1 / paired('hqp'):.2f} | {paired('quantize_only'):.2f}x")
+        top1 = f"{r['top1']:.2f} | {dense - r['top1']:+.2f}" if r else "– | –"
+        macs = f"{r['macs'] / 1e6:.1f}M" if r else "dense"
+        print(f"| {name} | {top1} | {macs} | " + " | ".join(cells) + " |")
 
 
 # --------------------------------------------------------------------------------------------------- deploy
@@ -533,6 +687,20 @@ def main() -> None:
     deploy.add_argument("--runs", type=int, default=100)
     deploy.add_argument("--rounds", type=int, default=3)
     deploy.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    lat = sub.add_parser("latency-compare", help="Torch-Pruning at the INT8 latency of a `hqp compress` run's model")
+    lat.add_argument("--hqp", required=True, help="the --out folder of a finished `hqp compress` run (hqp.json and "
+                     "model_pruned.hqp)")
+    lat.add_argument("--dense", default="cifar:resnet56", choices=("cifar:resnet20", "cifar:resnet56"))
+    lat.add_argument("--methods", nargs="+", default=list(TP_METHODS), choices=TP_METHODS)
+    lat.add_argument("--seed", type=int, default=0)
+    lat.add_argument("--rounds", type=int, default=3, help="Torch-Pruning rounds; the budget is split evenly over "
+                     "them and a final fine-tune")
+    lat.add_argument("--round-to", type=int, default=16, help="Torch-Pruning's channel multiple (16: ONNX Runtime's "
+                     "int8 grid, what hqp compress aligns to)")
+    lat.add_argument("--epochs", type=float, default=None, help="fine-tune epochs in all (default: what the HQP run "
+                     "spent; another value is not the same budget, e.g. a quick check of the script)")
+    lat.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    lat.add_argument("--timing-rounds", type=int, default=5)
     widths = sub.add_parser("widths", help="time a pruned model against its widths rounded to a channel multiple")
     widths.add_argument("--pruned", required=True, help="a .hqp model written by `loop` or `compare`")
     widths.add_argument("--multiple", type=int, default=16)
@@ -543,7 +711,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     log = logger()
     train, test = cifar_splits(Path(args.data))
-    commands = {"loop": cmd_loop, "compare": cmd_compare, "deploy": cmd_deploy, "widths": cmd_widths}
+    commands = {"loop": cmd_loop, "compare": cmd_compare, "deploy": cmd_deploy, "widths": cmd_widths,
+                "latency-compare": cmd_latency_compare}
     commands[args.cmd](args, train, test, log)
 
 

@@ -50,8 +50,8 @@ STATE_FILE = "hqp_state.json"
 LATENCY_FILE = "latency_model.json"  # the table a select="latency" run decides with, kept for an exact resume
 SELECTIONS = ("channels", "latency")
 RETRY_SEED = 100003  # a retried fine-tune's seed offset, past any round number
-# a round over delta_max by at most this share of it gets the retries of config.patience: measured retries won
-# back -0.16 to 0.32 points (benchmarks/RESULTS.md, "Figures behind constants"), never half a point
+# a round over delta_max by at most this share of it gets the retries of config.patience: no measured retry won
+# back half a point (benchmarks/RESULTS.md, "Figures behind constants")
 RETRY_WITHIN = 0.5
 _clock = time.monotonic  # the time budget's clock (a test replaces it)
 
@@ -209,13 +209,13 @@ def prune_loop(
     ``evaluate_fn``'s dense baseline: e.g. the top-1 of the candidate's INT8 model (``compress`` with
     ``guard="int8"``), so that delta_max is spent on what ships and none is left for a hybrid fallback to buy back.
     With ``config.patience`` > 0, a candidate over delta_max by at most half of it (``RETRY_WITHIN``) is fine-tuned
-    again (``finetune_fn(model, round_index)`` once more, on the same candidate; a ``finetune_fn`` that wants a fresh data
-    order counts its calls per round) and judged again, up to that many times, before it is rolled back.
+    again (``finetune_fn(model, round_index)`` once more, on the same candidate; a ``finetune_fn`` that wants a fresh
+    data order counts its calls per round) and judged again, up to that many times, before it is rolled back.
     ``recover_fn(model)`` fine-tunes the final model in place once the rounds stop (not when none was accepted); the
     result replaces it only when its metric is at least the last accepted round's.
     ``leaf_modules`` are kept opaque while tracing (``hqp_fx.trace``). With ``config.time_budget`` (seconds, counted
-    from this call: an interrupted run resumed has the budget afresh) no round starts when the rounds so far say it would end past
-    the budget; the recovery and whatever the caller does afterwards come on top.
+    from this call: an interrupted run resumed has the budget afresh) no round starts when the rounds so far say it
+    would end past the budget; the recovery and whatever the caller does afterwards come on top.
 
     ``config.select="latency"`` needs ``latency_model(dense graph)`` (e.g. ``LatencyModel.measure``) and
     ``latency_fn``: each round removes the channel blocks of least importance per predicted millisecond until the
@@ -303,13 +303,6 @@ def prune_loop(
     stop = state.get("stop_reason", "") if state else ""
     round_seconds: list[float] = []  # this call's rounds that trained, for the time budget
     for rnd in range(next_round, config.max_rounds):
-        elapsed = _clock() - started
-        expected = statistics.fmean(round_seconds) if round_seconds else 0.0
-        if config.time_budget is not None and elapsed + expected > config.time_budget:
-            stop = (f"time budget reached ({elapsed / 60:.1f} of {config.time_budget / 60:g} min used"
-                    + (f"; a round takes about {expected / 60:.1f} min" if round_seconds else "") + ")")
-            break
-        round_start = _clock()
         if config.target_macs is not None and current_macs <= config.target_macs * base_macs:
             stop = f"MACs target reached ({current_macs / base_macs:.3f} of dense <= {config.target_macs})"
             break
@@ -320,6 +313,13 @@ def prune_loop(
             stop = (f"latency target reached ({ratio:.3f} of dense <= {config.target_latency}, timed in "
                     f"{config.latency_rounds} round(s) alternating with the dense model)")
             break
+        elapsed = _clock() - started
+        expected = statistics.fmean(round_seconds) if round_seconds else 0.0
+        if config.time_budget is not None and elapsed + expected > config.time_budget:
+            stop = (f"time budget reached ({elapsed / 60:.1f} of {config.time_budget / 60:g} min used"
+                    + (f"; a round takes about {expected / 60:.1f} min" if round_seconds else "") + ")")
+            break
+        round_start = _clock()
         step = config.steps[step_index]
         torch.manual_seed(config.seed * 1000 + rnd)
         scoring = SensitivityPass(config.criterion, calibration, num_batches=config.calib_batches,

@@ -163,7 +163,7 @@ def compress_config(args: argparse.Namespace, *, lr: float, augment: bool):
                               flops_normalize=args.flops_normalize, align=align, target_macs=args.target_macs,
                               target_latency=args.target_latency, ignore=tuple(args.ignore or ()),
                               keep_stem=args.keep_stem, remove_branches=args.remove_branches, seed=args.seed,
-                              max_rounds=args.max_rounds, patience=args.patience,
+                              max_rounds=args.max_rounds, patience=args.patience, margin=args.margin,
                               time_budget=None if args.time_budget is None else 60 * args.time_budget,
                               select=args.select or ("latency" if args.backend == "onnxruntime" else "channels")),
         finetune=FinetuneConfig(epochs=args.finetune_epochs, lr=lr, distill=args.distill,
@@ -368,6 +368,10 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--patience", type=_number(int, 0), default=0 if demo else 1, help="a round over delta_max by "
                    "at most half of it is fine-tuned --finetune-epochs again, up to this many times, before it is "
                    "rolled back")
+    c.add_argument("--margin", type=_number(float, 0), default=0.0, metavar="K", help="accept a round only when its "
+                   "validation drop plus K standard errors (paired over the validation images) is within delta_max: "
+                   "1 or 2 keep a small validation split's noise from spending delta_max, at the cost of rounds. "
+                   "Default 0: the drop as measured")
     c.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure quantize-only (dense INT8); dense FP32 and prune-only are always measured")
     c.add_argument("--batch-size", type=_COUNT, default=64 if demo else 128)

@@ -26,7 +26,7 @@ from .data import BatchLoader, ImageSet
 from .artifacts import ship_quantized, write_json
 from .engines.ort import OrtModel, onnxruntime_top1
 from .measure import measure_alternating, measure_onnx, versions
-from .prune_loop import RETRY_SEED, PruneLoopConfig, PruneResult, RoundRecord, prune_loop
+from .prune_loop import HITS, RETRY_SEED, PruneLoopConfig, PruneResult, RoundRecord, prune_loop
 from .latency import LatencyModel
 from .lower_onnx import export_onnx
 from .passes.quantize import QuantConfig, quantize
@@ -152,15 +152,17 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
                                 seed=config.prune.seed * 1000 + rnd + RETRY_SEED * retry), config.finetune,
                  teacher=teacher)
 
-    def evaluate_fn(m: nn.Module) -> dict:
-        return evaluate(m, val_loader, num_classes=len(validation.classes))
+    def evaluate_fn(m: nn.Module) -> dict:  # with per-image hits: each round's drop gets its standard error
+        hits: list[torch.Tensor] = []
+        return {**evaluate(m, val_loader, num_classes=len(validation.classes), hits=hits), HITS: hits}
 
     int8_top1 = onnxruntime_top1(example, val_loader, config.threads)
 
     def guard_int8(m: nn.Module) -> dict:
         """The candidate quantized as it will ship, run in ONNX Runtime on validation."""
         progress("INT8 check: quantizing the candidate and scoring it in ONNX Runtime")
-        return {"top1": int8_top1(quantize(m, example, calibration, config.quant).model)}
+        hits: list[torch.Tensor] = []
+        return {"top1": int8_top1(quantize(m, example, calibration, config.quant).model, hits=hits), HITS: hits}
 
     def recover_fn(m: nn.Module) -> None:
         progress(f"recovery: fine-tuning the pruned model {config.recover_epochs:g} epoch(s)")

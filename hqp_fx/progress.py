@@ -72,7 +72,7 @@ class RunProgress:
         self.last = now
         self.records.append(r)
         text = (f"round {r.round}: {'accepted' if r.accepted else 'rolled back'}, top-1 {r.top1:.2f}% "
-                f"(drop {r.drop:+.2f}{_retried(r)}), "
+                f"(drop {r.drop:+.2f}{_se(r.drop_se)}{_retried(r)}), "
                 f"MACs {r.macs / 1e6:.2f}M"
                 + (f", latency {r.latency:.3f} ms" if r.latency is not None else "")
                 + (f" ({r.latency / r.reference_latency:.3f} of dense timed alongside)"
@@ -101,6 +101,10 @@ class RunProgress:
             accepts = math.ceil(math.log(target / fraction) / math.log(per_accept))
             left = min(budget, math.ceil(accepts * len(self.records) / len(accepted)))
         return f"~{left} round(s) to the {what} target, ETA {_clock(left * mean)} (mean round {_clock(mean)})"
+
+
+def _se(se: float | None) -> str:
+    return f" ± {se:.2f}" if se is not None else ""
 
 
 def _retried(r: RoundRecord) -> str:

@@ -42,6 +42,7 @@ from .passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass,
 from .passes.sensitivity import CRITERIA, check_flops_normalize
 from .serialize import load, save
 from .trace import trace
+from .train import paired_drop
 
 __all__ = ["PruneLoopConfig", "RoundRecord", "PruneResult", "prune_loop", "step_schedule", "run_fingerprint",
            "paired_latency"]
@@ -53,6 +54,7 @@ RETRY_SEED = 100003  # a retried fine-tune's seed offset, past any round number
 # a round over delta_max by at most this share of it gets the retries of config.patience: no measured retry won
 # back half a point (benchmarks/RESULTS.md, "Figures behind constants")
 RETRY_WITHIN = 0.5
+HITS = "hits"  # the key under which evaluate_fn / guard_fn may return per-image hits, for the drop's error
 _clock = time.monotonic  # the time budget's clock (a test replaces it)
 
 
@@ -74,6 +76,7 @@ class PruneLoopConfig:
     max_rounds: int = 100
     time_budget: float | None = None  # seconds: no round starts that would end past it (at the mean round's length)
     patience: int = 0  # a round over delta_max (by at most RETRY_WITHIN of it) gets up to this many more fine-tunes
+    margin: float = 0.0  # accept a round only when drop + margin * its standard error <= delta_max (needs hits)
     target_macs: float | None = None  # stop once MACs <= this fraction of the baseline
     target_params: float | None = None
     target_latency: float | None = None  # stop once latency_fn(model) <= this fraction of the dense model's
@@ -98,6 +101,8 @@ class PruneLoopConfig:
                 raise ValueError(f"{name} is a fraction of the dense model in (0, 1), got {v}")
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time_budget is in seconds (> 0), got {self.time_budget}")
+        if not self.margin >= 0:
+            raise ValueError(f"margin counts standard errors of the drop (>= 0), got {self.margin}")
         if self.patience < 0:
             raise ValueError(f"patience is a count of extra fine-tunes (>= 0), got {self.patience}")
         if self.latency_rounds < 1:
@@ -128,6 +133,7 @@ class RoundRecord:
     reference_latency: float | None = None  # the dense model's, timed in the same alternating rounds as ``latency``
     retries: int = 0  # extra fine-tunes the candidate had (config.patience) before this verdict
     drops_before: list[float] = field(default_factory=list)  # the drop after each earlier fine-tune, one per retry
+    drop_se: float | None = None  # the drop's standard error, paired over the images (when the evaluation has hits)
 
 
 @dataclass
@@ -211,6 +217,10 @@ def prune_loop(
     With ``config.patience`` > 0, a candidate over delta_max by at most half of it (``RETRY_WITHIN``) is fine-tuned
     again (``finetune_fn(model, round_index)`` once more, on the same candidate; a ``finetune_fn`` that wants a fresh
     data order counts its calls per round) and judged again, up to that many times, before it is rolled back.
+    When ``evaluate_fn`` and ``guard_fn`` also return per-image top-1 hits under ``"hits"`` (``evaluate``'s
+    ``hits``, a list of bool tensors in a fixed image order), each record holds its drop's standard error, paired over
+    the images, and ``config.margin`` > 0 accepts a round only when its drop plus that many standard errors is within
+    delta_max: a loop that keeps the rounds whose measured drop came out low otherwise spends the budget on noise.
     ``recover_fn(model)`` fine-tunes the final model in place once the rounds stop (not when none was accepted); the
     result replaces it only when its metric is at least the last accepted round's.
     ``leaf_modules`` are kept opaque while tracing (``hqp_fx.trace``). With ``config.time_budget`` (seconds, counted
@@ -259,7 +269,7 @@ def prune_loop(
         current = _analysed(trace(model, example_inputs, leaf_modules=leaf_modules))
         dense = current  # the reference every accepted round is timed against
         example = meta.example_inputs(current)
-        baseline = _evaluate(evaluate_fn, current, config.metric)
+        baseline, base_hits = _evaluate(evaluate_fn, current, config.metric, config.margin)
         base_macs, base_params = count_macs(current, example), count_params(current)
         _check_targets(current, config, min_keep, example, base_macs, base_params)
         base_latency = latency_fn(current) if measure else None
@@ -275,7 +285,7 @@ def prune_loop(
         depth_closed = False
     else:
         current = _analysed(load(_checkpoint_file(ckpt, state["model"]), leaf_modules=dict(model.named_modules())))
-        dense = trace(model, example_inputs, leaf_modules=leaf_modules) if measure else None
+        dense = trace(model, example_inputs, leaf_modules=leaf_modules)
         example = meta.example_inputs(current)
         baseline, base_macs, base_params = state["baseline"], state["baseline_macs"], state["baseline_params"]
         base_latency = state.get("baseline_latency")
@@ -283,6 +293,8 @@ def prune_loop(
         step_index, next_round, rejected = state["step_index"], state["next_round"], state.get("rejected_plan")
         kept_whole = list(state.get("kept_whole", []))
         depth_closed = bool(state.get("depth_closed", False))
+        # the dense model's hits are not checkpointed: its evaluation is deterministic, so it is run again
+        base_hits = _evaluate(evaluate_fn, dense, config.metric, config.margin)[1]
         if "stop_reason" in state:  # the rounds had finished: resuming returns that result
             next_round = config.max_rounds
         engine = None
@@ -364,20 +376,23 @@ def prune_loop(
         for retries in range(config.patience + 1):
             torch.manual_seed(config.seed * 1000 + rnd + RETRY_SEED * retries)
             finetune_fn(candidate, rnd)
-            value = _evaluate(guard_fn or evaluate_fn, candidate, config.metric)[config.metric]
+            stats, hits = _evaluate(guard_fn or evaluate_fn, candidate, config.metric, config.margin)
+            value = stats[config.metric]
             drop = baseline[config.metric] - value
+            drop_se = paired_drop(base_hits, hits)[1] if base_hits is not None and hits is not None else None
+            judged = drop + config.margin * (drop_se or 0.0)
             # a cut just over the budget may be a fine-tune short of it, and a round's cut costs a whole round to
             # find again; one further over it is not retried: no measured retry won back half a point
-            if retries == config.patience or not config.delta_max < drop <= (1 + RETRY_WITHIN) * config.delta_max:
+            if retries == config.patience or not config.delta_max < judged <= (1 + RETRY_WITHIN) * config.delta_max:
                 break
             drops_before.append(drop)  # kept so the retry gate can be judged from a run's records
-        accepted = drop <= config.delta_max
+        accepted = judged <= config.delta_max
         reference_ms, candidate_ms = (paired_latency(latency_fn, dense, candidate, config.latency_rounds)
                                       if measure and accepted else (None, None))
         record = RoundRecord(rnd, step, accepted, value, drop, count_macs(candidate, example),
                              count_params(candidate), {k: len(v) for k, v in aligned.items()}, candidate_ms,
                              engine.predict(current, aligned) if engine is not None else None, reference_ms, retries,
-                             drops_before)
+                             drops_before, drop_se)
         history.append(record)
         round_seconds.append(_clock() - round_start)
         rejected = None if accepted else {k: sorted(v) for k, v in aligned.items()}
@@ -411,7 +426,7 @@ def prune_loop(
         candidate = copy.deepcopy(current)
         torch.manual_seed(config.seed * 1000 + history[-1].round + 1)  # the seed of the round it stands in for
         recover_fn(candidate)
-        top1 = _evaluate(guard_fn or evaluate_fn, candidate, config.metric)[config.metric]
+        top1 = _evaluate(guard_fn or evaluate_fn, candidate, config.metric, config.margin)[0][config.metric]
         recovery = {"top1_before": accepted_top1, "top1_after": top1, "kept": top1 >= accepted_top1}
         if recovery["kept"]:
             current, accepted_top1 = _analysed(candidate), top1
@@ -436,13 +451,21 @@ def paired_latency(latency_fn: Callable[[nn.Module], float], reference: nn.Modul
     return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
 
 
-def _evaluate(evaluate_fn: Callable[[nn.Module], dict], model: nn.Module, metric: str) -> dict:
+def _evaluate(evaluate_fn: Callable[[nn.Module], dict], model: nn.Module, metric: str,
+              margin: float = 0.0) -> tuple[dict, list | None]:
+    """(the evaluation's figures, its per-image hits or None): the hits are kept out of records and checkpoints."""
     stats = evaluate_fn(model)
     if not isinstance(stats, dict) or not isinstance(stats.get(metric), (int, float)):
         got = sorted(stats) if isinstance(stats, dict) else type(stats).__name__
         raise HQPError(f"evaluate_fn must return a dict with the guarded metric {metric!r} as a number (got {got}); "
                        f"return it, or set PruneLoopConfig(metric=...) to the key it does return")
-    return stats
+    stats = dict(stats)
+    hits = stats.pop(HITS, None)
+    if margin and hits is None:
+        raise HQPError(f"margin={margin:g} needs the drop's standard error: evaluate_fn (and guard_fn) must also "
+                       f"return per-image top-1 hits under {HITS!r} (hqp_fx.train.evaluate(..., hits=[])), or set "
+                       "margin=0")
+    return stats, hits
 
 
 def _check_targets(gm, config: PruneLoopConfig, min_keep: int, example, base_macs: int, base_params: int) -> None:

@@ -66,7 +66,9 @@ def render_report(r: dict) -> str:
               "|---|---|---|---|---|---|---|"]
     for x in r["rounds"]:
         lines.append(f"| {x['round']} | {x['step']:.2f} | {'yes' if x['accepted'] else 'rolled back'} | "
-                     f"{x['top1']:.2f} | {x['drop']:+.2f} | {_retried(x)} | {x['macs'] / 1e6:.2f}M |")
+                     f"{x['top1']:.2f} | {x['drop']:+.2f}"
+                     + (f" ± {x['drop_se']:.2f}" if x.get("drop_se") is not None else "")
+                     + f" | {_retried(x)} | {x['macs'] / 1e6:.2f}M |")
     return "\n".join(lines) + "\n"
 
 

@@ -56,6 +56,7 @@ def cache(tmp_path, monkeypatch):
     ("compress", ["--batch-size", "0"], "argument --batch-size: expected a finite number >= 1"),
     ("compress", ["--max-rounds", "-1"], "argument --max-rounds: expected a finite number >= 1"),
     ("compress", ["--time-budget", "0"], "argument --time-budget: expected a finite number > 0, got '0'"),
+    ("compress", ["--margin", "-1"], "argument --margin: expected a finite number >= 0, got '-1'"),
     ("compress", ["--input-size", "0"], "argument --input-size: expected a finite number >= 1"),
     ("compress", ["--step", "1.5"], "argument --step: expected a finite number > 0 and < 1"),
     ("compress", ["--target-latency", "1.5"], "argument --target-latency: expected a finite number > 0 and < 1"),
@@ -406,18 +407,19 @@ def test_compress_defaults_are_the_benchmarked_recipe(monkeypatch):
     monkeypatch.setattr("hqp_fx.engines.tensorrt.tensorrt_unavailable_reason", lambda: "TensorRT: not run (no GPU)")
     config = compress_config(build_parser().parse_args(base), lr=0.01, augment=True)
     p = config.prune
-    assert (p.select, p.criterion, p.remove_branches, p.keep_stem, p.steps, p.align, p.patience, p.time_budget) == \
-        ("latency", "taylor", True, True, (0.1, 0.02, 0.01), 16, 1, None)
+    assert (p.select, p.criterion, p.remove_branches, p.keep_stem, p.steps, p.align, p.patience, p.time_budget,
+            p.margin) == ("latency", "taylor", True, True, (0.1, 0.02, 0.01), 16, 1, None, 0.0)
     assert config.guard == "int8"
     assert (config.finetune.epochs, config.finetune.distill, config.recover_epochs, config.ablation) == (1.0, 0.9, 1.0, True)
     assert config.quant.backend == "onnxruntime"
     expert = compress_config(build_parser().parse_args(base + ["--no-remove-branches", "--no-keep-stem", "--select",
                                                                "channels", "--no-ablation", "--guard", "fp32",
-                                                               "--patience", "0", "--time-budget", "50"]),
+                                                               "--patience", "0", "--time-budget", "50",
+                                                               "--margin", "1.5"]),
                              lr=0.01, augment=True)
     assert (expert.prune.remove_branches, expert.prune.keep_stem, expert.prune.select, expert.ablation,
-            expert.guard, expert.prune.patience, expert.prune.time_budget) == (False, False, "channels", False,
-                                                                               "fp32", 0, 3000.0)
+            expert.guard, expert.prune.patience, expert.prune.time_budget, expert.prune.margin) == (
+        False, False, "channels", False, "fp32", 0, 3000.0, 1.5)
     monkeypatch.setattr("hqp_fx.engines.tensorrt.tensorrt_unavailable_reason", lambda: None)
     assert compress_config(build_parser().parse_args(base), lr=0.01, augment=True).prune.select == "channels"
 

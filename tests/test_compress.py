@@ -272,11 +272,12 @@ def test_the_rounds_left_count_the_round_numbers_not_the_lines_printed():
         for rnd in (16, 18):
             progress.round(RoundRecord(rnd, 0.01, False, 90.0, 1.5, 10 ** 6, 10 ** 4, {"g": 16}))
         progress.round(RoundRecord(19, 0.01, True, 90.0, 0.5, 10 ** 6, 10 ** 4, {"g": 16}, latency=0.5,
-                                   reference_latency=0.8))
+                                   reference_latency=0.8, drop_se=0.25))
     lines = stream.getvalue().splitlines()
     assert "round 16: rolled back" in lines[0] and "at most 5 round(s) left" in lines[0], lines
     assert "at most 3 round(s) left" in lines[1], lines
     assert "latency 0.500 ms (0.625 of dense timed alongside)" in lines[2], lines  # the ratio the target judges
+    assert "(drop +0.50 ± 0.25)" in lines[2] and "(drop +1.50)" in lines[0], lines
     stream = io.StringIO()
     with RunProgress(100, target_latency=0.5, stream=stream, interactive=False) as progress:
         for rnd, ratio in enumerate((0.9, 0.8)):  # 0.894 per accepted round: 0.8 -> 0.5 takes 5 more, 5 rounds
@@ -297,7 +298,8 @@ def test_a_run_without_a_terminal_logs_one_line_per_phase_and_round(tmp_path):
     rounds = [ln for ln in lines if "round 0:" in ln or "round 1:" in ln]
     assert len(rounds) >= 3, proc.stderr  # two fine-tune phases and two results at least
     result = next(ln for ln in lines if "round 0: accepted" in ln or "round 0: rolled back" in ln)
-    assert re.match(r"\[\d:\d\d:\d\d\] round 0: .*top-1 \d+\.\d\d% \(drop [+-]\d+\.\d\d\), MACs \d+\.\d\dM; "
+    # the drop with its standard error: compress's evaluation returns per-image hits
+    assert re.match(r"\[\d:\d\d:\d\d\] round 0: .*top-1 \d+\.\d\d% \(drop [+-]\d+\.\d\d ± \d+\.\d\d\), MACs \d+\.\d\dM; "
                     r"(~\d+ round\(s\) to the MACs target, ETA \d:\d\d:\d\d|at most \d+ round)", result), result
     assert any("exporting" in ln for ln in lines) and "━" not in proc.stderr  # no progress bars in a log
 
@@ -316,6 +318,8 @@ def test_demo_selects_by_predicted_latency_and_reports_the_prediction_error(tmp_
     # the guard judged each round on the INT8 model as it ships: the last one is the shipped file's validation top-1
     final = report["recovery"]["top1_after"] if (report["recovery"] or {}).get("kept") else accepted[-1]["top1"]
     assert report["accuracy"]["validation"]["hqp_int8_onnxruntime"]["top1"] == pytest.approx(final)
+    # the INT8 guard's evaluation returns per-image hits: every round's drop carries its paired standard error
+    assert all(r["drop_se"] is not None and r["drop_se"] >= 0 for r in report["rounds"])
     lm = report["latency_model"]
     assert accepted and [x["round"] for x in lm["rounds"]] == [r["round"] for r in accepted]
     for x, r in zip(lm["rounds"], accepted):  # every accepted round: predicted and measured in the engine

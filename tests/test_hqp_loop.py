@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import hqp_fx
 from hqp_fx import meta
 from hqp_fx.prune_loop import STATE_FILE, PruneLoopConfig, prune_loop
+from hqp_fx.train import paired_drop
 from hqp_fx.models import CifarResNet
 from hqp_fx.passes import AlignChannelsPass, ChannelDependencyPass, score_channels, select_channels
 
@@ -145,6 +146,36 @@ def test_patience_fine_tunes_a_candidate_just_over_delta_max_again_before_rollin
         assert first.drops_before == pytest.approx([first.drop + gain] * first.retries)
     with pytest.raises(ValueError, match="patience"):
         PruneLoopConfig(patience=-1)
+
+
+class Hits(Stubs):
+    """The stub's accuracy as per-image hits on 1,000 images: the dense model right on the first 900, a pruned one
+    wrong on as many of those as its drop says (0.1 point each)."""
+
+    @staticmethod
+    def hits(lost: int) -> torch.Tensor:
+        h = torch.arange(1000) < 900
+        h[:lost] = False
+        return h
+
+    def evaluate(self, m):
+        lost = round((90.0 - super().evaluate(m)["top1"]) * 10)
+        h = self.hits(lost)
+        return {"top1": 100 * h.double().mean().item(), "hits": [h]}
+
+
+def test_a_margin_accepts_a_round_only_when_its_drop_clears_delta_max_by_that_many_standard_errors():
+    plain = run(stubs=Hits(), max_rounds=8)
+    for r in plain.history:  # every record carries its drop's paired standard error
+        assert r.drop_se == pytest.approx(paired_drop([Hits.hits(0)], [Hits.hits(round(r.drop * 10))])[1])
+    margined = run(stubs=Hits(), margin=2.0, max_rounds=8)
+    assert all(r.drop + 2.0 * r.drop_se <= 2.0 for r in margined.history if r.accepted)
+    assert any(not r.accepted and r.drop <= 2.0 for r in margined.history), "the margin changed a verdict"
+    assert hqp_fx.count_params(margined.model) > hqp_fx.count_params(plain.model)
+    with pytest.raises(hqp_fx.HQPError, match="margin=1 needs the drop's standard error"):
+        run(margin=1.0, max_rounds=1)  # the plain stub returns no hits
+    with pytest.raises(ValueError, match="margin"):
+        PruneLoopConfig(margin=-1.0)
 
 
 class Clocked(Stubs):

@@ -45,17 +45,18 @@ class OrtModel(torch.nn.Module):
 
 
 def onnxruntime_top1(example: torch.Tensor, evaluation: Iterable, threads: int = 2,
-                     dynamic_batch: bool = False) -> Callable[[torch.nn.Module], float]:
+                     dynamic_batch: bool = False) -> Callable[..., float]:
     """Top-1 of a model exported to ONNX and run in ONNX Runtime: how the hybrid fallback judges a candidate.
+    ``top1(model, hits=list)`` also appends the per-image hits (``evaluate``'s ``hits``).
 
     PyTorch's reference INT8 model is not what ships: its top-1 differs from ORT's on the same file by enough to
     let an over-budget model through (benchmarks/RESULTS.md).
     """
     evaluation = [(x, y) for x, y in evaluation]
 
-    def top1(model: torch.nn.Module) -> float:
+    def top1(model: torch.nn.Module, hits: list[torch.Tensor] | None = None) -> float:
         with tempfile.TemporaryDirectory(prefix="hqp_candidate_") as tmp:
             path = Path(tmp) / "candidate.onnx"
             export_onnx(model, (example,), path, dynamic_batch=dynamic_batch)
-            return evaluate(OrtModel(path, threads), evaluation)["top1"]
+            return evaluate(OrtModel(path, threads), evaluation, hits=hits)["top1"]
     return top1

@@ -44,7 +44,8 @@ HQP INT8 model breaks ``--delta-max``, the hybrid fallback (what ``hqp compress`
 
 ``latency-compare``: Torch-Pruning at equal measured INT8 latency, on the same budget, against the model of a
 finished ``hqp compress`` run. Each TP pruner's global ratio is searched until its INT8 model is as fast as HQP's
-in ONNX Runtime at batch 1; TP then prunes to that model's MACs over ``--rounds`` rounds with the run's fine-tune
+in ONNX Runtime at ``--search-batch`` (when no ratio up to 0.9 is, that is recorded and nothing trained); TP then
+prunes to that model's MACs over ``--rounds`` rounds with the run's fine-tune
 budget (every round's fine-tunes, retries included, and the recovery: read from its hqp.json) split evenly over
 the rounds and a final fine-tune, with the run's distillation, learning rate and training images (its validation
 split held out). HQP's pruned model and the TP models are quantized the same way (hqp_fx ``onnxruntime`` preset)
@@ -377,20 +378,24 @@ def int8_onnx(model, samples: list, path: Path, num_samples: int | None = None) 
     return path
 
 
-def paired_ms_ratio(path: Path, reference: Path, threads: int, rounds: int = 3) -> float:
-    """``path``'s batch-1 latency over ``reference``'s, the median of ratios timed in alternating rounds."""
-    lat = measure_alternating({"a": path, "b": reference}, tuple(EXAMPLE.shape), threads=threads, rounds=rounds)
+def paired_ms_ratio(path: Path, reference: Path, threads: int, batch: int, rounds: int = 3) -> float:
+    """``path``'s latency over ``reference``'s at ``batch``, the median of ratios timed in alternating rounds."""
+    lat = measure_alternating({"a": path, "b": reference}, (batch, 3, 32, 32), threads=threads, rounds=rounds)
     return statistics.median(a / b for a, b in zip(lat["a"]["rounds_ms"], lat["b"]["rounds_ms"]))
 
 
-def ratio_at_latency(candidate_at, reference: Path, samples: list, folder: Path, threads: int, log) -> float:
-    """The smallest Torch-Pruning global ratio whose INT8 model is as fast as ``reference`` at batch 1: a scan in
-    steps of 0.1, then four bisections (latency falls with the ratio, in steps on ONNX Runtime's channel grid, and
-    each point is one noisy measurement: the final models are timed again side by side)."""
+def ratio_at_latency(candidate_at, reference: Path, samples: list, folder: Path, threads: int, batch: int,
+                     log) -> tuple[float | None, dict[str, float]]:
+    """(the smallest Torch-Pruning global ratio whose INT8 model is as fast as ``reference`` at ``batch``, or None
+    when none up to 0.9 is; every point timed): a scan in steps of 0.1, then four bisections (latency falls with the
+    ratio, in steps on ONNX Runtime's channel grid, and each point is one noisy measurement: the final models are
+    timed again side by side)."""
+    scan: dict[str, float] = {}
+
     def ratio(r):
         path = int8_onnx(candidate_at(r)[0], samples[:1], folder / "candidate.onnx")  # timing needs no calibration
-        value = paired_ms_ratio(path, reference, threads)
-        log(f"  ratio {r:.3f}: {value:.3f} of the HQP model's latency")
+        scan[f"{r:.4f}"] = value = paired_ms_ratio(path, reference, threads, batch)
+        log(f"  ratio {r:.3f}: {value:.3f} of the HQP model's latency at batch {batch}")
         return value
     lo, hi = 0.0, None
     for step in range(1, 10):
@@ -399,11 +404,11 @@ def ratio_at_latency(candidate_at, reference: Path, samples: list, folder: Path,
             break
         lo = step * 0.1
     if hi is None:
-        raise SystemExit("Torch-Pruning at ratio 0.9 is still slower than the HQP model; no equal-latency point")
+        return None, scan
     for _ in range(4):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if ratio(mid) <= 1.0 else (mid, hi)
-    return hi
+    return hi, scan
 
 
 def cmd_latency_compare(args, train, test, log) -> None:
@@ -444,16 +449,24 @@ def cmd_latency_compare(args, train, test, log) -> None:
         log(f"dense {results['dense_top1']:.2f}; HQP INT8 {results['methods']['hqp']['top1']:.2f}; budget "
             f"{epochs:g} epochs of {len(rest)} images")
     for method in args.methods:
-        key = f"{method}@seed{args.seed}"
+        key = f"{method}@seed{args.seed}@batch{args.search_batch}"
         files[key] = folder / f"{key}.onnx"
         if key in results["methods"]:
             log(f"{key}: already measured, skipped")
+            if results["methods"][key].get("equal_latency", True) is None:
+                del files[key]
             continue
         start = time.time()
         calib = calibration_batches(rest, args.seed)
-        log(f"{key}: the global ratio at the HQP model's INT8 latency")
-        ratio = ratio_at_latency(tp_candidates(dense_model(args.dense), method, calib, args.round_to), files["hqp"],
-                                 samples, folder, args.threads, log)
+        log(f"{key}: the global ratio at the HQP model's INT8 latency at batch {args.search_batch}")
+        ratio, scan = ratio_at_latency(tp_candidates(dense_model(args.dense), method, calib, args.round_to),
+                                       files["hqp"], samples, folder, args.threads, args.search_batch, log)
+        if ratio is None:  # Torch-Pruning cannot make a model that fast: nothing to train
+            results["methods"][key] = {"equal_latency": None, "scan": scan, "search_batch": args.search_batch}
+            log(f"{key}: no ratio up to 0.9 is as fast as the HQP model at batch {args.search_batch}")
+            del files[key]
+            write_json(results_path, results)
+            continue
         target = tp_candidates(dense_model(args.dense), method, calib, args.round_to)(ratio)[1]
         model, shift = dense_model(args.dense), 1000 * args.seed
         teacher = dense_model(args.dense).requires_grad_(False) if ft["distill"] > 0 else None
@@ -469,7 +482,8 @@ def cmd_latency_compare(args, train, test, log) -> None:
                         distill=ft["distill"], temperature=ft["temperature"])
         int8_onnx(model, samples, files[key])
         results["methods"][key] = {"top1": evaluate(OrtModel(files[key], args.threads), test_loader)["top1"],
-                                   "macs": hqp_fx.count_macs(model, EXAMPLE), "ratio": ratio,
+                                   "macs": hqp_fx.count_macs(model, EXAMPLE), "ratio": ratio, "scan": scan,
+                                   "search_batch": args.search_batch,
                                    "seconds": round(time.time() - start, 1)}
         log(f"{key}: INT8 top-1 {results['methods'][key]['top1']:.2f}")
         write_json(results_path, results)
@@ -500,6 +514,10 @@ def print_latency_compare(results: dict) -> None:
         top1 = f"{r['top1']:.2f} | {dense - r['top1']:+.2f}" if r else "– | –"
         macs = f"{r['macs'] / 1e6:.1f}M" if r else "dense"
         print(f"| {name} | {top1} | {macs} | " + " | ".join(cells) + " |")
+    for name, r in results["methods"].items():
+        if r.get("equal_latency", True) is None:
+            print(f"{name}: no Torch-Pruning ratio up to 0.9 is as fast as the HQP model at batch {r['search_batch']} "
+                  f"(the fastest: {min(r['scan'].values()):.2f} of its latency)")
 
 
 # --------------------------------------------------------------------------------------------------- deploy
@@ -699,6 +717,8 @@ def main() -> None:
                      "int8 grid, what hqp compress aligns to)")
     lat.add_argument("--epochs", type=float, default=None, help="fine-tune epochs in all (default: what the HQP run "
                      "spent; another value is not the same budget, e.g. a quick check of the script)")
+    lat.add_argument("--search-batch", type=int, default=1, help="the batch size at which the latencies are made "
+                     "equal")
     lat.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     lat.add_argument("--timing-rounds", type=int, default=5)
     widths = sub.add_parser("widths", help="time a pruned model against its widths rounded to a channel multiple")

@@ -429,7 +429,7 @@ def cmd_latency_compare(args, train, test, log) -> None:
     results.setdefault("protocol", {
         "hqp_run": str(run_dir), "budget_epochs": epochs, "train_images": len(rest), "rounds": args.rounds,
         "finetune": {"lr": ft["lr"], "distill": ft["distill"], "temperature": ft["temperature"], "batch": 128},
-        "round_to": args.round_to, "int8": "hqp_fx onnxruntime preset, histogram, 512 training images",
+        "int8": "hqp_fx onnxruntime preset, histogram, 512 training images",
         "latency": "ONNX Runtime CPU, batch 1, ratios to the HQP model timed in alternating rounds",
         "evaluation": f"{len(test)} test images in ONNX Runtime"})
     results.setdefault("machine", machine_description())
@@ -449,7 +449,7 @@ def cmd_latency_compare(args, train, test, log) -> None:
         log(f"dense {results['dense_top1']:.2f}; HQP INT8 {results['methods']['hqp']['top1']:.2f}; budget "
             f"{epochs:g} epochs of {len(rest)} images")
     for method in args.methods:
-        key = f"{method}@seed{args.seed}@batch{args.search_batch}"
+        key = f"{method}@seed{args.seed}@batch{args.search_batch}@round_to{args.round_to}"
         files[key] = folder / f"{key}.onnx"
         if key in results["methods"]:
             log(f"{key}: already measured, skipped")
@@ -462,7 +462,8 @@ def cmd_latency_compare(args, train, test, log) -> None:
         ratio, scan = ratio_at_latency(tp_candidates(dense_model(args.dense), method, calib, args.round_to),
                                        files["hqp"], samples, folder, args.threads, args.search_batch, log)
         if ratio is None:  # Torch-Pruning cannot make a model that fast: nothing to train
-            results["methods"][key] = {"equal_latency": None, "scan": scan, "search_batch": args.search_batch}
+            results["methods"][key] = {"equal_latency": None, "scan": scan, "search_batch": args.search_batch,
+                                       "round_to": args.round_to}
             log(f"{key}: no ratio up to 0.9 is as fast as the HQP model at batch {args.search_batch}")
             del files[key]
             write_json(results_path, results)
@@ -516,8 +517,9 @@ def print_latency_compare(results: dict) -> None:
         print(f"| {name} | {top1} | {macs} | " + " | ".join(cells) + " |")
     for name, r in results["methods"].items():
         if r.get("equal_latency", True) is None:
+            fastest = min(r["scan"], key=r["scan"].get)
             print(f"{name}: no Torch-Pruning ratio up to 0.9 is as fast as the HQP model at batch {r['search_batch']} "
-                  f"(the fastest: {min(r['scan'].values()):.2f} of its latency)")
+                  f"(the fastest: ratio {float(fastest):g}, {r['scan'][fastest]:.2f} of its latency)")
 
 
 # --------------------------------------------------------------------------------------------------- deploy

@@ -484,7 +484,7 @@ def cmd_latency_compare(args, train, test, log) -> None:
         int8_onnx(model, samples, files[key])
         results["methods"][key] = {"top1": evaluate(OrtModel(files[key], args.threads), test_loader)["top1"],
                                    "macs": hqp_fx.count_macs(model, EXAMPLE), "ratio": ratio, "scan": scan,
-                                   "search_batch": args.search_batch,
+                                   "search_batch": args.search_batch, "round_to": args.round_to,
                                    "seconds": round(time.time() - start, 1)}
         log(f"{key}: INT8 top-1 {results['methods'][key]['top1']:.2f}")
         write_json(results_path, results)

@@ -453,7 +453,7 @@ def cmd_latency_compare(args, train, test, log) -> None:
         files[key] = folder / f"{key}.onnx"
         if key in results["methods"]:
             log(f"{key}: already measured, skipped")
-            if results["methods"][key].get("equal_latency", True) is None:
+            if "top1" not in results["methods"][key]:  # a scan, no model
                 del files[key]
             continue
         start = time.time()
@@ -465,6 +465,13 @@ def cmd_latency_compare(args, train, test, log) -> None:
             results["methods"][key] = {"equal_latency": None, "scan": scan, "search_batch": args.search_batch,
                                        "round_to": args.round_to}
             log(f"{key}: no ratio up to 0.9 is as fast as the HQP model at batch {args.search_batch}")
+            del files[key]
+            write_json(results_path, results)
+            continue
+        if args.scan_only:
+            results["methods"][key] = {"equal_latency": ratio, "scan": scan, "search_batch": args.search_batch,
+                                       "round_to": args.round_to}
+            log(f"{key}: ratio {ratio:g} is as fast as the HQP model (--scan-only: not trained)")
             del files[key]
             write_json(results_path, results)
             continue
@@ -516,6 +523,9 @@ def print_latency_compare(results: dict) -> None:
         macs = f"{r['macs'] / 1e6:.1f}M" if r else "dense"
         print(f"| {name} | {top1} | {macs} | " + " | ".join(cells) + " |")
     for name, r in results["methods"].items():
+        if "scan" in r and "top1" not in r and r["equal_latency"] is not None:
+            print(f"{name}: ratio {r['equal_latency']:g} is as fast as the HQP model at batch {r['search_batch']} "
+                  "(scan only, not trained)")
         if r.get("equal_latency", True) is None:
             fastest = min(r["scan"], key=r["scan"].get)
             print(f"{name}: no Torch-Pruning ratio up to 0.9 is as fast as the HQP model at batch {r['search_batch']} "
@@ -721,6 +731,7 @@ def main() -> None:
                      "spent; another value is not the same budget, e.g. a quick check of the script)")
     lat.add_argument("--search-batch", type=int, default=1, help="the batch size at which the latencies are made "
                      "equal")
+    lat.add_argument("--scan-only", action="store_true", help="find the equal-latency ratio and stop (no training)")
     lat.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     lat.add_argument("--timing-rounds", type=int, default=5)
     widths = sub.add_parser("widths", help="time a pruned model against its widths rounded to a channel multiple")

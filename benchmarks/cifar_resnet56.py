@@ -430,7 +430,8 @@ def cmd_latency_compare(args, train, test, log) -> None:
         "hqp_run": str(run_dir), "budget_epochs": epochs, "train_images": len(rest), "rounds": args.rounds,
         "finetune": {"lr": ft["lr"], "distill": ft["distill"], "temperature": ft["temperature"], "batch": 128},
         "int8": "hqp_fx onnxruntime preset, histogram, 512 training images",
-        "latency": "ONNX Runtime CPU, batch 1, ratios to the HQP model timed in alternating rounds",
+        "latency": "ONNX Runtime CPU; each method's scan at its search_batch: its latency over the HQP model's, "
+                   "timed in alternating rounds",
         "evaluation": f"{len(test)} test images in ONNX Runtime"})
     results.setdefault("machine", machine_description())
     results.setdefault("versions", versions())

@@ -417,9 +417,13 @@ def cmd_latency_compare(args, train, test, log) -> None:
     out.mkdir(parents=True, exist_ok=True)
     run = json.loads((run_dir / "hqp.json").read_text())
     cfg = run["config"]
-    # the training images the HQP run fine-tuned on (its validation split held out, as compress does), and its
-    # fine-tune budget: every round's fine-tunes, retries included, plus the recovery when it ran
-    rest, _ = train.hold_out(cfg["val_fraction"], cfg["val_max_images"], seed=cfg["prune"]["seed"])
+    # the training images the HQP run fine-tuned on (its validation split held out of train as compress does, unless
+    # the data had a val/), and its fine-tune budget: every round's fine-tunes, retries included, plus the recovery
+    rest = train if run["splits"]["train"] == len(train) else train.hold_out(
+        cfg["val_fraction"], cfg["val_max_images"], seed=cfg["prune"]["seed"])[0]
+    if len(rest) != run["splits"]["train"]:
+        raise SystemExit(f"the HQP run fine-tuned on {run['splits']['train']} images, this data gives {len(rest)}: "
+                         "pass the --data it ran on")
     epochs = args.epochs if args.epochs is not None else (
         sum(1 + r.get("retries", 0) for r in run["rounds"]) * cfg["finetune"]["epochs"]
         + (cfg["recover_epochs"] if run.get("recovery") else 0))
@@ -462,17 +466,11 @@ def cmd_latency_compare(args, train, test, log) -> None:
         log(f"{key}: the global ratio at the HQP model's INT8 latency at batch {args.search_batch}")
         ratio, scan = ratio_at_latency(tp_candidates(dense_model(args.dense), method, calib, args.round_to),
                                        files["hqp"], samples, folder, args.threads, args.search_batch, log)
-        if ratio is None:  # Torch-Pruning cannot make a model that fast: nothing to train
-            results["methods"][key] = {"equal_latency": None, "scan": scan, "search_batch": args.search_batch,
-                                       "round_to": args.round_to}
-            log(f"{key}: no ratio up to 0.9 is as fast as the HQP model at batch {args.search_batch}")
-            del files[key]
-            write_json(results_path, results)
-            continue
-        if args.scan_only:
+        if ratio is None or args.scan_only:  # Torch-Pruning cannot get that fast, or only the scan was asked for
             results["methods"][key] = {"equal_latency": ratio, "scan": scan, "search_batch": args.search_batch,
                                        "round_to": args.round_to}
-            log(f"{key}: ratio {ratio:g} is as fast as the HQP model (--scan-only: not trained)")
+            log(f"{key}: " + ("no ratio up to 0.9 is" if ratio is None else f"ratio {ratio:g} is") + " as fast as "
+                f"the HQP model at batch {args.search_batch}" + (" (--scan-only: not trained)" if ratio else ""))
             del files[key]
             write_json(results_path, results)
             continue

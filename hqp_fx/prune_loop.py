@@ -147,6 +147,7 @@ class PruneResult:
     stop_reason: str = ""
     baseline_latency: float | None = None
     recovery: dict | None = None  # {"top1_before", "top1_after", "kept"} when recover_fn ran
+    baseline_hits: list[torch.Tensor] | None = None  # evaluate_fn's per-image hits of the dense model, if it gave any
 
 
 def _analysed(gm: fx.GraphModule) -> fx.GraphModule:
@@ -436,7 +437,8 @@ def prune_loop(
                      depth_closed=depth_closed,
                      stop_reason=stop, recovery=recovery)
     final = {config.metric: accepted_top1}
-    return PruneResult(current, baseline, final, base_macs, base_params, history, stop, base_latency, recovery)
+    return PruneResult(current, baseline, final, base_macs, base_params, history, stop, base_latency, recovery,
+                       base_hits)
 
 
 def paired_latency(latency_fn: Callable[[nn.Module], float], reference: nn.Module, candidate: nn.Module,

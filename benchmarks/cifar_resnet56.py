@@ -10,6 +10,7 @@
     python benchmarks/cifar_resnet56.py widths  --pruned DIR/model.hqp [--multiple 16] [--out DIR]
     python benchmarks/cifar_resnet56.py latency-compare --hqp COMPRESS_OUT [--dense cifar:resnet56] [--seed 0]
                                                 [--methods tp-magnitude tp-taylor] [--out DIR]
+    python benchmarks/cifar_resnet56.py latency-summary DIR_SEED0 DIR_SEED1 DIR_SEED2
 
 ``loop``: ``hqp_fx.prune_loop.prune_loop`` under delta_max (each round fine-tunes ``--finetune-epochs`` and validates
 on all 10,000 test images; rejected rounds roll back and shrink the step). ``--distill w`` fine-tunes with
@@ -50,7 +51,8 @@ budget (every round's fine-tunes, retries included, and the recovery: read from 
 the rounds and a final fine-tune, with the run's distillation, learning rate and training images (its validation
 split held out). HQP's pruned model and the TP models are quantized the same way (hqp_fx ``onnxruntime`` preset)
 and scored on the test images in ONNX Runtime; the dense INT8 model (quantize-only) and all pruned models are
-timed side by side at ``--batch-sizes`` in ``--timing-rounds`` alternating rounds.
+timed side by side at ``--batch-sizes`` in ``--timing-rounds`` alternating rounds. ``latency-summary`` gives each
+model's mean and standard deviation over such runs, one per seed (each seed its own ``hqp compress --seed`` run).
 
 ``widths``: does a pruned model pay for widths off ONNX Runtime's channel grid? The pruned model is timed (hqp_fx
 ``onnxruntime`` preset INT8, same protocol as ``deploy``) beside the dense net cut to the pruned model's group
@@ -531,6 +533,47 @@ def print_latency_compare(results: dict) -> None:
                   f"(the fastest: ratio {float(fastest):g}, {r['scan'][fastest]:.2f} of its latency)")
 
 
+def cmd_latency_summary(args) -> None:
+    """Each model's mean and spread over several ``latency-compare`` runs (one per seed; a seed's run against its
+    own ``hqp compress --seed`` run, or several against one): top-1 is compared with the HQP model each was timed
+    against, and an HQP run shared by several folders counts once."""
+    rows: dict[str, list[dict]] = {}
+    hqp_runs: set[str] = set()
+    for folder in args.runs:
+        r = json.loads((Path(folder) / "latency_compare.json").read_text())
+        if "latency" not in r:
+            raise SystemExit(f"{folder}: latency-compare has not finished there (no side-by-side timing)")
+        for key, m in r["methods"].items():
+            if "top1" not in m:  # a scan without a trained model
+                continue
+            if key == "hqp":
+                if r["protocol"]["hqp_run"] in hqp_runs:
+                    continue
+                hqp_runs.add(r["protocol"]["hqp_run"])
+            name = key if key == "hqp" else f"{key.split('@')[0]} (round_to {m['round_to']}, equal at batch " \
+                                            f"{m['search_batch']})"
+            entry = {"top1": m["top1"], "drop": r["dense_top1"] - m["top1"], "macs": m["macs"],
+                     "vs_hqp": m["top1"] - r["methods"]["hqp"]["top1"]}
+            for b, lat in r["latency"].items():
+                ms = lat[key]["rounds_ms"]
+                entry[f"time/hqp@{b}"] = statistics.median(x / y for x, y in zip(ms, lat["hqp"]["rounds_ms"]))
+                entry[f"speedup@{b}"] = statistics.median(q / x for q, x in zip(lat["quantize_only"]["rounds_ms"], ms))
+            rows.setdefault(name, []).append(entry)
+
+    def spread(values):
+        return f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 \
+            else f"{values[0]:.2f}"
+    batches = sorted({k.split("@")[1] for v in rows.values() for k in v[0] if k.startswith("speedup@")}, key=int)
+    print("| model | runs | INT8 top-1 | drop | top-1 − HQP's | MACs | "
+          + " | ".join(f"batch {b}: time / HQP's | batch {b}: × quantize-only" for b in batches) + " |")
+    print("|---" * (6 + 2 * len(batches)) + "|")
+    for name, entries in rows.items():
+        col = lambda k: [e[k] for e in entries]  # noqa: E731
+        cells = [spread(col(f"time/hqp@{b}")) + " | " + spread(col(f"speedup@{b}")) for b in batches]
+        print(f"| {name} | {len(entries)} | {spread(col('top1'))} | {spread(col('drop'))} | "
+              f"{spread(col('vs_hqp'))} | {statistics.fmean(col('macs')) / 1e6:.1f}M | " + " | ".join(cells) + " |")
+
+
 # --------------------------------------------------------------------------------------------------- deploy
 
 
@@ -739,7 +782,11 @@ def main() -> None:
     widths.add_argument("--runs", type=int, default=100)
     widths.add_argument("--rounds", type=int, default=3)
     widths.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    summary = sub.add_parser("latency-summary", help="mean and spread over seeds of several latency-compare runs")
+    summary.add_argument("runs", nargs="+", help="the --out folders of latency-compare runs, one per seed")
     args = ap.parse_args()
+    if args.cmd == "latency-summary":  # reads results only: no data
+        return cmd_latency_summary(args)
     torch.set_num_threads(args.threads)
     log = logger()
     train, test = cifar_splits(Path(args.data))

@@ -85,7 +85,7 @@ from hqp_fx.prune_loop import PruneLoopConfig, prune_loop
 from hqp_fx.passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels, select_channels
 from hqp_fx.lower_onnx import export_onnx
 from hqp_fx.passes.quantize import QuantConfig, hybrid_quantize, quantize, take_samples
-from hqp_fx.train import FinetuneConfig, evaluate, finetune
+from hqp_fx.train import FinetuneConfig, evaluate, finetune, paired_drop
 from quantize_speed import (  # same folder: the model, data, ORT-quantizer baseline and latency protocol
     accuracy,
     build_onnx_variants,
@@ -454,12 +454,26 @@ def cmd_latency_compare(args, train, test, log) -> None:
     test_loader = BatchLoader(test, 500)
     files = {"quantize_only": int8_onnx(dense, samples, folder / "quantize_only.onnx"),
              "hqp": int8_onnx(hqp_fx.load(run_dir / "model_pruned.hqp"), samples, folder / "hqp.onnx")}
+
+    def scored(path: Path) -> dict:
+        """top-1 in ONNX Runtime on the test images, and the per-image hits for paired errors ("0"/"1" per image)."""
+        hits: list = []
+        top1 = evaluate(OrtModel(path, args.threads), test_loader, hits=hits)["top1"]
+        return {"top1": top1, "hits": "".join("1" if h else "0" for h in torch.cat(hits).tolist())}
     if "hqp" not in results["methods"]:
         results["dense_top1"] = evaluate(dense, test_loader, num_classes=10)["top1"]
-        results["methods"]["hqp"] = {"top1": evaluate(OrtModel(files["hqp"], args.threads), test_loader)["top1"],
+        results["methods"]["hqp"] = {**scored(files["hqp"]),
                                      "macs": hqp_fx.count_macs(hqp_fx.load(run_dir / "model_pruned.hqp"), EXAMPLE)}
         log(f"dense {results['dense_top1']:.2f}; HQP INT8 {results['methods']['hqp']['top1']:.2f}; budget "
             f"{epochs:g} epochs of {len(rest)} images")
+    for key, r in results["methods"].items():  # models scored before the hits were recorded: scored again
+        path = files["hqp"] if key == "hqp" else folder / f"{key}.onnx"
+        if "top1" in r and "hits" not in r and path.is_file():
+            again = scored(path)
+            if again["top1"] != r["top1"]:
+                raise SystemExit(f"{key}: {path} scores {again['top1']} now against {r['top1']} when it was trained")
+            r["hits"] = again["hits"]
+            write_json(results_path, results)
     for method in args.methods:
         key = f"{method}@seed{args.seed}@batch{args.search_batch}@round_to{args.round_to}"
         files[key] = folder / f"{key}.onnx"
@@ -496,7 +510,7 @@ def cmd_latency_compare(args, train, test, log) -> None:
         finetune_images(model, rest, int(len(rest) * epochs / (args.rounds + 1)), seed=shift + 100, teacher=teacher,
                         distill=ft["distill"], temperature=ft["temperature"])
         int8_onnx(model, samples, files[key])
-        results["methods"][key] = {"top1": evaluate(OrtModel(files[key], args.threads), test_loader)["top1"],
+        results["methods"][key] = {**scored(files[key]),
                                    "macs": hqp_fx.count_macs(model, EXAMPLE), "ratio": ratio, "scan": scan,
                                    "search_batch": args.search_batch, "round_to": args.round_to,
                                    "seconds": round(time.time() - start, 1)}
@@ -560,6 +574,9 @@ def cmd_latency_summary(args) -> None:
                                             f"{m['search_batch']})"
             entry = {"top1": m["top1"], "drop": r["dense_top1"] - m["top1"], "macs": m["macs"],
                      "vs_hqp": m["top1"] - r["methods"]["hqp"]["top1"]}
+            if key != "hqp" and "hits" in m and "hits" in r["methods"]["hqp"]:  # paired over the test images
+                as_hits = lambda text: [torch.tensor([c == "1" for c in text])]  # noqa: E731
+                entry["vs_hqp_se"] = paired_drop(as_hits(r["methods"]["hqp"]["hits"]), as_hits(m["hits"]))[1]
             for b, lat in r["latency"].items():
                 ms = lat[key]["rounds_ms"]
                 entry[f"time/hqp@{b}"] = statistics.median(x / y for x, y in zip(ms, lat["hqp"]["rounds_ms"]))
@@ -576,8 +593,10 @@ def cmd_latency_summary(args) -> None:
     for name, entries in rows.items():
         col = lambda k: [e[k] for e in entries]  # noqa: E731
         cells = [spread(col(f"time/hqp@{b}")) + " | " + spread(col(f"speedup@{b}")) for b in batches]
+        se = [e["vs_hqp_se"] for e in entries if "vs_hqp_se" in e]
+        paired = spread(col("vs_hqp")) + (f" (each run's paired se {', '.join(f'{v:.2f}' for v in se)})" if se else "")
         print(f"| {name} | {len(entries)} | {spread(col('top1'))} | {spread(col('drop'))} | "
-              f"{spread(col('vs_hqp'))} | {statistics.fmean(col('macs')) / 1e6:.1f}M | " + " | ".join(cells) + " |")
+              f"{paired} | {statistics.fmean(col('macs')) / 1e6:.1f}M | " + " | ".join(cells) + " |")
 
 
 # --------------------------------------------------------------------------------------------------- deploy

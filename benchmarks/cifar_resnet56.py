@@ -53,7 +53,9 @@ the rounds and a final fine-tune, with the run's distillation, learning rate and
 split held out). HQP's pruned model and the TP models are quantized the same way (hqp_fx ``onnxruntime`` preset)
 and scored on the test images in ONNX Runtime; the dense INT8 model (quantize-only) and all pruned models are
 timed side by side at ``--batch-sizes`` in ``--timing-rounds`` alternating rounds. ``latency-summary`` gives each
-model's mean and standard deviation over such runs, one per seed (each seed its own ``hqp compress --seed`` run).
+model's mean and standard deviation over such runs, one per seed (against that seed's ``hqp compress --seed`` run,
+or all against one), and each model's top-1 difference to the HQP model with its standard error, paired over the
+test images.
 
 ``widths``: does a pruned model pay for widths off ONNX Runtime's channel grid? The pruned model is timed (hqp_fx
 ``onnxruntime`` preset INT8, same protocol as ``deploy``) beside the dense net cut to the pruned model's group

@@ -383,10 +383,17 @@ def int8_onnx(model, samples: list, path: Path, num_samples: int | None = None) 
     return path
 
 
+def round_paired(numerator: dict, denominator: dict) -> float:
+    """The median over alternating timing rounds of ``numerator``'s ms over ``denominator``'s in the same round
+    (``measure_alternating`` entries), so a slow spell that hit both in one round cancels out (compress's private
+    ``_paired_ratio`` does the same for its report)."""
+    return statistics.median(a / b for a, b in zip(numerator["rounds_ms"], denominator["rounds_ms"]))
+
+
 def paired_ms_ratio(path: Path, reference: Path, threads: int, batch: int, rounds: int = 3) -> float:
     """``path``'s latency over ``reference``'s at ``batch``, the median of ratios timed in alternating rounds."""
     lat = measure_alternating({"a": path, "b": reference}, (batch, 3, 32, 32), threads=threads, rounds=rounds)
-    return statistics.median(a / b for a, b in zip(lat["a"]["rounds_ms"], lat["b"]["rounds_ms"]))
+    return round_paired(lat["a"], lat["b"])
 
 
 def ratio_at_latency(candidate_at, reference: Path, samples: list, folder: Path, threads: int, batch: int,
@@ -396,7 +403,7 @@ def ratio_at_latency(candidate_at, reference: Path, samples: list, folder: Path,
     ratio, in steps on ONNX Runtime's channel grid, and each point is one noisy measurement: the final models are
     timed again side by side). When no ratio is as fast, the fastest one counts if it is within ``tolerance`` (a
     fraction) of ``reference``: Torch-Pruning's latency stops falling at some ratio, and a floor a few percent
-    above the HQP model is timing noise as often as not."""
+    above the HQP model is within the timing noise of one point (benchmarks/RESULTS.md)."""
     scan: dict[str, float] = {}
 
     def ratio(r):
@@ -540,7 +547,7 @@ def print_latency_compare(results: dict) -> None:
         cells = []
         for b in batches:
             lat = results["latency"][b]
-            paired = lambda ref: statistics.median(x / y for x, y in zip(lat[ref]["rounds_ms"], lat[name]["rounds_ms"]))  # noqa: E731
+            paired = lambda ref: round_paired(lat[ref], lat[name])  # noqa: E731
             cells.append(f"{lat[name]['median_ms']:.3f} | {1 / paired('hqp'):.2f} | {paired('quantize_only'):.2f}x")
         top1 = f"{r['top1']:.2f} | {dense - r['top1']:+.2f}" if r else "– | –"
         macs = f"{r['macs'] / 1e6:.1f}M" if r else "dense"
@@ -580,9 +587,8 @@ def cmd_latency_summary(args) -> None:
                 as_hits = lambda text: [torch.tensor([c == "1" for c in text])]  # noqa: E731
                 entry["vs_hqp_se"] = paired_drop(as_hits(r["methods"]["hqp"]["hits"]), as_hits(m["hits"]))[1]
             for b, lat in r["latency"].items():
-                ms = lat[key]["rounds_ms"]
-                entry[f"time/hqp@{b}"] = statistics.median(x / y for x, y in zip(ms, lat["hqp"]["rounds_ms"]))
-                entry[f"speedup@{b}"] = statistics.median(q / x for q, x in zip(lat["quantize_only"]["rounds_ms"], ms))
+                entry[f"time/hqp@{b}"] = round_paired(lat[key], lat["hqp"])
+                entry[f"speedup@{b}"] = round_paired(lat["quantize_only"], lat[key])
             rows.setdefault(name, []).append(entry)
 
     def spread(values):

@@ -383,17 +383,21 @@ def int8_onnx(model, samples: list, path: Path, num_samples: int | None = None) 
     return path
 
 
+def round_ratios(numerator: dict, denominator: dict) -> list[float]:
+    """``numerator``'s ms over ``denominator``'s in each alternating timing round (``measure_alternating`` entries)."""
+    return [a / b for a, b in zip(numerator["rounds_ms"], denominator["rounds_ms"])]
+
+
 def round_paired(numerator: dict, denominator: dict) -> float:
-    """The median over alternating timing rounds of ``numerator``'s ms over ``denominator``'s in the same round
-    (``measure_alternating`` entries), so a slow spell that hit both in one round cancels out (compress's private
+    """The median of ``round_ratios``, so a slow spell that hit both in one round cancels out (compress's private
     ``_paired_ratio`` does the same for its report)."""
-    return statistics.median(a / b for a, b in zip(numerator["rounds_ms"], denominator["rounds_ms"]))
+    return statistics.median(round_ratios(numerator, denominator))
 
 
 def paired_ms_ratios(path: Path, reference: Path, threads: int, batch: int, rounds: int) -> list[float]:
     """``path``'s latency over ``reference``'s at ``batch`` in each of ``rounds`` alternating timing rounds."""
     lat = measure_alternating({"a": path, "b": reference}, (batch, 3, 32, 32), threads=threads, rounds=rounds)
-    return [a / b for a, b in zip(lat["a"]["rounds_ms"], lat["b"]["rounds_ms"])]
+    return round_ratios(lat["a"], lat["b"])
 
 
 def ratio_at_latency(candidate_at, reference: Path, samples: list, folder: Path, threads: int, batch: int,

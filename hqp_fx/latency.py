@@ -8,7 +8,10 @@ weights -> ``QuantizeLinear``, which ORT fuses to ``QLinearConv``), at the model
 on a grid of kept input and output channel counts. A model's predicted latency is the sum of its layers' times,
 interpolated on the grid, plus a residual (everything else: adds, pooling, the graph's overhead) calibrated
 once against the whole dense model measured in the engine. Tables are cached on disk, keyed by machine,
-versions, preset, input shape and threads. A linear layer on tokens (``[B, N, C]``) is timed with its rows; the
+versions, preset, input shape and threads. Each grid point is the median of several passes over the whole grid,
+so a slow spell of the machine (these VMs have them, seconds to minutes long) falls on one pass, not on one layer;
+a cached table is spot-checked against fresh timings of its largest points and timed again when the machine has
+drifted from it (a table cached during a slow spell overstated every saving by half again). A linear layer on tokens (``[B, N, C]``) is timed with its rows; the
 products of two activations in attention (``q @ k``, ``attn @ v``, SDPA) are not layers of the table, so a pruned
 head's share of them stays in the residual (the prediction overstates what is left).
 
@@ -29,6 +32,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +50,10 @@ from .groups import kept_units
 
 __all__ = ["LayerShape", "LatencyModel", "select_for_latency", "time_layer"]
 
-TIMING_METHOD = "qdq-copies-difference/1"  # part of the cache key: a change in how layers are timed re-times them
+TIMING_METHOD = "qdq-copies-difference/2"  # part of the cache key: a change in how layers are timed re-times them
+TIMING_PASSES = 5  # passes over the grid; each point is the median of its passes
+SPOT_CHECK_PASSES = 3  # passes of the cached table's spot check
+SPOT_CHECK_TOLERANCE = 0.2  # a cached table more than this far off fresh timings (median ratio) is timed again
 
 
 @dataclass(frozen=True)
@@ -225,30 +232,52 @@ class LatencyModel:
     @classmethod
     def measure(cls, gm: fx.GraphModule, *, threads: int = 2, align: int = 16, points: int = 6,
                 reduce_range: bool = False, preset: str = "onnxruntime", cache_dir: Path | None = None,
+                passes: int = TIMING_PASSES,
                 progress: Callable[[str], None] = lambda msg: None) -> "LatencyModel":
         """Time every conv/linear layer of ``gm`` on a grid of ``points`` x ``points`` kept counts (multiples of
-        ``align``); grid points already in the disk cache are not timed again."""
+        ``align``), each point the median of ``passes`` interleaved passes. Points already in the disk cache are
+        not timed again unless the spot check finds the machine has drifted from them."""
         key = _machine_key(threads, preset, reduce_range)
         cache_file = (cache_dir or data_cache_dir() / "latency") / f"latency-{key}.json"
         cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-        layers, timed = {}, 0
+        points_of, grids = {}, {}  # cache entry -> (shape, c_in, c_out) to time it; layer -> its axes
         for name, (shape, c_in, c_out) in _layer_shapes(gm).items():
             in_axis = [c_in] if shape.depthwise else _grid(c_in, align, points)
             out_axis = _grid(c_out, align, points)
-            table = []
+            grids[name] = (shape, c_in, c_out, in_axis, out_axis)
             for ci in in_axis:
-                row = []
                 for co in out_axis:
-                    entry = f"{shape.key()}|{ci}|{co}"
-                    if entry not in cache:
-                        cache[entry] = time_layer(shape, co if shape.depthwise else ci, co, threads=threads,
-                                                  reduce_range=reduce_range)
-                        timed += 1
-                    row.append(cache[entry])
-                table.append(row)
-            layers[name] = _Layer(name, shape, c_in, c_out, in_axis, out_axis, table)
-        progress(f"latency model: {len(layers)} layers, {timed} grid points timed ({cache_file})")
-        if timed:
+                    points_of[f"{shape.key()}|{ci}|{co}"] = (shape, co if shape.depthwise else ci, co)
+
+        def timed(entries: list[str], n: int) -> dict[str, float]:
+            runs: dict[str, list[float]] = {e: [] for e in entries}
+            for _ in range(n):  # whole passes: a slow spell lands on one pass of many points, not on one point
+                for e in entries:
+                    runs[e].append(time_layer(*points_of[e], threads=threads, reduce_range=reduce_range))
+            return {e: statistics.median(v) for e, v in runs.items()}
+
+        missing = [e for e in points_of if e not in cache]
+        cached = [e for e in points_of if e in cache]
+        if cached:
+            largest = {}  # per layer shape, its largest cached point: the most time, the least relative noise
+            for e in cached:
+                shape_key, ci, co = e.rsplit("|", 2)
+                if shape_key not in largest or int(ci) * int(co) > largest[shape_key][0]:
+                    largest[shape_key] = (int(ci) * int(co), e)
+            sample = [e for _, e in largest.values() if cache[e] > 0]
+            fresh = timed(sample, SPOT_CHECK_PASSES) if sample else {}
+            drift = statistics.median(fresh[e] / cache[e] for e in sample) if sample else 1.0
+            if abs(drift - 1) > SPOT_CHECK_TOLERANCE:
+                progress(f"latency model: {len(sample)} points timed afresh take {drift:.2f}x their cached times: "
+                         "the machine has drifted from the cached table, timing it again")
+                missing = list(points_of)
+        cache.update(timed(missing, passes))
+        layers = {name: _Layer(name, shape, c_in, c_out, in_axis, out_axis,
+                               [[cache[f"{shape.key()}|{ci}|{co}"] for co in out_axis]
+                                for ci in in_axis])
+                  for name, (shape, c_in, c_out, in_axis, out_axis) in grids.items()}
+        progress(f"latency model: {len(layers)} layers, {len(missing)} grid points timed ({cache_file})")
+        if missing:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cache_file, json.dumps(cache))
         return cls(layers)

@@ -74,23 +74,46 @@ def test_the_timed_layer_is_the_fused_int8_convolution(tmp_path):
     assert ops.count("QLinearConv") == 3 and "Conv" not in ops, ops
 
 
-def test_measure_times_each_grid_point_once_and_caches_it(tmp_path, monkeypatch):
-    calls = []
+def test_measure_times_the_grid_in_passes_and_a_slow_spell_does_not_stick(tmp_path, monkeypatch):
+    """Each grid point is the median of whole passes over the grid, so a slow spell of the machine during one pass
+    moves no point; the table is cached, and a cached table is spot-checked and timed again once the machine has
+    drifted from it."""
+    from hqp_fx.latency import SPOT_CHECK_PASSES, TIMING_PASSES
+
+    calls, speed = [], {"factor": 1.0, "slow_call": None}
 
     def fake(shape, c_in, c_out, **kw):
         calls.append((shape.key(), c_in, c_out))
-        return 0.001 * c_in * c_out
+        slow = speed["slow_call"] is not None and speed["slow_call"](len(calls) - 1)
+        return 0.001 * c_in * c_out * speed["factor"] * (3.0 if slow else 1.0)
 
     monkeypatch.setattr("hqp_fx.latency.time_layer", fake)
     gm = analysed(realistic_random(CifarResNet(20), X))
+    points = 36  # R20's distinct (layer shape, in, out) grid points at align 16
+    speed["slow_call"] = lambda i: points <= i < 2 * points  # the whole second pass runs three times slower
     first = LatencyModel.measure(gm, threads=1, align=16, cache_dir=tmp_path)
-    assert calls and len(calls) == len(set(calls)), "each distinct (layer shape, counts) point is timed once"
-    assert first.layers["layer3.0.conv1"].in_axis == [16, 32] and first.layers["layer3.0.conv1"].out_axis == \
-        [16, 32, 48, 64]
-    n = len(calls)
+    assert len(set(calls)) == points and len(calls) == TIMING_PASSES * points
+    assert all(calls[k * points:(k + 1) * points] == calls[:points] for k in range(TIMING_PASSES)), "whole passes"
+    layer = first.layers["layer3.0.conv1"]
+    assert layer.in_axis == [16, 32] and layer.out_axis == [16, 32, 48, 64]
+    assert layer.table == [[pytest.approx(0.001 * ci * co) for co in layer.out_axis] for ci in layer.in_axis]
+
+    speed["slow_call"] = None
+    calls.clear()
     again = LatencyModel.measure(gm, threads=1, align=16, cache_dir=tmp_path)
-    assert len(calls) == n and again.to_json() == first.to_json()  # all from the cache
+    shapes = {c[0] for c in calls}
+    assert len(calls) == SPOT_CHECK_PASSES * len(shapes) and len(shapes) < points  # only the spot check timed
+    assert again.to_json() == first.to_json()  # the rest from the cache
     assert LatencyModel.from_json(first.to_json()).to_json() == first.to_json()
+
+    speed["factor"] = 1.5  # the machine now runs every layer half again slower than the cached table says
+    calls.clear()
+    drifted = LatencyModel.measure(gm, threads=1, align=16, cache_dir=tmp_path)
+    assert len(calls) == SPOT_CHECK_PASSES * len(shapes) + TIMING_PASSES * points
+    assert drifted.layers["layer3.0.conv1"].table[-1][-1] == pytest.approx(1.5 * 0.001 * 32 * 64)
+    calls.clear()
+    assert LatencyModel.measure(gm, threads=1, align=16, cache_dir=tmp_path).to_json() == drifted.to_json()
+    assert len(calls) == SPOT_CHECK_PASSES * len(shapes)  # the re-timed table was cached
 
 
 def test_selection_never_buys_nothing_and_prefers_cheap_importance_per_ms():

@@ -11,6 +11,7 @@
     python benchmarks/cifar_resnet56.py latency-compare --hqp COMPRESS_OUT [--dense cifar:resnet56] [--seed 0]
                                                 [--methods tp-magnitude tp-taylor] [--out DIR]
     python benchmarks/cifar_resnet56.py latency-summary DIR_SEED0 DIR_SEED1 DIR_SEED2
+    python benchmarks/cifar_resnet56.py latency-against --hqp COMPRESS_OUT [--out DIR] DIR_SEED0 DIR_SEED1 ...
 
 ``loop``: ``hqp_fx.prune_loop.prune_loop`` under delta_max (each round fine-tunes ``--finetune-epochs`` and validates
 on all 10,000 test images; rejected rounds roll back and shrink the step). ``--distill w`` fine-tunes with
@@ -55,7 +56,9 @@ and scored on the test images in ONNX Runtime; the dense INT8 model (quantize-on
 timed side by side at ``--batch-sizes`` in ``--timing-rounds`` alternating rounds. ``latency-summary`` gives each
 model's mean and standard deviation over such runs, one per seed (against that seed's ``hqp compress --seed`` run,
 or all against one), and each model's top-1 difference to the HQP model with its standard error, paired over the
-test images.
+test images. ``latency-against`` puts another ``hqp compress`` run's model of the same target (after a change to
+HQP) beside the Torch-Pruning models such runs trained, without training them again: scored the same way, its
+top-1 difference to each paired over the test images, all timed side by side.
 
 ``widths``: does a pruned model pay for widths off ONNX Runtime's channel grid? The pruned model is timed (hqp_fx
 ``onnxruntime`` preset INT8, same protocol as ``deploy``) beside the dense net cut to the pruned model's group
@@ -400,6 +403,31 @@ def paired_ms_ratios(path: Path, reference: Path, threads: int, batch: int, roun
     return round_ratios(lat["a"], lat["b"])
 
 
+def hqp_training_images(run: dict, train):
+    """The training images a ``hqp compress`` run fine-tuned on (``run`` is its hqp.json): train/ less the
+    validation split held out as compress does, unless the data had a val/."""
+    cfg = run["config"]
+    rest = train if run["splits"]["train"] == len(train) else train.hold_out(
+        cfg["val_fraction"], cfg["val_max_images"], seed=cfg["prune"]["seed"])[0]
+    if len(rest) != run["splits"]["train"]:
+        raise SystemExit(f"the HQP run fine-tuned on {run['splits']['train']} images, this data gives {len(rest)}: "
+                         "pass the --data it ran on")
+    return rest
+
+
+def score_onnx(path: Path, test_loader, threads: int) -> dict:
+    """top-1 in ONNX Runtime on the test images, and the per-image hits for paired errors ("0"/"1" per image)."""
+    hits: list = []
+    top1 = evaluate(OrtModel(path, threads), test_loader, hits=hits)["top1"]
+    return {"top1": top1, "hits": "".join("1" if h else "0" for h in torch.cat(hits).tolist())}
+
+
+def hits_se(a: str, b: str) -> float:
+    """The standard error of the top-1 difference of two models, paired over the images of their hit strings."""
+    as_hits = lambda text: [torch.tensor([c == "1" for c in text])]  # noqa: E731
+    return paired_drop(as_hits(a), as_hits(b))[1]
+
+
 def ratio_at_latency(candidate_at, reference: Path, samples: list, folder: Path, threads: int, batch: int,
                      log, tolerance: float = 0.0) -> tuple[float | None, dict[str, float]]:
     """(the smallest Torch-Pruning global ratio whose INT8 model is as fast as ``reference`` at ``batch``, or None
@@ -443,13 +471,8 @@ def cmd_latency_compare(args, train, test, log) -> None:
     out.mkdir(parents=True, exist_ok=True)
     run = json.loads((run_dir / "hqp.json").read_text())
     cfg = run["config"]
-    # the training images the HQP run fine-tuned on (its validation split held out of train as compress does, unless
-    # the data had a val/), and its fine-tune budget: every round's fine-tunes, retries included, plus the recovery
-    rest = train if run["splits"]["train"] == len(train) else train.hold_out(
-        cfg["val_fraction"], cfg["val_max_images"], seed=cfg["prune"]["seed"])[0]
-    if len(rest) != run["splits"]["train"]:
-        raise SystemExit(f"the HQP run fine-tuned on {run['splits']['train']} images, this data gives {len(rest)}: "
-                         "pass the --data it ran on")
+    rest = hqp_training_images(run, train)
+    # the HQP run's fine-tune budget: every round's fine-tunes, retries included, plus the recovery
     epochs = args.epochs if args.epochs is not None else (
         sum(1 + r.get("retries", 0) for r in run["rounds"]) * cfg["finetune"]["epochs"]
         + (cfg["recover_epochs"] if run.get("recovery") else 0))
@@ -474,12 +497,7 @@ def cmd_latency_compare(args, train, test, log) -> None:
     test_loader = BatchLoader(test, 500)
     files = {"quantize_only": int8_onnx(dense, samples, folder / "quantize_only.onnx"),
              "hqp": int8_onnx(hqp_fx.load(run_dir / "model_pruned.hqp"), samples, folder / "hqp.onnx")}
-
-    def scored(path: Path) -> dict:
-        """top-1 in ONNX Runtime on the test images, and the per-image hits for paired errors ("0"/"1" per image)."""
-        hits: list = []
-        top1 = evaluate(OrtModel(path, args.threads), test_loader, hits=hits)["top1"]
-        return {"top1": top1, "hits": "".join("1" if h else "0" for h in torch.cat(hits).tolist())}
+    scored = lambda path: score_onnx(path, test_loader, args.threads)  # noqa: E731
     if "hqp" not in results["methods"]:
         results["dense_top1"] = evaluate(dense, test_loader, num_classes=10)["top1"]
         results["methods"]["hqp"] = {**scored(files["hqp"]),
@@ -595,8 +613,7 @@ def cmd_latency_summary(args) -> None:
             entry = {"top1": m["top1"], "drop": r["dense_top1"] - m["top1"], "macs": m["macs"],
                      "vs_hqp": m["top1"] - r["methods"]["hqp"]["top1"]}
             if key != "hqp" and "hits" in m and "hits" in r["methods"]["hqp"]:  # paired over the test images
-                as_hits = lambda text: [torch.tensor([c == "1" for c in text])]  # noqa: E731
-                entry["vs_hqp_se"] = paired_drop(as_hits(r["methods"]["hqp"]["hits"]), as_hits(m["hits"]))[1]
+                entry["vs_hqp_se"] = hits_se(r["methods"]["hqp"]["hits"], m["hits"])
             for b, lat in r["latency"].items():
                 entry[f"time/hqp@{b}"] = round_paired(lat[key], lat["hqp"])
                 entry[f"speedup@{b}"] = round_paired(lat["quantize_only"], lat[key])
@@ -616,6 +633,54 @@ def cmd_latency_summary(args) -> None:
         paired = spread(col("vs_hqp")) + (f" (each run's paired se {', '.join(f'{v:.2f}' for v in se)})" if se else "")
         print(f"| {name} | {len(entries)} | {spread(col('top1'))} | {spread(col('drop'))} | "
               f"{paired} | {statistics.fmean(col('macs')) / 1e6:.1f}M | " + " | ".join(cells) + " |")
+
+
+def cmd_latency_against(args, train, test, log) -> None:
+    """A ``hqp compress`` run's model against the Torch-Pruning models that earlier ``latency-compare`` runs trained
+    for another HQP model of the same target (after a change to HQP), without training them again: its INT8 model
+    built and scored as they were, its top-1 difference to each paired over the test images, and every model timed
+    side by side with quantize-only in alternating rounds."""
+    out, run_dir = Path(args.out), Path(args.hqp)
+    (out / "onnx").mkdir(parents=True, exist_ok=True)
+    run = json.loads((run_dir / "hqp.json").read_text())
+    samples = take_samples(BatchLoader(hqp_training_images(run, train), 64, shuffle=True, seed=0), 512)
+    hqp_model = hqp_fx.load(run_dir / "model_pruned.hqp")
+    files = {"quantize_only": int8_onnx(dense_model(args.dense), samples, out / "onnx" / "quantize_only.onnx"),
+             "hqp": int8_onnx(hqp_model, samples, out / "onnx" / "hqp.onnx")}
+    results = {"hqp_run": str(run_dir), "against": args.against, "machine": machine_description(),
+               "versions": versions(), "methods": {"hqp": {**score_onnx(files["hqp"], BatchLoader(test, 500),
+                                                                        args.threads),
+                                                           "macs": hqp_fx.count_macs(hqp_model, EXAMPLE)}}}
+    log(f"HQP INT8 top-1 {results['methods']['hqp']['top1']:.2f}")
+    for folder in map(Path, args.against):
+        earlier = json.loads((folder / "latency_compare.json").read_text())
+        for key, m in earlier["methods"].items():
+            if key != "hqp" and "hits" in m:  # a trained Torch-Pruning model
+                files[f"{folder.name}/{key}"] = folder / "onnx" / f"{key}.onnx"
+                results["methods"][f"{folder.name}/{key}"] = {k: m[k] for k in ("top1", "hits", "macs")}
+    results["latency"] = {}
+    for batch in args.batch_sizes:
+        log(f"latency at batch {batch}, {args.timing_rounds} alternating rounds of {len(files)} files")
+        lat = measure_alternating(files, (batch, 3, 32, 32), threads=args.threads, rounds=args.timing_rounds)
+        results["latency"][str(batch)] = {k: {"median_ms": v["median_ms"], "rounds_ms": v["rounds_ms"]}
+                                          for k, v in lat.items()}
+    results["load_after"] = load_average()
+    write_json(out / "latency_against.json", results)
+    hqp = results["methods"]["hqp"]
+    print("| model | INT8 top-1 | top-1 − HQP's (paired se) | MACs | " + " | ".join(
+        f"batch {b}: time / HQP's | batch {b}: × quantize-only" for b in results["latency"]) + " |")
+    print("|---" * (4 + 2 * len(results["latency"])) + "|")
+    by_method: dict[str, list[float]] = {}
+    for name, m in results["methods"].items():
+        diff = "–" if name == "hqp" else f"{m['top1'] - hqp['top1']:+.2f} ({hits_se(hqp['hits'], m['hits']):.2f})"
+        cells = [f"{round_paired(lat[name], lat['hqp']):.2f} | {round_paired(lat['quantize_only'], lat[name]):.2f}"
+                 for lat in results["latency"].values()]
+        print(f"| {name} | {m['top1']:.2f} | {diff} | {m['macs'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
+        if name != "hqp":
+            by_method.setdefault(name.split("/", 1)[1].split("@")[0], []).append(m["top1"] - hqp["top1"])
+    for method, diffs in by_method.items():
+        spread = f" ± {statistics.stdev(diffs):.2f} (sd)" if len(diffs) > 1 else ""
+        print(f"{method}: {len(diffs)} model(s), top-1 − HQP's {statistics.fmean(diffs):+.2f}{spread}")
 
 
 # --------------------------------------------------------------------------------------------------- deploy
@@ -829,6 +894,13 @@ def main() -> None:
     widths.add_argument("--runs", type=int, default=100)
     widths.add_argument("--rounds", type=int, default=3)
     widths.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    against = sub.add_parser("latency-against", help="a `hqp compress` run's model against the Torch-Pruning "
+                             "models of earlier latency-compare runs, scored and timed side by side")
+    against.add_argument("--hqp", required=True, help="the --out folder of a finished `hqp compress` run")
+    against.add_argument("--dense", default="cifar:resnet56", choices=("cifar:resnet20", "cifar:resnet56"))
+    against.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    against.add_argument("--timing-rounds", type=int, default=5)
+    against.add_argument("against", nargs="+", help="the --out folders of finished latency-compare runs")
     summary = sub.add_parser("latency-summary", help="mean and spread over seeds of several latency-compare runs")
     summary.add_argument("runs", nargs="+", help="the --out folders of latency-compare runs, one per seed")
     args = ap.parse_args()
@@ -838,7 +910,7 @@ def main() -> None:
     log = logger()
     train, test = cifar_splits(Path(args.data))
     commands = {"loop": cmd_loop, "compare": cmd_compare, "deploy": cmd_deploy, "widths": cmd_widths,
-                "latency-compare": cmd_latency_compare}
+                "latency-compare": cmd_latency_compare, "latency-against": cmd_latency_against}
     commands[args.cmd](args, train, test, log)
 
 

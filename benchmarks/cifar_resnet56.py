@@ -11,7 +11,7 @@
     python benchmarks/cifar_resnet56.py latency-compare --hqp COMPRESS_OUT [--dense cifar:resnet56] [--seed 0]
                                                 [--methods tp-magnitude tp-taylor] [--out DIR]
     python benchmarks/cifar_resnet56.py latency-summary DIR_SEED0 DIR_SEED1 DIR_SEED2
-    python benchmarks/cifar_resnet56.py latency-against --hqp COMPRESS_OUT [--out DIR] DIR_SEED0 DIR_SEED1 ...
+    python benchmarks/cifar_resnet56.py latency-against --hqp COMPRESS_OUT... [--out DIR] -- DIR_SEED0 DIR_SEED1 ...
 
 ``loop``: ``hqp_fx.prune_loop.prune_loop`` under delta_max (each round fine-tunes ``--finetune-epochs`` and validates
 on all 10,000 test images; rejected rounds roll back and shrink the step). ``--distill w`` fine-tunes with
@@ -56,9 +56,9 @@ and scored on the test images in ONNX Runtime; the dense INT8 model (quantize-on
 timed side by side at ``--batch-sizes`` in ``--timing-rounds`` alternating rounds. ``latency-summary`` gives each
 model's mean and standard deviation over such runs, one per seed (against that seed's ``hqp compress --seed`` run,
 or all against one), and each model's top-1 difference to the HQP model with its standard error, paired over the
-test images. ``latency-against`` puts another ``hqp compress`` run's model of the same target (after a change to
-HQP) beside the Torch-Pruning models such runs trained, without training them again: scored the same way, its
-top-1 difference to each paired over the test images, all timed side by side.
+test images. ``latency-against`` puts other ``hqp compress`` runs' models of the same target (after a change to
+HQP; one per seed) beside the Torch-Pruning models such runs trained, without training them again: scored the same
+way, every top-1 difference to the HQP models' mean paired over the test images, all timed side by side.
 
 ``widths``: does a pruned model pay for widths off ONNX Runtime's channel grid? The pruned model is timed (hqp_fx
 ``onnxruntime`` preset INT8, same protocol as ``deploy``) beside the dense net cut to the pruned model's group
@@ -636,22 +636,27 @@ def cmd_latency_summary(args) -> None:
 
 
 def cmd_latency_against(args, train, test, log) -> None:
-    """A ``hqp compress`` run's model against the Torch-Pruning models that earlier ``latency-compare`` runs trained
-    for another HQP model of the same target (after a change to HQP), without training them again: its INT8 model
-    built and scored as they were, its top-1 difference to each paired over the test images, and every model timed
-    side by side with quantize-only in alternating rounds."""
-    out, run_dir = Path(args.out), Path(args.hqp)
+    """``hqp compress`` runs' models (one per seed) against the Torch-Pruning models that earlier
+    ``latency-compare`` runs trained for another HQP model of the same target (after a change to HQP), without
+    training them again: each HQP INT8 model built and scored as they were (calibrated on its own run's training
+    images), every top-1 difference to the HQP models' mean paired over the test images (each image's hits
+    averaged over the models on either side), and every model timed side by side with quantize-only in
+    alternating rounds, as a share of the first HQP model's time."""
+    out = Path(args.out)
     (out / "onnx").mkdir(parents=True, exist_ok=True)
-    run = json.loads((run_dir / "hqp.json").read_text())
-    samples = take_samples(BatchLoader(hqp_training_images(run, train), 64, shuffle=True, seed=0), 512)
-    hqp_model = hqp_fx.load(run_dir / "model_pruned.hqp")
-    files = {"quantize_only": int8_onnx(dense_model(args.dense), samples, out / "onnx" / "quantize_only.onnx"),
-             "hqp": int8_onnx(hqp_model, samples, out / "onnx" / "hqp.onnx")}
-    results = {"hqp_run": str(run_dir), "against": args.against, "machine": machine_description(),
-               "versions": versions(), "methods": {"hqp": {**score_onnx(files["hqp"], BatchLoader(test, 500),
-                                                                        args.threads),
-                                                           "macs": hqp_fx.count_macs(hqp_model, EXAMPLE)}}}
-    log(f"HQP INT8 top-1 {results['methods']['hqp']['top1']:.2f}")
+    test_loader, files, results = BatchLoader(test, 500), {}, {"hqp_runs": args.hqp, "against": args.against,
+                                                              "machine": machine_description(),
+                                                              "versions": versions(), "methods": {}}
+    for run_dir in map(Path, args.hqp):
+        run = json.loads((run_dir / "hqp.json").read_text())
+        samples = take_samples(BatchLoader(hqp_training_images(run, train), 64, shuffle=True, seed=0), 512)
+        if not files:
+            files["quantize_only"] = int8_onnx(dense_model(args.dense), samples, out / "onnx" / "quantize_only.onnx")
+        model, name = hqp_fx.load(run_dir / "model_pruned.hqp"), f"hqp:{run_dir.name}"
+        files[name] = int8_onnx(model, samples, out / "onnx" / f"{name.replace(':', '_')}.onnx")
+        results["methods"][name] = {**score_onnx(files[name], test_loader, args.threads),
+                                    "macs": hqp_fx.count_macs(model, EXAMPLE)}
+        log(f"{name}: INT8 top-1 {results['methods'][name]['top1']:.2f}")
     for folder in map(Path, args.against):
         earlier = json.loads((folder / "latency_compare.json").read_text())
         for key, m in earlier["methods"].items():
@@ -666,21 +671,31 @@ def cmd_latency_against(args, train, test, log) -> None:
                                           for k, v in lat.items()}
     results["load_after"] = load_average()
     write_json(out / "latency_against.json", results)
-    hqp = results["methods"]["hqp"]
-    print("| model | INT8 top-1 | top-1 − HQP's (paired se) | MACs | " + " | ".join(
-        f"batch {b}: time / HQP's | batch {b}: × quantize-only" for b in results["latency"]) + " |")
+
+    def mean_hits(names: list[str]) -> torch.Tensor:
+        return torch.stack([torch.tensor([c == "1" for c in results["methods"][n]["hits"]], dtype=torch.float64)
+                            for n in names]).mean(0)
+    hqp = [n for n in results["methods"] if n.startswith("hqp:")]
+    first = hqp[0]
+    groups: dict[str, list[str]] = {}
+    for name in results["methods"]:
+        groups.setdefault("hqp" if name in hqp else name.split("/", 1)[1].split("@")[0], []).append(name)
+    print("| model | INT8 top-1 | top-1 − HQP's mean (paired se) | MACs | " + " | ".join(
+        f"batch {b}: time / {first}'s | batch {b}: × quantize-only" for b in results["latency"]) + " |")
     print("|---" * (4 + 2 * len(results["latency"])) + "|")
-    by_method: dict[str, list[float]] = {}
     for name, m in results["methods"].items():
-        diff = "–" if name == "hqp" else f"{m['top1'] - hqp['top1']:+.2f} ({hits_se(hqp['hits'], m['hits']):.2f})"
-        cells = [f"{round_paired(lat[name], lat['hqp']):.2f} | {round_paired(lat['quantize_only'], lat[name]):.2f}"
+        drop, se = paired_drop([mean_hits(hqp)], [mean_hits([name])])
+        cells = [f"{round_paired(lat[name], lat[first]):.2f} | {round_paired(lat['quantize_only'], lat[name]):.2f}"
                  for lat in results["latency"].values()]
-        print(f"| {name} | {m['top1']:.2f} | {diff} | {m['macs'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
-        if name != "hqp":
-            by_method.setdefault(name.split("/", 1)[1].split("@")[0], []).append(m["top1"] - hqp["top1"])
-    for method, diffs in by_method.items():
-        spread = f" ± {statistics.stdev(diffs):.2f} (sd)" if len(diffs) > 1 else ""
-        print(f"{method}: {len(diffs)} model(s), top-1 − HQP's {statistics.fmean(diffs):+.2f}{spread}")
+        print(f"| {name} | {m['top1']:.2f} | {0.0 - drop:+.2f} ({se:.2f}) | {m['macs'] / 1e6:.1f}M | "
+              + " | ".join(cells) + " |")
+    for group, names in groups.items():
+        top1 = [results["methods"][n]["top1"] for n in names]
+        spread = f" ± {statistics.stdev(top1):.2f} (sd over models)" if len(top1) > 1 else ""
+        drop, se = paired_drop([mean_hits(hqp)], [mean_hits(names)])
+        print(f"{group}: {len(names)} model(s), INT8 top-1 {statistics.fmean(top1):.2f}{spread}"
+              + ("" if group == "hqp" else f"; − HQP's mean {0.0 - drop:+.2f} ± {se:.2f} (se, each image's hits averaged "
+                                           "over the models on either side)"))
 
 
 # --------------------------------------------------------------------------------------------------- deploy
@@ -896,7 +911,8 @@ def main() -> None:
     widths.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     against = sub.add_parser("latency-against", help="a `hqp compress` run's model against the Torch-Pruning "
                              "models of earlier latency-compare runs, scored and timed side by side")
-    against.add_argument("--hqp", required=True, help="the --out folder of a finished `hqp compress` run")
+    against.add_argument("--hqp", required=True, nargs="+", help="the --out folders of finished `hqp compress` "
+                         "runs of one target (one per seed)")
     against.add_argument("--dense", default="cifar:resnet56", choices=("cifar:resnet20", "cifar:resnet56"))
     against.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     against.add_argument("--timing-rounds", type=int, default=5)

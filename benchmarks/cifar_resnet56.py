@@ -693,9 +693,9 @@ def cmd_latency_against(args, train, test, log) -> None:
         top1 = [results["methods"][n]["top1"] for n in names]
         spread = f" ± {statistics.stdev(top1):.2f} (sd over models)" if len(top1) > 1 else ""
         drop, se = paired_drop([mean_hits(hqp)], [mean_hits(names)])
-        print(f"{group}: {len(names)} model(s), INT8 top-1 {statistics.fmean(top1):.2f}{spread}"
-              + ("" if group == "hqp" else f"; − HQP's mean {0.0 - drop:+.2f} ± {se:.2f} (se, each image's hits averaged "
-                                           "over the models on either side)"))
+        print(f"{group}: {len(names)} model(s), INT8 top-1 {statistics.fmean(top1):.2f}{spread}" + (
+            "" if group == "hqp" else f"; − HQP's mean {0.0 - drop:+.2f} ± {se:.2f} (se, each image's hits averaged "
+                                      "over the models on either side)"))
 
 
 # --------------------------------------------------------------------------------------------------- deploy

@@ -11,9 +11,10 @@ once against the whole dense model measured in the engine. Tables are cached on 
 versions, preset, input shape and threads. Each grid point is the median of several passes over the whole grid,
 so a slow spell of the machine (these VMs have them, seconds to minutes long) falls on one pass, not on one layer;
 a cached table is spot-checked against fresh timings of its largest points and timed again when the machine has
-drifted from it (a table cached during a slow spell overstated every saving by half again). A linear layer on tokens (``[B, N, C]``) is timed with its rows; the
-products of two activations in attention (``q @ k``, ``attn @ v``, SDPA) are not layers of the table, so a pruned
-head's share of them stays in the residual (the prediction overstates what is left).
+drifted from it (a table cached during a slow spell overstated every saving by half again). A linear layer on
+tokens (``[B, N, C]``) is timed with its rows; the products of two activations in attention (``q @ k``,
+``attn @ v``, SDPA) are not layers of the table, so a pruned head's share of them stays in the residual (the
+prediction overstates what is left).
 
 A layer is timed as the difference between graphs holding several copies of it and one (see ``time_layer``), so
 the per-run overhead of a session is not counted once per layer. The layer graphs are written with ``onnx.helper`` rather than through ``quantize`` + ``export_onnx``: those
@@ -258,23 +259,22 @@ class LatencyModel:
 
         missing = [e for e in points_of if e not in cache]
         cached = [e for e in points_of if e in cache]
-        if cached:
-            largest = {}  # per layer shape, its largest cached point: the most time, the least relative noise
-            for e in cached:
-                shape_key, ci, co = e.rsplit("|", 2)
-                if shape_key not in largest or int(ci) * int(co) > largest[shape_key][0]:
-                    largest[shape_key] = (int(ci) * int(co), e)
-            sample = [e for _, e in largest.values() if cache[e] > 0]
-            fresh = timed(sample, SPOT_CHECK_PASSES) if sample else {}
-            drift = statistics.median(fresh[e] / cache[e] for e in sample) if sample else 1.0
+        by_shape: dict[str, list[str]] = {}
+        for e in cached:
+            by_shape.setdefault(points_of[e][0].key(), []).append(e)
+        # per layer shape, its largest cached point: the most time, the least relative noise
+        sample = [e for e in (max(es, key=lambda e: points_of[e][1] * points_of[e][2]) for es in by_shape.values())
+                  if cache[e] > 0]
+        if sample:
+            fresh = timed(sample, SPOT_CHECK_PASSES)
+            drift = statistics.median(fresh[e] / cache[e] for e in sample)
             if abs(drift - 1) > SPOT_CHECK_TOLERANCE:
                 progress(f"latency model: {len(sample)} points timed afresh take {drift:.2f}x their cached times: "
                          "the machine has drifted from the cached table, timing it again")
                 missing = list(points_of)
         cache.update(timed(missing, passes))
         layers = {name: _Layer(name, shape, c_in, c_out, in_axis, out_axis,
-                               [[cache[f"{shape.key()}|{ci}|{co}"] for co in out_axis]
-                                for ci in in_axis])
+                               [[cache[f"{shape.key()}|{ci}|{co}"] for co in out_axis] for ci in in_axis])
                   for name, (shape, c_in, c_out, in_axis, out_axis) in grids.items()}
         progress(f"latency model: {len(layers)} layers, {len(missing)} grid points timed ({cache_file})")
         if missing:

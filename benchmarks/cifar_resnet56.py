@@ -428,6 +428,17 @@ def hits_se(a: str, b: str) -> float:
     return paired_drop(as_hits(a), as_hits(b))[1]
 
 
+def side_by_side(files: dict[str, Path], args, log) -> dict[str, dict]:
+    """Per batch size in ``args.batch_sizes``: every file's median ms and per-round ms, timed in
+    ``args.timing_rounds`` rounds alternating between the files."""
+    out = {}
+    for batch in args.batch_sizes:
+        log(f"latency at batch {batch}, {args.timing_rounds} alternating rounds of {len(files)} files")
+        lat = measure_alternating(files, (batch, 3, 32, 32), threads=args.threads, rounds=args.timing_rounds)
+        out[str(batch)] = {k: {"median_ms": v["median_ms"], "rounds_ms": v["rounds_ms"]} for k, v in lat.items()}
+    return out
+
+
 def ratio_at_latency(candidate_at, reference: Path, samples: list, folder: Path, threads: int, batch: int,
                      log, tolerance: float = 0.0) -> tuple[float | None, dict[str, float]]:
     """(the smallest Torch-Pruning global ratio whose INT8 model is as fast as ``reference`` at ``batch``, or None
@@ -554,12 +565,7 @@ def cmd_latency_compare(args, train, test, log) -> None:
                                    "seconds": round(time.time() - start, 1)}
         log(f"{key}: INT8 top-1 {results['methods'][key]['top1']:.2f}")
         write_json(results_path, results)
-    results["latency"] = {}
-    for batch in args.batch_sizes:
-        log(f"latency at batch {batch}, {args.timing_rounds} alternating rounds")
-        lat = measure_alternating(files, (batch, 3, 32, 32), threads=args.threads, rounds=args.timing_rounds)
-        results["latency"][str(batch)] = {k: {"median_ms": v["median_ms"], "rounds_ms": v["rounds_ms"]}
-                                          for k, v in lat.items()}
+    results["latency"] = side_by_side(files, args, log)
     results["load_after"] = load_average()
     write_json(results_path, results)
     print_latency_compare(results)
@@ -663,12 +669,7 @@ def cmd_latency_against(args, train, test, log) -> None:
             if key != "hqp" and "hits" in m:  # a trained Torch-Pruning model
                 files[f"{folder.name}/{key}"] = folder / "onnx" / f"{key}.onnx"
                 results["methods"][f"{folder.name}/{key}"] = {k: m[k] for k in ("top1", "hits", "macs")}
-    results["latency"] = {}
-    for batch in args.batch_sizes:
-        log(f"latency at batch {batch}, {args.timing_rounds} alternating rounds of {len(files)} files")
-        lat = measure_alternating(files, (batch, 3, 32, 32), threads=args.threads, rounds=args.timing_rounds)
-        results["latency"][str(batch)] = {k: {"median_ms": v["median_ms"], "rounds_ms": v["rounds_ms"]}
-                                          for k, v in lat.items()}
+    results["latency"] = side_by_side(files, args, log)
     results["load_after"] = load_average()
     write_json(out / "latency_against.json", results)
 

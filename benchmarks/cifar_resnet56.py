@@ -422,10 +422,14 @@ def score_onnx(path: Path, test_loader, threads: int) -> dict:
     return {"top1": top1, "hits": "".join("1" if h else "0" for h in torch.cat(hits).tolist())}
 
 
+def hits_tensor(text: str) -> torch.Tensor:
+    """``score_onnx``'s hit string as per-image 0/1 values."""
+    return torch.tensor([c == "1" for c in text], dtype=torch.float64)
+
+
 def hits_se(a: str, b: str) -> float:
     """The standard error of the top-1 difference of two models, paired over the images of their hit strings."""
-    as_hits = lambda text: [torch.tensor([c == "1" for c in text])]  # noqa: E731
-    return paired_drop(as_hits(a), as_hits(b))[1]
+    return paired_drop([hits_tensor(a)], [hits_tensor(b)])[1]
 
 
 def side_by_side(files: dict[str, Path], args, log) -> dict[str, dict]:
@@ -674,8 +678,7 @@ def cmd_latency_against(args, train, test, log) -> None:
     write_json(out / "latency_against.json", results)
 
     def mean_hits(names: list[str]) -> torch.Tensor:
-        return torch.stack([torch.tensor([c == "1" for c in results["methods"][n]["hits"]], dtype=torch.float64)
-                            for n in names]).mean(0)
+        return torch.stack([hits_tensor(results["methods"][n]["hits"]) for n in names]).mean(0)
     hqp = [n for n in results["methods"] if n.startswith("hqp:")]
     first = hqp[0]
     groups: dict[str, list[str]] = {}
@@ -910,7 +913,7 @@ def main() -> None:
     widths.add_argument("--runs", type=int, default=100)
     widths.add_argument("--rounds", type=int, default=3)
     widths.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    against = sub.add_parser("latency-against", help="a `hqp compress` run's model against the Torch-Pruning "
+    against = sub.add_parser("latency-against", help="`hqp compress` runs' models against the Torch-Pruning "
                              "models of earlier latency-compare runs, scored and timed side by side")
     against.add_argument("--hqp", required=True, nargs="+", help="the --out folders of finished `hqp compress` "
                          "runs of one target (one per seed)")

@@ -316,4 +316,36 @@ def test_the_latency_target_is_judged_against_the_dense_model_timed_alongside(tm
         assert r.reference_latency == pytest.approx(timer.engine(CifarResNet(20)))  # the steady dense time
     last, before = (r.latency / r.reference_latency for r in accepted[-1:-3:-1])
     assert last <= 0.8 < before
-    assert timer.calls == 1 + 2 * 3 * len(accepted)  # the start, then 3 alternating rounds of two per accepted round
+    # the start, then 3 alternating rounds of two per accepted round, and 7 more for the one that reached the target
+    assert timer.calls == 1 + 2 * 3 * len(accepted) + 2 * 7
+
+
+class FastSpell(SlowStart):
+    """The dense model's timings during ``spell_calls`` fall in a slow spell (1.5x): a candidate timed beside them
+    looks a third faster than it is. Every other timing is exact."""
+
+    def __init__(self, spell_calls: range):
+        super().__init__()
+        self.spell = spell_calls
+
+    def __call__(self, m):
+        self.calls += 1
+        slow = self.calls in self.spell and hqp_fx.count_params(m) == hqp_fx.count_params(CifarResNet(20))
+        return self.engine(m) * (1.5 if slow else 1.0)
+
+
+def test_a_ratio_that_would_stop_the_loop_is_timed_again_before_it_does(tmp_path):
+    """The first accepted round's first pairing (calls 2-7) reads the dense model 1.5x slow, so the 0.9 round looks
+    like 0.6 of dense, under the 0.8 target. Timed again in 7 rounds it is 0.9, and the loop goes on; without the
+    confirmation it stops there."""
+    steady = _loop(tmp_path / "steady", latency_fn=FastSpell(range(0)), target_latency=0.8, max_rounds=6)
+    first = next(r for r in steady.history if r.accepted)
+    assert first.latency / first.reference_latency > 0.8  # the true first round is short of the target
+    fooled = _loop(tmp_path / "fooled", latency_fn=FastSpell(range(2, 8)), target_latency=0.8, max_rounds=6,
+                   latency_confirm_rounds=0)
+    assert [r.round for r in fooled.history if r.accepted] == [first.round], fooled.history  # stopped at once
+    confirmed = _loop(tmp_path / "confirmed", latency_fn=FastSpell(range(2, 8)), target_latency=0.8, max_rounds=6)
+    assert [(r.round, r.params) for r in confirmed.history] == [(r.round, r.params) for r in steady.history]
+    again = next(r for r in confirmed.history if r.accepted)
+    assert again.latency / again.reference_latency == pytest.approx(first.latency / first.reference_latency)
+    assert "latency target reached" in confirmed.stop_reason and "7 round(s)" in confirmed.stop_reason

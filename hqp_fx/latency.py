@@ -11,10 +11,10 @@ once against the whole dense model measured in the engine. Tables are cached on 
 versions, preset, input shape and threads. Each grid point is the median of several passes over the whole grid,
 so a slow spell of the machine (these VMs have them, seconds to minutes long) falls on one pass, not on one layer;
 a cached table is spot-checked against fresh timings of its largest points and timed again when the machine has
-drifted from it (a table cached during a slow spell overstated every saving by half again). A linear layer on
-tokens (``[B, N, C]``) is timed with its rows; the products of two activations in attention (``q @ k``,
-``attn @ v``, SDPA) are not layers of the table, so a pruned head's share of them stays in the residual (the
-prediction overstates what is left).
+drifted from it (a table cached during a slow spell overstates every saving: benchmarks/RESULTS.md, "A latency
+table timed in a slow spell"). A linear layer on tokens (``[B, N, C]``) is timed with its rows; the products of two
+activations in attention (``q @ k``, ``attn @ v``, SDPA) are not layers of the table, so a pruned head's share of
+them stays in the residual (the prediction overstates what is left).
 
 A layer is timed as the difference between graphs holding several copies of it and one (see ``time_layer``), so
 the per-run overhead of a session is not counted once per layer. The layer graphs are written with ``onnx.helper`` rather than through ``quantize`` + ``export_onnx``: those

@@ -82,8 +82,8 @@ class PruneLoopConfig:
     target_latency: float | None = None  # stop once latency_fn(model) <= this fraction of the dense model's
     latency_rounds: int = 3  # an accepted round is timed with the dense model in this many alternating rounds
     # a round whose ratio reaches target_latency is timed again in this many rounds, and judged on that, before the
-    # loop stops (0: not): a bimodal VM read a ResNet-56 round at 0.647 of dense that the run's report put at
-    # about 0.8 (benchmarks/RESULTS.md, "A latency table timed in a slow spell")
+    # loop stops (0: not): a spell on a shared VM can make three rounds read a round far past the target that the
+    # report's own timing then does not find (benchmarks/RESULTS.md, "A latency table timed in a slow spell")
     latency_confirm_rounds: int = 7
     calib_batches: int | None = 8
     ignore: tuple[str, ...] = ()

@@ -326,11 +326,11 @@ class FastSpell(SlowStart):
 
     def __init__(self, spell_calls: range):
         super().__init__()
-        self.spell = spell_calls
+        self.spell, self.dense_params = spell_calls, hqp_fx.count_params(CifarResNet(20))
 
     def __call__(self, m):
         self.calls += 1
-        slow = self.calls in self.spell and hqp_fx.count_params(m) == hqp_fx.count_params(CifarResNet(20))
+        slow = self.calls in self.spell and hqp_fx.count_params(m) == self.dense_params
         return self.engine(m) * (1.5 if slow else 1.0)
 
 

@@ -15,8 +15,10 @@ from .models import build_model
 from .passes import ChannelDependencyPass
 from .passes.quantize import BACKENDS, CALIBRATIONS
 from .passes.sensitivity import CRITERIA
-from .prune_loop import SELECTIONS
+from .prune_loop import SELECTIONS, PruneLoopConfig
 from .trace import trace
+
+LOOP_DEFAULTS = PruneLoopConfig()
 
 __all__ = ["main"]
 
@@ -152,7 +154,7 @@ def _checkpoint_folder(args: argparse.Namespace) -> Path:
 def compress_config(args: argparse.Namespace, *, lr: float, augment: bool):
     """The ``CompressConfig`` that ``hqp compress`` / ``hqp demo`` run with these parsed arguments."""
     from .compress import CompressConfig
-    from .prune_loop import PruneLoopConfig, step_schedule
+    from .prune_loop import step_schedule
     from .passes.align import engine_alignment
     from .passes.quantize import QuantConfig
     from .train import FinetuneConfig
@@ -338,9 +340,9 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--target-latency", type=_FRACTION, help="stop once the ONNX Runtime CPU latency <= this fraction "
                    "of the dense model's in the same form: with --backend onnxruntime both are INT8 files, so the "
                    "reference is the quantize-only model; with other backends (whose engines ORT does not run) both "
-                   "are FP32. Every accepted round is timed with the dense model in 3 alternating rounds and "
-                   "judged on their ratio; a ratio that reaches the target is timed again in 7 rounds before the "
-                   "run stops")
+                   f"are FP32. Every accepted round is timed with the dense model in {LOOP_DEFAULTS.latency_rounds} "
+                   "alternating rounds and judged on their ratio; a ratio that reaches the target is timed again in "
+                   f"{LOOP_DEFAULTS.latency_confirm_rounds} rounds before the run stops")
     c.add_argument("--ignore", action="append", help="module never pruned (repeatable)")
     c.add_argument("--keep-stem", action=argparse.BooleanOptionalAction, default=not demo, help="never prune the "
                    "first conv/linear layer's output channels (in a ResNet, the stream every block adds to)")

@@ -12,6 +12,18 @@ __all__ = ["render_report", "plot_report"]
 MEMORISED_GAP = 2.0
 
 
+def _seen_evidence(splits: dict) -> list[str]:
+    """What says the dense model trained on the validation images: before the run, as high a score there as on
+    training images (``compress.seen_check``); after it, a score well above the test split's."""
+    evidence = []
+    if (seen := splits.get("seen_check")) and seen["likely_seen"]:
+        evidence.append(f"scores as well on validation as on {seen['train_images']} training images "
+                        f"({seen['validation_top1']:.2f}% against {seen['train_top1']:.2f}%)")
+    if (gap := splits.get("dense_val_minus_test", 0.0)) > MEMORISED_GAP:
+        evidence.append(f"scores {gap:.1f} points higher on validation than on test")
+    return evidence
+
+
 def render_report(r: dict) -> str:
     acc, comp, var = r["accuracy"], r["compression"], r["variants"]
     verdict = ("within" if r["within_delta_max"] else "**BROKE**") + f" delta_max = {r['delta_max']} points"
@@ -27,10 +39,10 @@ def render_report(r: dict) -> str:
         f"- Top-1, validation ({splits['validation']} images, {splits['validation_source']}): dense FP32 "
         f"{val['dense_fp32']['top1']:.2f}% → pruned FP32 {val['pruned_fp32']['top1']:.2f}% → HQP INT8 "
         f"{val['hqp_int8_onnxruntime']['top1']:.2f}%. {splits['protocol'].capitalize()}.",
-        *([f"- **The dense model scores {gap:.1f} points higher on validation than on test**: it has likely trained on "
-           "the validation images, so the drops measured there overstate the test drops and the rounds stopped early. "
-           "For decisions that can spend the whole delta_max, give the data a `val/` folder the model never saw."]
-          if (gap := splits.get("dense_val_minus_test", 0.0)) > MEMORISED_GAP else []),
+        *([f"- **The dense model {' and '.join(evidence)}**: it has likely trained on the validation images, so the "
+           "drops measured there overstate the test drops and the rounds stopped early. For decisions that can spend "
+           "the whole delta_max, give the data a `val/` folder the model never saw."]
+          if (evidence := _seen_evidence(splits)) else []),
         f"- MACs {comp['macs'][0] / 1e6:.2f}M → {comp['macs'][1] / 1e6:.2f}M ({comp['macs_reduction']:.2f}×), params "
         f"{comp['params'][0] / 1e3:.1f}K → {comp['params'][1] / 1e3:.1f}K ({comp['params_reduction']:.2f}×), "
         f"file {comp['size_mb'][0]:.2f} MB → {comp['size_mb'][1]:.2f} MB",

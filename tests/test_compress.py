@@ -45,6 +45,7 @@ def test_demo_writes_every_output_and_a_valid_sidecar(demo_run):
     jsonschema.validate(report, HQP_JSON_SCHEMA)
     assert len(report["rounds"]) == 3 and report["stop_reason"].startswith("max_rounds")
     assert report["recovery"] is None and report["config"]["recover_epochs"] == 0
+    assert "seen_check" not in report["splits"]  # its validation images were held out before the model trained
     assert set(report["variants"]) == {"dense_fp32", "prune_only_fp32", "hqp_int8", "quantize_only_int8"}
     var = report["variants"]  # speed-ups: the median of round-paired ratios over the alternating timing rounds
     paired = sorted(q / h for q, h in zip(var["quantize_only_int8"]["rounds_ms"], var["hqp_int8"]["rounds_ms"]))
@@ -254,9 +255,19 @@ def test_decisions_use_the_validation_split_and_the_test_split_is_only_reported(
     gap = a["accuracy"]["validation"]["dense_fp32"]["top1"] - a["accuracy"]["dense_fp32"]["top1"]
     assert splits["dense_val_minus_test"] == pytest.approx(gap)
     from hqp_fx.report import MEMORISED_GAP, render_report
+    unseen = {**splits["seen_check"], "likely_seen": False}
     for value, warned in ((MEMORISED_GAP + 0.1, True), (MEMORISED_GAP - 0.1, False), (-5.0, False)):
-        text = render_report({**a, "splits": {**splits, "dense_val_minus_test": value}})
+        text = render_report({**a, "splits": {**splits, "dense_val_minus_test": value, "seen_check": unseen}})
         assert ("likely trained on the validation images" in text) is warned
+    # the check before the rounds scored the dense model on the same validation images as the loop's baseline
+    check = splits["seen_check"]
+    assert check["validation_top1"] == a["accuracy"]["validation"]["dense_fp32"]["top1"]
+    assert abs(check["train_images"] - splits["validation"]) <= 10  # one rounding per class
+    assert check["gap"] == check["train_top1"] - check["validation_top1"]
+    jsonschema.validate(a, HQP_JSON_SCHEMA)
+    text = render_report({**a, "splits": {**splits, "dense_val_minus_test": 0.0,
+                                          "seen_check": {**check, "likely_seen": True}}})
+    assert f"scores as well on validation as on {check['train_images']} training images" in text
 
 
 def test_the_rounds_left_count_the_round_numbers_not_the_lines_printed():
@@ -346,3 +357,55 @@ def test_variants_are_timed_in_alternating_rounds_and_the_median_round_is_kept(m
     assert calls == ["a", "b", "a", "b", "a", "b"]  # a slow spell hits both files, not one
     assert out["a"]["median_ms"] == 3.0 and out["a"]["rounds_ms"] == [5.0, 1.0, 3.0]
     assert out["b"]["median_ms"] == 4.0
+
+
+class _Lookup(torch.nn.Module):
+    """Predicts, for each image, the class stored for it: images carry their index in two pixels (high, low byte),
+    read back from the loader's normalised batch."""
+
+    def __init__(self, predictions, classes):
+        super().__init__()
+        self.predictions, self.classes = predictions.clone(), classes
+
+    def forward(self, x):
+        from hqp_fx.data import IMAGENET_MEAN, IMAGENET_STD
+        pixels = ((x[:, 0, 0, :2] * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255).round().long()
+        return torch.nn.functional.one_hot(self.predictions[pixels[:, 0] * 256 + pixels[:, 1]], self.classes).float()
+
+
+def test_the_seen_check_tells_a_held_out_split_the_model_trained_on_from_one_it_did_not():
+    """Held-out images that score as well as the training images were trained on; a model that generalises
+    scores lower on them by its gap. The check evaluates the dense model on the validation split and on as many
+    of the remaining training images, and the report gives its figures only when they say "seen"."""
+    from hqp_fx.compress import SEEN_WITHIN_SE, seen_check, seen_message
+    from hqp_fx.data import ImageSet
+    from hqp_fx.report import _seen_evidence
+
+    n, classes = 2000, 4
+    images = torch.zeros(n, 3, 2, 2, dtype=torch.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = torch.arange(n) // 256, torch.arange(n) % 256
+    labels = torch.arange(n) % classes
+    data = ImageSet(images, labels, tuple("abcd"))
+    rest, val = data.hold_out(0.1, 200, seed=0)
+    assert len(val) == 200 and len(rest) == 1800
+
+    memoriser = _Lookup(labels, classes)  # right on every image: it trained on them all
+    seen = seen_check(memoriser, rest, val)
+    assert (seen["validation_top1"], seen["train_top1"], seen["gap"], seen["gap_se"]) == (100.0, 100.0, 0.0, 0.0)
+    assert seen["train_images"] == 200 and seen["likely_seen"]
+    assert "most likely trained on the held-out ones" in seen_message(seen)
+
+    # right on the training images, on 70% of the held-out ones: a model that never saw them
+    wrong = (labels + 1) % classes
+    predictions = labels.clone()
+    held = val.images[:, 0, 0, 0].long() * 256 + val.images[:, 0, 0, 1].long()
+    predictions[held[:60]] = wrong[held[:60]]
+    generaliser = _Lookup(predictions, classes)
+    unseen = seen_check(generaliser, rest, val)
+    assert unseen["validation_top1"] == pytest.approx(70.0) and unseen["train_top1"] == 100.0
+    assert unseen["gap_se"] == pytest.approx(100 * (0.7 * 0.3 / 200) ** 0.5)  # the training side has no variance
+    assert unseen["gap"] > SEEN_WITHIN_SE * unseen["gap_se"] and not unseen["likely_seen"]
+    assert "trained on" not in seen_message(unseen)
+
+    assert _seen_evidence({"seen_check": seen}) and not _seen_evidence({"seen_check": unseen})
+    assert _seen_evidence({}) == [] and _seen_evidence({"seen_check": unseen, "dense_val_minus_test": 7.5})

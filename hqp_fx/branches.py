@@ -13,18 +13,21 @@ holding its value, computed once with the group's tensors set to zero (eval mode
 contributes its running-statistics shift). Pruning all channels of the group in the original model (its producing
 slices zeroed) computes the same function.
 
-The buffer keeps the value's full shape at the traced resolution (batch 1): ``[1, C, H, W]``, not the per-channel
-``[1, C, 1, 1]`` it usually is, because ONNX Runtime's int8 add broadcasts a per-channel operand on a slow path
-and one that only broadcasts over the batch at full speed (profiles in benchmarks/RESULTS.md). The price: the
-pruned model runs at the traced input size only. An SE gate's constant is per channel by nature and keeps that
-shape: the INT8 files run that multiply in float, and full shape made it no faster, only larger.
+The buffer keeps only the dims the value varies along (batch 1): ``[1, C, 1, 1]`` for a residual block's
+BatchNorm shift, so the pruned model runs at any input size its layers allow. ONNX Runtime's int8 add, though,
+broadcasts a per-channel operand on a slow path and one that only broadcasts over the batch at full speed
+(profiles in benchmarks/RESULTS.md), so ``constants_in_full`` stores an add's constant at the add's full shape in
+the copy that ``quantize`` and ``export_onnx`` lower: the ONNX files run at the example's size, as exported anyway.
+A value that varies over space (zero padding inside the branch) is stored whole.
 
 Which ops consume a group's channels and where a branch may meet the live net is each op rule's ``branch`` role
 (``hqp_fx.ops``).
 """
 from __future__ import annotations
 
+import copy
 import heapq
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +38,10 @@ from . import ops
 from .core import PassError
 from .groups import ChannelAnalysis, SliceRecord, labels_along, labels_vary
 
-__all__ = ["Branch", "StoredConstant", "find_branches", "branch_constants", "remove_branches"]
+__all__ = ["Branch", "StoredConstant", "find_branches", "branch_constants", "remove_branches", "constants_in_full"]
+
+_ADD_SUB = frozenset({operator.add, operator.sub, torch.add, torch.sub, "add", "sub"})
+
 
 @dataclass(frozen=True)
 class Branch:
@@ -171,8 +177,79 @@ def branch_constants(gm: fx.GraphModule, branches: list[Branch], analysis: Chann
             if channel_dims:
                 d = channel_dims[0]
                 record = SliceRecord(attr, d, labels_along(lab, d), "out", const_name)
-            constants.append(StoredConstant(attr, const_name, user_name, first.detach().clone(), record))
+            constants.append(StoredConstant(attr, const_name, user_name, _compact(first, channel_dims), record))
     return constants
+
+
+def _compact(value: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """``value`` with every dim after the batch that it is constant along (``keep`` excepted) cut to size 1: the
+    same tensor once broadcast, stored without the repeats."""
+    for d in range(1, value.ndim):
+        if d not in keep and value.shape[d] > 1 and torch.equal(value, value.narrow(d, 0, 1).expand_as(value)):
+            value = value.narrow(d, 0, 1)
+    return value.detach().clone()
+
+
+def constants_in_full(model: nn.Module, example_inputs) -> nn.Module:
+    """A copy of ``model`` whose stored constants that an add or sub broadcasts over more than the batch are
+    expanded to that op's shape at ``example_inputs`` (batch 1), for ONNX Runtime's int8 add (module docstring);
+    ``model`` itself when it has none. Values are unchanged; only the lowered files are tied to the example's size.
+    A multiply's constant (an SE gate's) stays per channel: the INT8 files run that multiply in float, and full
+    shape made it no faster, only larger."""
+    if not isinstance(model, fx.GraphModule):
+        return model
+    modules = dict(model.named_modules())
+    params = {name for name, _ in model.named_parameters()}
+    wanted = {}
+    for node in model.graph.nodes:
+        if node.target not in _ADD_SUB or not _is_meeting(node, modules):
+            continue
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr" and arg.target not in params:
+                value = _attr(model, arg.target)
+                if isinstance(value, torch.Tensor) and value.ndim > 1 and value.shape[0] == 1 and any(
+                        size == 1 for size in value.shape[1:]):
+                    wanted.setdefault(node.name, []).append(arg.target)
+    if not wanted:
+        return model
+    model = copy.deepcopy(model)
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    class _Shapes(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in wanted and isinstance(out, torch.Tensor):
+                shapes[n.name] = tuple(out.shape)
+            return out
+
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # the copy's BatchNorm statistics must not move
+    try:
+        with torch.no_grad():
+            _Shapes(model).run(*example_inputs)
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+    for name, targets in wanted.items():
+        out = shapes.get(name)
+        for target in targets:
+            value = _attr(model, target)
+            if out is not None and len(out) == value.ndim:
+                full = (1, *out[1:])
+                if tuple(value.shape) != full:
+                    owner, _, leaf = target.rpartition(".")
+                    module = model.get_submodule(owner) if owner else model
+                    expanded = value.expand(full).contiguous()
+                    if leaf in module._buffers:
+                        module.register_buffer(leaf, expanded, persistent=leaf not in module._non_persistent_buffers_set)
+                    else:
+                        setattr(module, leaf, expanded)
+    return model
+
+
+def _attr(model: nn.Module, target: str):
+    owner, _, leaf = target.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, leaf)
 
 
 def remove_branches(gm: fx.GraphModule, constants: list[StoredConstant], tensors: dict[str, torch.Tensor]) -> None:

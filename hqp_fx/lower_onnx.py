@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from .branches import constants_in_full
 from .core import HQPError, atomic_write_bytes
 
 __all__ = ["OnnxExportError", "export_onnx", "QDQ_OPS"]
@@ -50,6 +51,7 @@ def export_onnx(
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     name = type(model).__name__
+    model = constants_in_full(model, example_inputs)  # a copy when it expands anything: ORT's add wants full shapes
     proto = _torch_export(model, example_inputs, dynamic_batch, opset, list(input_names), list(output_names))
     _check(proto, name, "torch.onnx.export")
     proto = _cleanup(proto)

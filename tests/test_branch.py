@@ -1,6 +1,7 @@
 """Whole-group removal (depth pruning): a group whose every channel goes takes its residual or gating branch."""
 from __future__ import annotations
 
+import onnx
 import pytest
 import torch
 import torch.nn as nn
@@ -8,11 +9,13 @@ import torch.nn as nn
 import hqp_fx
 from hqp_fx import meta
 from hqp_fx.compress import _channels_per_layer
+from hqp_fx.engines.ort import OrtModel
+from hqp_fx.lower_onnx import export_onnx
 from hqp_fx.prune_loop import PruneLoopConfig, _floor
 from hqp_fx.passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, select_channels
 from hqp_fx.passes.quantize import BACKENDS, QuantConfig, QuantizePass
 
-from helpers import assert_close, build_zoo_model, layer_macs, masked_copy, onnx_roundtrip, random_plan
+from helpers import assert_close, build_zoo_model, layer_macs, masked_copy, random_plan
 from test_quantize import _calibration, check_layers_within_one_step, folded_weights
 
 
@@ -57,19 +60,57 @@ def test_removed_branch_saves_exports_and_quantizes(tmp_path):
     widths = _channels_per_layer(gm, pruned)  # what report.md and the channel plot show
     assert widths["layer1.1.conv1"] == widths["layer1.1.conv2"] == [16, 0] and widths["layer1.0.conv1"] == [16, 16]
     constants = [n.target for n in pruned.graph.nodes if n.op == "get_attr"]
-    # full shape at the traced resolution (ONNX Runtime's int8 add is slow on per-channel broadcasts)
-    assert [tuple(getattr(pruned, c).shape) for c in constants] == [(1, 16, 32, 32), (1, 32, 16, 16), (1, 64, 8, 8)]
+    # a BatchNorm shift per channel, stored once per channel: the pruned model runs at any input size
+    assert [tuple(getattr(pruned, c).shape) for c in constants] == [(1, 16, 1, 1), (1, 32, 1, 1), (1, 64, 1, 1)]
+    larger = torch.randn(2, 3, 40, 48)
     with torch.no_grad():
+        assert_close(pruned(larger), masked_copy(gm, plan)(larger), 1e-4, "pruned vs masked at another size")
         out = pruned(x)
     hqp_fx.save(pruned, tmp_path / "m.hqp")
     with torch.no_grad():
         assert torch.equal(hqp_fx.load(tmp_path / "m.hqp")(x), out)
-    assert_close(onnx_roundtrip(pruned, x, tmp_path), out, 1e-4, "ONNX Runtime vs PyTorch")
+    # the files ONNX Runtime runs store them at the add's full shape (its int8 add is slow on per-channel operands)
+    export_onnx(pruned, (x,), tmp_path / "m.onnx")
+    initializers = {tuple(i.dims) for i in onnx.load(tmp_path / "m.onnx").graph.initializer}
+    assert {(1, 16, 32, 32), (1, 32, 16, 16), (1, 64, 8, 8)} <= initializers
+    assert not {(1, 16, 1, 1), (1, 32, 1, 1), (1, 64, 1, 1)} & initializers
+    assert [tuple(getattr(pruned, c).shape) for c in constants][0] == (1, 16, 1, 1)  # the user's model untouched
+    assert_close(OrtModel(tmp_path / "m.onnx")(x), out, 1e-4, "ONNX Runtime vs PyTorch")
     calib = _calibration(x)
     weights = folded_weights(pruned, x)
     for backend in BACKENDS:
         converted = QuantizePass([calib], QuantConfig(backend=backend, calibration="minmax"))(pruned).graph_module
         assert check_layers_within_one_step(converted, weights, calib) == len(weights)
+        assert {(1, 16, 32, 32), (1, 32, 16, 16), (1, 64, 8, 8)} <= {
+            tuple(t.shape) for t in converted.state_dict().values()}, backend  # quantized at full shape
+
+
+class _ShiftAndGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.register_buffer("shift", torch.randn(1, 4, 1, 1))
+        self.register_buffer("gate", torch.rand(1, 4, 1, 1))
+
+    def forward(self, x):
+        return (self.bn(x) + self.shift) * self.gate
+
+
+def test_constants_in_full_expands_an_adds_constant_in_a_copy_and_leaves_a_gate_per_channel():
+    """What the ONNX files get: an add's per-channel constant at the add's shape (ORT's int8 add), a gate's per
+    channel; the model itself, its train mode and its BatchNorm statistics untouched."""
+    from hqp_fx.branches import constants_in_full
+
+    x = torch.randn(2, 4, 6, 5)
+    gm = hqp_fx.trace(_ShiftAndGate(), x[:1]).train()
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    full = constants_in_full(gm, (x[:1],))
+    assert full is not gm and full.training and gm.training
+    assert tuple(full.shift.shape) == (1, 4, 6, 5) and tuple(full.gate.shape) == (1, 4, 1, 1)
+    assert all(torch.equal(v, gm.state_dict()[k]) for k, v in before.items())  # shapes and statistics as they were
+    with torch.no_grad():
+        assert torch.equal(full.eval()(x), gm.eval()(x))
+    assert constants_in_full(full, (x[:1],)) is full  # nothing left to expand: no copy
 
 
 def test_a_group_with_no_branch_to_fall_back_to_is_refused():

@@ -26,6 +26,7 @@ from torchao.quantization.pt2e.observer import ObserverBase
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from .. import meta
+from ..branches import constants_in_full
 from ..core import GraphPass, HQPError
 from ..quantizers import (ANNOTATION, QUANTIZERS, WEIGHTED, MSEObserver, PercentileObserver, cpu_lacks_vnni,
                           is_call, layer_name)
@@ -265,7 +266,9 @@ def quantize(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...] | 
     """Quantize a float model (never modified) with ``config``; see QuantConfig for the bad-range policy."""
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     batches = take_samples(calibration, config.num_samples)
-    exported = export_for_quantization(copy.deepcopy(model), example_inputs, strict=config.backend == "x86-inductor")
+    lowered = constants_in_full(model, example_inputs)  # a copy when it expands anything
+    exported = export_for_quantization(lowered if lowered is not model else copy.deepcopy(model), example_inputs,
+                                       strict=config.backend == "x86-inductor")
     layers = _weighted_layers(exported)
     known = set(layers.values())
     unknown = sorted(set(config.keep_float) - known)
@@ -305,7 +308,9 @@ def layer_sensitivity(model: torch.nn.Module, example_inputs, calibration: Itera
     """Output SQNR (dB) with only one weighted layer quantized, for every weighted layer (lower = more sensitive)."""
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     batches = take_samples(calibration, config.num_samples)
-    exported = export_for_quantization(copy.deepcopy(model), example_inputs, strict=config.backend == "x86-inductor")
+    lowered = constants_in_full(model, example_inputs)  # a copy when it expands anything
+    exported = export_for_quantization(lowered if lowered is not model else copy.deepcopy(model), example_inputs,
+                                       strict=config.backend == "x86-inductor")
     result = {}
     for name in _weighted_layers(exported).values():
         converted, problems = _quantize_once(exported, config, batches, skip=(), only=name)

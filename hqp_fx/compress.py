@@ -329,10 +329,10 @@ def seen_message(seen: dict) -> str:
             f"{seen['train_top1']:.2f}% on {seen['train_images']} of the training images")
     if not seen["likely_seen"]:
         return head
-    return (f"{head}: no lower within noise (training minus held-out: {seen['gap']:+.2f} ± {seen['gap_se']:.2f} points), so it has most likely "
-            "trained on the held-out ones. Drops measured there overstate "
-            "drops on unseen images and the rounds will stop early; to spend the whole delta_max, give the data a "
-            "val/ folder (beside train/ and test/) of images the model never trained on")
+    return (f"{head}: no lower within noise (training minus held-out: {seen['gap']:+.2f} ± {seen['gap_se']:.2f} "
+            "points), so it has most likely trained on the held-out ones. Drops measured there overstate drops on "
+            "unseen images and the rounds will stop early; to spend the whole delta_max, give the data a val/ folder "
+            "(beside train/ and test/) of images the model never trained on")
 
 
 def _paired_ratio(reference: dict, variant: dict) -> float:

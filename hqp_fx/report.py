@@ -40,8 +40,9 @@ def render_report(r: dict) -> str:
         f"{val['dense_fp32']['top1']:.2f}% → pruned FP32 {val['pruned_fp32']['top1']:.2f}% → HQP INT8 "
         f"{val['hqp_int8_onnxruntime']['top1']:.2f}%. {splits['protocol'].capitalize()}.",
         *([f"- **The dense model {' and '.join(evidence)}**: it has likely trained on the validation images, so the "
-           "drops measured there overstate the test drops and the rounds stopped early. For decisions that can spend "
-           "the whole delta_max, give the data a `val/` folder the model never saw."]
+           "drops measured there overstate the test drops and the rounds may have stopped short of what delta_max "
+           "allows. For decisions that can spend the whole delta_max, give the data a `val/` folder the model never "
+           "saw."]
           if (evidence := _seen_evidence(splits)) else []),
         f"- MACs {comp['macs'][0] / 1e6:.2f}M → {comp['macs'][1] / 1e6:.2f}M ({comp['macs_reduction']:.2f}×), params "
         f"{comp['params'][0] / 1e3:.1f}K → {comp['params'][1] / 1e3:.1f}K ({comp['params_reduction']:.2f}×), "

@@ -222,14 +222,7 @@ def constants_in_full(model: nn.Module, example_inputs) -> nn.Module:
                 shapes[n.name] = tuple(out.shape)
             return out
 
-    modes = {m: m.training for m in model.modules()}
-    model.eval()  # the copy's BatchNorm statistics must not move
-    try:
-        with torch.no_grad():
-            _Shapes(model).run(*example_inputs)
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
+    _run_in_eval(_Shapes(model), example_inputs)
     for name, targets in wanted.items():
         out = shapes.get(name)
         for target in targets:
@@ -291,12 +284,18 @@ def _constant_values(gm: fx.GraphModule, zero: set[str], wanted: set[str], examp
                 values[n.name] = out
             return out
 
-    modes = {m: m.training for m in gm.modules()}
-    gm.eval()
+    _run_in_eval(_ZeroedRun(gm), example_inputs)
+    return values
+
+
+def _run_in_eval(interpreter: fx.Interpreter, example_inputs) -> None:
+    """Run ``interpreter`` once without gradients and with its module in eval mode, every submodule's mode restored
+    afterwards: a BatchNorm in train mode would move its running statistics."""
+    modes = {m: m.training for m in interpreter.module.modules()}
+    interpreter.module.eval()
     try:
         with torch.no_grad():
-            _ZeroedRun(gm).run(*example_inputs)
+            interpreter.run(*example_inputs)
     finally:
         for m, mode in modes.items():
             m.train(mode)
-    return values

@@ -86,6 +86,7 @@ from hqp_fx.data import BatchLoader
 from hqp_fx.artifacts import write_json
 from hqp_fx.engines.ort import OrtModel, onnxruntime_top1
 from hqp_fx.measure import machine_description, measure_alternating, versions
+from hqp_fx.models import build_model
 from hqp_fx.prune_loop import PruneLoopConfig, prune_loop
 from hqp_fx.passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels, select_channels
 from hqp_fx.lower_onnx import export_onnx
@@ -706,13 +707,16 @@ def cmd_latency_against(args, train, test, log) -> None:
 
 
 def cmd_deploy(args, train, test, log) -> None:
-    dense, pruned = dense_model(args.dense), hqp_fx.load(args.pruned)
+    dense = (build_model(args.dense, args.dense_weights).model.eval() if args.dense_weights
+             else dense_model(args.dense))
+    pruned = hqp_fx.load(args.pruned)
     samples = take_samples(BatchLoader(train, 64, shuffle=True, seed=0), 512)
     x = samples[0][:1].clone()
     folder = Path(args.out) / "onnx"
     shutil.rmtree(folder, ignore_errors=True)
     results = {"date": time.strftime("%Y-%m-%d"), "machine": machine_description(), "versions": versions(),
-               "pruned_model": str(args.pruned), "load_before": load_average()}
+               "pruned_model": str(args.pruned), "dense": args.dense, "dense_weights": args.dense_weights,
+               "load_before": load_average()}
     paths = {}
     for tag, model in (("dense", dense), ("pruned", pruned)):
         (folder / tag).mkdir(parents=True)
@@ -883,6 +887,8 @@ def main() -> None:
                         "(its model_pruned.hqp)")
     deploy.add_argument("--dense", default="cifar:resnet56", choices=("cifar:resnet20", "cifar:resnet56"),
                         help="the dense checkpoint the pruned model came from (../shared's fine-tuned weights)")
+    deploy.add_argument("--dense-weights", help="another checkpoint of --dense's architecture, e.g. a published one "
+                        "the pruned model came from")
     deploy.add_argument("--delta-max", type=float, default=1.0)
     deploy.add_argument("--runs", type=int, default=100)
     deploy.add_argument("--rounds", type=int, default=3)

@@ -154,6 +154,15 @@ def export_for_quantization(model: torch.nn.Module, example_inputs: tuple[torch.
                             "or quantize a submodule") from exc
 
 
+def _exported_copy(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...],
+                   config: QuantConfig) -> fx.GraphModule:
+    """``export_for_quantization`` of a copy of ``model`` (never modified), its stored constants at their ops' full
+    shape (``constants_in_full``: ORT's int8 add), as ``quantize`` and ``layer_sensitivity`` both need it."""
+    lowered = constants_in_full(model, example_inputs)  # already a copy when it expands anything
+    return export_for_quantization(lowered if lowered is not model else copy.deepcopy(model), example_inputs,
+                                   strict=config.backend == "x86-inductor")
+
+
 def _export(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], strict: bool) -> fx.GraphModule:
     dynamic = tuple({0: torch.export.Dim.AUTO} for _ in example_inputs)
     probe = tuple(torch.cat([x, x]) for x in example_inputs)
@@ -266,9 +275,7 @@ def quantize(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...] | 
     """Quantize a float model (never modified) with ``config``; see QuantConfig for the bad-range policy."""
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     batches = take_samples(calibration, config.num_samples)
-    lowered = constants_in_full(model, example_inputs)  # a copy when it expands anything
-    exported = export_for_quantization(lowered if lowered is not model else copy.deepcopy(model), example_inputs,
-                                       strict=config.backend == "x86-inductor")
+    exported = _exported_copy(model, example_inputs, config)
     layers = _weighted_layers(exported)
     known = set(layers.values())
     unknown = sorted(set(config.keep_float) - known)
@@ -308,9 +315,7 @@ def layer_sensitivity(model: torch.nn.Module, example_inputs, calibration: Itera
     """Output SQNR (dB) with only one weighted layer quantized, for every weighted layer (lower = more sensitive)."""
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     batches = take_samples(calibration, config.num_samples)
-    lowered = constants_in_full(model, example_inputs)  # a copy when it expands anything
-    exported = export_for_quantization(lowered if lowered is not model else copy.deepcopy(model), example_inputs,
-                                       strict=config.backend == "x86-inductor")
+    exported = _exported_copy(model, example_inputs, config)
     result = {}
     for name in _weighted_layers(exported).values():
         converted, problems = _quantize_once(exported, config, batches, skip=(), only=name)

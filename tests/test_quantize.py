@@ -138,7 +138,9 @@ def test_pruned_models_quantize(name):
     pruned = PruneChannelsPass(random_plan(meta.channel_groups(gm), 0.3, seed=1))(gm).graph_module
     calib = _calibration(example)
     weights = folded_weights(pruned, example)
-    for backend in BACKENDS:
+    # the presets differ only in what they annotate, which pruning does not change, and test_every_preset covers
+    # densenet121 under each: its pruned copy (concat pruning) needs one, and the other two cost CI about 80 s
+    for backend in BACKENDS if name != "densenet121" else ("onnxruntime",):
         result = QuantizePass([calib], QuantConfig(backend=backend, calibration="minmax"))(pruned)
         report = result.graph_module.meta[meta.QUANTIZATION]
         assert len(report["quantized_layers"]) == len(weights)

@@ -323,8 +323,9 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--finetune-epochs", type=_NON_NEGATIVE, default=1.0, help="fine-tuning after each round")
     c.add_argument("--recover-epochs", type=_NON_NEGATIVE, default=0.0 if demo else 1.0, help="after the last round, "
                    "fine-tune the pruned model this many epochs more (kept only if top-1 does not fall); 0: none")
-    c.add_argument("--lr", type=_number(float, 0, open_low=True), default=0.01,
-                   help="fine-tune learning rate (1/10 of the base rate)")
+    c.add_argument("--lr", type=_number(float, 0, open_low=True), default=0.01 if demo else 0.02,
+                   help="fine-tune learning rate: the peak of each round's cosine schedule "
+                        "(chosen with benchmarks/finetune_recipe.py)")
     c.add_argument("--distill", type=_number(float, 0, 1), default=0.9,
                    help="fine-tune with this weight on distillation from the dense model (the rest on the labels); "
                    "0: labels only")

@@ -51,8 +51,8 @@ STATE_FILE = "hqp_state.json"
 LATENCY_FILE = "latency_model.json"  # the table a select="latency" run decides with, kept for an exact resume
 SELECTIONS = ("channels", "latency")
 RETRY_SEED = 100003  # a retried fine-tune's seed offset, past any round number
-# a round over delta_max by at most this share of it gets the retries of config.patience: no measured retry won
-# back half a point (benchmarks/RESULTS.md, "Figures behind constants")
+# a round over delta_max by at most this share of it gets the retries of config.patience: one measured retry in
+# ten won back more than half a point (benchmarks/RESULTS.md, "Figures behind constants")
 RETRY_WITHIN = 0.5
 HITS = "hits"  # the key under which evaluate_fn / guard_fn may return per-image hits, for the drop's error
 _clock = time.monotonic  # the time budget's clock (a test replaces it)
@@ -390,7 +390,7 @@ def prune_loop(
             drop_se = paired_drop(base_hits, hits)[1] if base_hits is not None and hits is not None else None
             judged = drop + config.margin * (drop_se or 0.0)
             # a cut just over the budget may be a fine-tune short of it, and a round's cut costs a whole round to
-            # find again; one further over it is not retried: no measured retry won back half a point
+            # find again; one further over it is not retried: few measured retries won back half a point
             if retries == config.patience or not config.delta_max < judged <= (1 + RETRY_WITHIN) * config.delta_max:
                 break
             drops_before.append(drop)  # kept so the retry gate can be judged from a run's records

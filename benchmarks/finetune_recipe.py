@@ -3,7 +3,7 @@
     python benchmarks/finetune_recipe.py --data CLEAN --model cifar:resnet20=PATH \
         --remove layer1.0 layer1.1 layer2.2 --lr 0.005 0.01 0.02 0.05 [--distill 0.9] [--epochs 1]
 
-``hqp compress`` fine-tunes each round with ``FinetuneConfig``'s recipe (SGD, Nesterov, cosine to zero within the
+``hqp compress`` fine-tunes each round with one recipe (its defaults: SGD, Nesterov, cosine to zero within the
 round, distillation from the dense model). Whether that recipe is the one that recovers most per epoch decides
 how much accuracy each millisecond costs, so this script holds everything else fixed: the dense checkpoint, one
 cut (the residual blocks named by ``--remove``, each removed whole through ``PruneChannelsPass`` as the loop
@@ -70,8 +70,7 @@ def main() -> None:
     val_loader = BatchLoader(val, 500)
     dense_hits: list[torch.Tensor] = []
     dense_top1 = evaluate(dense, val_loader, hits=dense_hits)["top1"]
-    cut_hits: list[torch.Tensor] = []
-    cut_top1 = evaluate(cut, val_loader, hits=cut_hits)["top1"]
+    cut_top1 = evaluate(cut, val_loader)["top1"]
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, {machine_description()}, torch {torch.__version__}")
     print(f"{spec} {weights.rsplit('/', 1)[-1]}: removed {' '.join(args.remove)}; train {len(train)}, validation "
           f"{len(val)}; dense validation top-1 {dense_top1:.2f}, cut before fine-tuning {cut_top1:.2f}; "

@@ -39,8 +39,8 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (val/: never trained on)")
     ap.add_argument("--model", required=True, help="SPEC=WEIGHTS, e.g. cifar:resnet20=path.pt")
     ap.add_argument("--remove", nargs="+", required=True, help="residual blocks to remove whole, e.g. layer1.0")
-    ap.add_argument("--lr", type=float, nargs="+", default=[0.01])
-    ap.add_argument("--distill", type=float, nargs="+", default=[0.9])
+    ap.add_argument("--lr", type=float, nargs="+", help="learning rates to try (default: compress's)")
+    ap.add_argument("--distill", type=float, nargs="+", help="distillation weights to try (default: compress's)")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0, help="the fine-tune's data order, the same for every config")
     args = ap.parse_args()
@@ -78,7 +78,7 @@ def main() -> None:
     print("| lr | distill | validation top-1 | drop (± se) | drop against the default recipe (± se) | minutes |")
     print("|---|---|---|---|---|---|")
     results = {}
-    configs = list(itertools.product(args.lr, args.distill))
+    configs = list(itertools.product(args.lr or [base.lr], args.distill or [base.distill]))
     default = (base.lr, base.distill)
     configs.sort(key=lambda c: c != default)  # the default first, so every later row can be paired with it
     for lr, distill in configs:

@@ -85,7 +85,7 @@ from hqp_fx.core import atomic_write_text
 from hqp_fx.data import BatchLoader
 from hqp_fx.artifacts import write_json
 from hqp_fx.engines.ort import OrtModel, onnxruntime_top1
-from hqp_fx.measure import machine_description, measure_alternating, versions
+from hqp_fx.measure import machine_description, measure_alternating, paired_ratio, versions
 from hqp_fx.models import build_model
 from hqp_fx.prune_loop import PruneLoopConfig, prune_loop
 from hqp_fx.passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels, select_channels
@@ -393,9 +393,8 @@ def round_ratios(numerator: dict, denominator: dict) -> list[float]:
 
 
 def round_paired(numerator: dict, denominator: dict) -> float:
-    """The median of ``round_ratios``, so a slow spell that hit both in one round cancels out (compress's private
-    ``_paired_ratio`` does the same for its report)."""
-    return statistics.median(round_ratios(numerator, denominator))
+    """The median of ``round_ratios`` (``hqp_fx.measure.paired_ratio``, as compress judges its rounds and report)."""
+    return paired_ratio(numerator["rounds_ms"], denominator["rounds_ms"])
 
 
 def paired_ms_ratios(path: Path, reference: Path, threads: int, batch: int, rounds: int) -> list[float]:

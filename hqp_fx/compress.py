@@ -9,7 +9,6 @@ import copy
 import json
 import math
 import shutil
-import statistics
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -26,7 +25,7 @@ from .count import count_macs, count_params
 from .data import BatchLoader, ImageSet
 from .artifacts import ship_quantized, write_json
 from .engines.ort import OrtModel, onnxruntime_top1
-from .measure import measure_alternating, measure_onnx, versions
+from .measure import measure_alternating, measure_onnx, paired_ratio, versions
 from .prune_loop import HITS, RETRY_SEED, PruneLoopConfig, PruneResult, RoundRecord, prune_loop
 from .latency import LatencyModel
 from .lower_onnx import export_onnx
@@ -105,13 +104,13 @@ class OnnxLatency:
             path = self._export(model, Path(tmp) / "model.onnx")
             return measure_onnx(path, tuple(self.example.shape), threads=self.threads, runs=self.runs)["median_ms"]
 
-    def paired(self, reference: nn.Module, candidate: nn.Module, rounds: int) -> tuple[float, float]:
+    def paired(self, reference: nn.Module, candidate: nn.Module, rounds: int) -> tuple[list[float], list[float]]:
         with tempfile.TemporaryDirectory(prefix="hqp_latency_") as tmp:
             paths = {"reference": self._export(reference, Path(tmp) / "reference.onnx"),
                      "candidate": self._export(candidate, Path(tmp) / "candidate.onnx")}
             stats = measure_alternating(paths, tuple(self.example.shape), threads=self.threads, runs=self.runs,
                                         rounds=rounds)
-        return statistics.median(stats["reference"]["rounds_ms"]), statistics.median(stats["candidate"]["rounds_ms"])
+        return stats["reference"]["rounds_ms"], stats["candidate"]["rounds_ms"]
 
 
 def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: ImageSet, config: CompressConfig,
@@ -274,7 +273,8 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
         "rounds": [asdict(r) for r in pruned.history],
         "round_latency": (f"{'INT8 (' + config.quant.backend + ' preset)' if latency_quant else 'FP32'} model in ONNX "
                           "Runtime CPU, ms; measured on accepted rounds when a latency target is set or the selection "
-                          "is by latency"),
+                          "is by latency, alternating with the dense model (reference_latency: its median round; "
+                          "latency: that times the median per-round ratio; the raw rounds beside them)"),
         "latency_model": _prediction_error(pruned.history, pruned.baseline_latency),
         "stop_reason": pruned.stop_reason,
         "recovery": pruned.recovery and {**pruned.recovery, "epochs": config.recover_epochs},
@@ -336,10 +336,8 @@ def seen_message(seen: dict) -> str:
 
 
 def _paired_ratio(reference: dict, variant: dict) -> float:
-    """How many times faster ``variant`` is than ``reference``: the median over timing rounds of the two files'
-    ratio in the same round, so a slow spell that hit both files in one round cancels out."""
-    ratios = sorted(a / b for a, b in zip(reference["rounds_ms"], variant["rounds_ms"]))
-    return ratios[len(ratios) // 2]
+    """How many times faster ``variant`` is than ``reference``, paired over the timing rounds (``paired_ratio``)."""
+    return paired_ratio(reference["rounds_ms"], variant["rounds_ms"])
 
 
 def _prediction_error(history: list[RoundRecord], dense_ms: float | None) -> dict | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from .core import HQPError
 
-__all__ = ["measure_onnx", "measure_alternating", "machine_description", "versions"]
+__all__ = ["measure_onnx", "measure_alternating", "paired_ratio", "machine_description", "versions"]
 
 _CHILD = Path(__file__).with_name("ort_timing_child.py")
 
@@ -48,6 +49,17 @@ def measure_alternating(paths: dict[str, Path], input_shape: tuple[int, ...], *,
         middle = sorted(stats, key=lambda st: st["median_ms"])[len(stats) // 2]
         out[name] = {**middle, "rounds_ms": [st["median_ms"] for st in stats]}
     return out
+
+
+def paired_ratio(numerator_ms: list[float], denominator_ms: list[float]) -> float:
+    """One file's time over another's, timed in alternating rounds: the median over the rounds of their ratio in the
+    same round. A slow spell that hits both files of a round cancels out; the ratio of the two medians does not pair
+    them, and timing one ResNet-56 cut ten times it was once 11% and once 21% off where this stayed within 2.2%
+    (benchmarks/paired_timing.py; benchmarks/RESULTS.md, "The loop's latency ratio")."""
+    if not numerator_ms or len(numerator_ms) != len(denominator_ms):
+        raise ValueError(f"paired_ratio needs one time per round for both files, got {len(numerator_ms)} and "
+                         f"{len(denominator_ms)}")
+    return statistics.median(n / d for n, d in zip(numerator_ms, denominator_ms))
 
 
 def machine_description() -> str:

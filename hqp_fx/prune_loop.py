@@ -38,6 +38,7 @@ from . import meta
 from .core import HQPError, Pipeline, atomic_write_text
 from .count import count_macs, count_params
 from .latency import LatencyModel, select_for_latency
+from .measure import paired_ratio
 from .passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, SensitivityPass, select_channels
 from .passes.sensitivity import CRITERIA, check_flops_normalize
 from .serialize import load, save
@@ -80,7 +81,10 @@ class PruneLoopConfig:
     target_macs: float | None = None  # stop once MACs <= this fraction of the baseline
     target_params: float | None = None
     target_latency: float | None = None  # stop once latency_fn(model) <= this fraction of the dense model's
-    latency_rounds: int = 3  # an accepted round is timed with the dense model in this many alternating rounds
+    # an accepted round is timed with the dense model in this many alternating rounds, judged on the median of
+    # their per-round ratios: after minutes of training about one round in four is 10-30% off (benchmarks/RESULTS.md,
+    # "The loop's latency ratio"), and the median of five outlasts two
+    latency_rounds: int = 5
     # a round whose ratio reaches target_latency is timed again in this many rounds, and judged on that, before the
     # loop stops (0: not): a spell on a shared VM can make three rounds read a round far past the target that the
     # report's own timing then does not find (benchmarks/RESULTS.md, "A latency table timed in a slow spell")
@@ -133,12 +137,16 @@ class RoundRecord:
     macs: int
     params: int
     removed: dict[str, int]  # group id -> channels removed this round
-    latency: float | None = None  # latency_fn of the candidate (measured), when a latency target is set
+    # measured when a latency target is set: the dense model's median round times the candidate's ratio to it,
+    # paired over the rounds (``paired_ratio``); latency / reference_latency is that ratio
+    latency: float | None = None
     predicted_latency: float | None = None  # the latency model's prediction for the candidate (select="latency")
-    reference_latency: float | None = None  # the dense model's, timed in the same alternating rounds as ``latency``
+    reference_latency: float | None = None  # the dense model's median round, timed alternating with the candidate
     retries: int = 0  # extra fine-tunes the candidate had (config.patience) before this verdict
     drops_before: list[float] = field(default_factory=list)  # the drop after each earlier fine-tune, one per retry
     drop_se: float | None = None  # the drop's standard error, paired over the images (when the evaluation has hits)
+    latency_rounds_ms: list[float] = field(default_factory=list)  # the candidate's raw time in each timing round
+    reference_rounds_ms: list[float] = field(default_factory=list)  # the dense model's, in the same rounds
 
 
 @dataclass
@@ -396,15 +404,17 @@ def prune_loop(
             drops_before.append(drop)  # kept so the retry gate can be judged from a run's records
         accepted = judged <= config.delta_max
         reference_ms, candidate_ms = (paired_latency(latency_fn, dense, candidate, config.latency_rounds)
-                                      if measure and accepted else (None, None))
+                                      if measure and accepted else ([], []))
         if (reference_ms and config.latency_confirm_rounds and config.target_latency is not None
-                and candidate_ms / reference_ms <= config.target_latency):
+                and paired_ratio(candidate_ms, reference_ms) <= config.target_latency):
             # the ratio would stop the loop: one spell that slows the dense model's timings must not do so
             reference_ms, candidate_ms = paired_latency(latency_fn, dense, candidate, config.latency_confirm_rounds)
+        reference = statistics.median(reference_ms) if reference_ms else None
         record = RoundRecord(rnd, step, accepted, value, drop, count_macs(candidate, example),
-                             count_params(candidate), {k: len(v) for k, v in aligned.items()}, candidate_ms,
-                             engine.predict(current, aligned) if engine is not None else None, reference_ms, retries,
-                             drops_before, drop_se)
+                             count_params(candidate), {k: len(v) for k, v in aligned.items()},
+                             reference * paired_ratio(candidate_ms, reference_ms) if reference_ms else None,
+                             engine.predict(current, aligned) if engine is not None else None, reference, retries,
+                             drops_before, drop_se, candidate_ms, reference_ms)
         history.append(record)
         round_seconds.append(_clock() - round_start)
         rejected = None if accepted else {k: sorted(v) for k, v in aligned.items()}
@@ -453,15 +463,16 @@ def prune_loop(
 
 
 def paired_latency(latency_fn: Callable[[nn.Module], float], reference: nn.Module, candidate: nn.Module,
-                   rounds: int) -> tuple[float, float]:
-    """Both models timed in ``rounds`` alternating rounds; the median of each. A slow spell of the machine then
-    falls on both rather than on one (a dense ResNet-56 timed once at a run's start was 20% slower than in the
-    report an hour later, and the loop stopped at a ratio it had not reached). ``latency_fn.paired(reference,
-    candidate, rounds)``, when it has one, does the same without preparing each model once per round."""
+                   rounds: int) -> tuple[list[float], list[float]]:
+    """Both models timed in ``rounds`` alternating rounds: (the reference's ms per round, the candidate's). A slow
+    spell of the machine then falls on both rather than on one (a dense ResNet-56 timed once at a run's start was
+    20% slower than in the report an hour later, and the loop stopped at a ratio it had not reached); judge them
+    with ``paired_ratio``. ``latency_fn.paired(reference, candidate, rounds)``, when it has one, returns the same
+    without preparing each model once per round."""
     if hasattr(latency_fn, "paired"):
         return latency_fn.paired(reference, candidate, rounds)
     times = [(latency_fn(reference), latency_fn(candidate)) for _ in range(rounds)]
-    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+    return [t[0] for t in times], [t[1] for t in times]
 
 
 def _evaluate(evaluate_fn: Callable[[nn.Module], dict], model: nn.Module, metric: str,

@@ -289,9 +289,11 @@ def test_measured_latency_target_stops_the_loop_and_survives_resume(tmp_path):
     res = run(tmp_path / "a", delta_max=50.0, target_latency=0.9, latency_fn=latency)
     assert "latency target reached" in res.stop_reason
     accepted = [r for r in res.history if r.accepted]
-    # the dense model once at the start, then per accepted round 3 alternating rounds of the dense model and it,
-    # and 7 more for the round that reached the target
-    assert res.baseline_latency == calls[0] / 1e6 and len(calls) == 1 + 2 * 3 * len(accepted) + 2 * 7
+    # the dense model once at the start, then per accepted round alternating rounds of the dense model and it,
+    # and more for the round that reached the target
+    defaults = PruneLoopConfig()
+    assert res.baseline_latency == calls[0] / 1e6 and \
+        len(calls) == 1 + 2 * defaults.latency_rounds * len(accepted) + 2 * defaults.latency_confirm_rounds
     assert all(r.reference_latency == res.baseline_latency for r in accepted)  # a steady timer: the same dense time
     assert accepted[-1].latency <= 0.9 * res.baseline_latency < accepted[-2].latency
     assert all(r.latency is None for r in res.history if not r.accepted)

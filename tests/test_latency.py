@@ -3,6 +3,7 @@ layer it times, its cache, the greedy knapsack, and the loop that predicts and m
 from __future__ import annotations
 
 import json
+import statistics
 import warnings
 
 import onnx
@@ -15,6 +16,7 @@ import hqp_fx
 from hqp_fx import meta
 from hqp_fx.prune_loop import PruneLoopConfig, prune_loop, stem_layers
 from hqp_fx.latency import LatencyModel, LayerShape, _Layer, _qdq_layer, select_for_latency
+from hqp_fx.measure import paired_ratio
 from hqp_fx.models import CifarResNet
 from hqp_fx.passes import ChannelDependencyPass, PruneChannelsPass
 
@@ -316,8 +318,9 @@ def test_the_latency_target_is_judged_against_the_dense_model_timed_alongside(tm
         assert r.reference_latency == pytest.approx(timer.engine(CifarResNet(20)))  # the steady dense time
     last, before = (r.latency / r.reference_latency for r in accepted[-1:-3:-1])
     assert last <= 0.8 < before
-    # the start, then 3 alternating rounds of two per accepted round, and 7 more for the one that reached the target
-    assert timer.calls == 1 + 2 * 3 * len(accepted) + 2 * 7
+    # the start, then the alternating rounds of two per accepted round, and more for the one that reached the target
+    defaults = PruneLoopConfig()
+    assert timer.calls == 1 + 2 * defaults.latency_rounds * len(accepted) + 2 * defaults.latency_confirm_rounds
 
 
 class FastSpell(SlowStart):
@@ -342,10 +345,45 @@ def test_a_ratio_that_would_stop_the_loop_is_timed_again_before_it_does(tmp_path
     first = next(r for r in steady.history if r.accepted)
     assert first.latency / first.reference_latency > 0.8  # the true first round is short of the target
     fooled = _loop(tmp_path / "fooled", latency_fn=FastSpell(range(2, 8)), target_latency=0.8, max_rounds=6,
-                   latency_confirm_rounds=0)
+                   latency_confirm_rounds=0, latency_rounds=3)
     assert [r.round for r in fooled.history if r.accepted] == [first.round], fooled.history  # stopped at once
-    confirmed = _loop(tmp_path / "confirmed", latency_fn=FastSpell(range(2, 8)), target_latency=0.8, max_rounds=6)
+    confirmed = _loop(tmp_path / "confirmed", latency_fn=FastSpell(range(2, 8)), target_latency=0.8, max_rounds=6,
+                      latency_rounds=3)
     assert [(r.round, r.params) for r in confirmed.history] == [(r.round, r.params) for r in steady.history]
     again = next(r for r in confirmed.history if r.accepted)
     assert again.latency / again.reference_latency == pytest.approx(first.latency / first.reference_latency)
     assert "latency target reached" in confirmed.stop_reason and "7 round(s)" in confirmed.stop_reason
+
+
+class Spell(SlowStart):
+    """Every model timed in the calls of ``spell`` is 1.5x slow; every other timing is exact."""
+
+    def __init__(self, spell: set[int]):
+        super().__init__()
+        self.spell = spell
+
+    def __call__(self, m):
+        self.calls += 1
+        return self.engine(m) * (1.5 if self.calls in self.spell else 1.0)
+
+
+def test_a_round_is_judged_on_its_paired_ratio_and_keeps_its_raw_timings(tmp_path):
+    """The first accepted round is timed in calls 2-7 (dense, candidate, three times). A spell over the dense
+    model's second timing and the whole third round leaves dense [1, 1.5, 1.5] and candidate [1, 1, 1.5] of their
+    true times: the ratio of the two medians reads the round at 2/3 of its true ratio, the median of the per-round
+    ratios reads it exactly. The raw rounds are in the record."""
+    steady = _loop(tmp_path / "steady", latency_fn=Spell(set()), max_rounds=1, latency_confirm_rounds=0,
+                   latency_rounds=3)
+    spell = _loop(tmp_path / "spell", latency_fn=Spell({4, 6, 7}), max_rounds=1, latency_confirm_rounds=0,
+                  latency_rounds=3)
+    (true,), (read,) = steady.history, spell.history
+    assert true.accepted and read.accepted and read.params == true.params
+    dense, cand = true.reference_latency, true.latency
+    assert read.reference_rounds_ms == pytest.approx([dense, 1.5 * dense, 1.5 * dense])
+    assert read.latency_rounds_ms == pytest.approx([cand, cand, 1.5 * cand])
+    assert read.latency / read.reference_latency == pytest.approx(cand / dense)
+    assert statistics.median(read.latency_rounds_ms) / statistics.median(read.reference_rounds_ms) == \
+        pytest.approx(cand / dense / 1.5)  # what the loop judged before
+    assert paired_ratio([2.0, 3.0], [1.0, 1.0]) == 2.5
+    with pytest.raises(ValueError, match="one time per round for both files"):
+        paired_ratio([1.0, 2.0], [1.0])

@@ -82,7 +82,7 @@ class PruneLoopConfig:
     target_params: float | None = None
     target_latency: float | None = None  # stop once latency_fn(model) <= this fraction of the dense model's
     # an accepted round is timed with the dense model in this many alternating rounds, judged on the median of
-    # their per-round ratios: after a minute of training one round in five was 19-29% off (benchmarks/RESULTS.md,
+    # their per-round ratios: after a minute of training one round in five was 18-29% off (benchmarks/RESULTS.md,
     # "The loop's latency ratio"), and the median of five outlasts two such rounds
     latency_rounds: int = 5
     # a round whose ratio reaches target_latency is timed again in this many rounds, and judged on that, before the

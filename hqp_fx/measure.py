@@ -54,7 +54,7 @@ def measure_alternating(paths: dict[str, Path], input_shape: tuple[int, ...], *,
 def paired_ratio(numerator_ms: list[float], denominator_ms: list[float]) -> float:
     """One file's time over another's, timed in alternating rounds: the median over the rounds of their ratio in the
     same round. A slow spell that hits both files of a round cancels out; the ratio of the two medians does not pair
-    them, and timing one ResNet-56 cut ten times it was once 11% and once 21% off where this stayed within 2.2%
+    them, and after a minute of training it read one ResNet-56 cut 24.5% off where this stayed within 2.3%
     (benchmarks/paired_timing.py; benchmarks/RESULTS.md, "The loop's latency ratio")."""
     if not numerator_ms or len(numerator_ms) != len(denominator_ms):
         raise ValueError(f"paired_ratio needs one time per round for both files, got {len(numerator_ms)} and "

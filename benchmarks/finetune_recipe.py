@@ -34,6 +34,20 @@ from hqp_fx.passes import ChannelDependencyPass, PruneChannelsPass
 from hqp_fx.train import evaluate, finetune, paired_drop
 
 
+def remove_blocks(dense: torch.nn.Module, example: torch.Tensor, blocks: list[str]) -> torch.nn.Module:
+    """A copy of ``dense`` with each named residual block removed whole (its conv1 group emptied), as the loop
+    removes one."""
+    gm = ChannelDependencyPass()(hqp_fx.trace(copy.deepcopy(dense), example)).graph_module
+    sizes = {g.id: g.size for g in meta.channel_groups(gm)}
+    plan = {}
+    for block in blocks:
+        group = f"{block}.conv1"
+        if group not in sizes:
+            raise SystemExit(f"{block} is not a residual block (no group {group})")
+        plan[group] = list(range(sizes[group]))
+    return PruneChannelsPass(plan)(gm).graph_module
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (val/: never trained on)")
@@ -54,15 +68,7 @@ def main() -> None:
     spec, _, weights = args.model.partition("=")
     dense = build_model(spec, weights or None).model.eval().requires_grad_(False)
     example = torch.randn(1, 3, 32, 32)
-    gm = ChannelDependencyPass()(hqp_fx.trace(copy.deepcopy(dense), example)).graph_module
-    sizes = {g.id: g.size for g in meta.channel_groups(gm)}
-    plan = {}
-    for block in args.remove:
-        group = f"{block}.conv1"
-        if group not in sizes:
-            raise SystemExit(f"{block} is not a residual block of {spec} (no group {group})")
-        plan[group] = list(range(sizes[group]))
-    cut = PruneChannelsPass(plan)(gm).graph_module
+    cut = remove_blocks(dense, example, args.remove)
 
     # the recipe `hqp compress` runs by default, and its batch size
     cli = build_parser().parse_args(["compress", spec, "--data", args.data, "--out", "unused"])

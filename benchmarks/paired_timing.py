@@ -33,31 +33,17 @@ from pathlib import Path
 
 import torch
 
-import hqp_fx
-from hqp_fx import meta
+from finetune_recipe import remove_blocks  # same folder: the fixed cut, removed as the loop removes a block
 from hqp_fx.lower_onnx import export_onnx
-from hqp_fx.measure import machine_description, measure_alternating, versions
+from hqp_fx.measure import machine_description, measure_alternating, paired_ratio, versions
 from hqp_fx.models import build_model
-from hqp_fx.passes import ChannelDependencyPass, PruneChannelsPass
 from hqp_fx.passes.quantize import QuantConfig, quantize
 
 ESTIMATES = {
     "medians": lambda ref, cand: statistics.median(cand) / statistics.median(ref),
-    "paired": lambda ref, cand: statistics.median(c / r for r, c in zip(ref, cand)),
+    "paired": lambda ref, cand: paired_ratio(cand, ref),  # the loop's estimate since this script
     "minima": lambda ref, cand: min(cand) / min(ref),
 }
-
-
-def remove_blocks(dense: torch.nn.Module, example: torch.Tensor, blocks: list[str]) -> torch.nn.Module:
-    """``dense`` with each named residual block removed whole (its conv1 group emptied), as the loop removes it."""
-    gm = ChannelDependencyPass()(hqp_fx.trace(copy.deepcopy(dense), example)).graph_module
-    sizes = {g.id: g.size for g in meta.channel_groups(gm)}
-    plan = {}
-    for block in blocks:
-        if f"{block}.conv1" not in sizes:
-            raise SystemExit(f"{block} is not a residual block (no group {block}.conv1)")
-        plan[f"{block}.conv1"] = list(range(sizes[f"{block}.conv1"]))
-    return PruneChannelsPass(plan)(gm).graph_module
 
 
 def int8_file(model: torch.nn.Module, example: torch.Tensor, calibration: list, path: Path) -> Path:

@@ -32,8 +32,8 @@ from hqp_fx.latency import LatencyModel, select_for_latency  # noqa: E402
 from hqp_fx.models import build_model  # noqa: E402
 from hqp_fx.passes import AlignChannelsPass, ChannelDependencyPass, PruneChannelsPass, score_channels  # noqa: E402
 from hqp_fx.passes import select_channels  # noqa: E402
-from hqp_fx.lower_onnx import export_onnx  # noqa: E402
-from hqp_fx.passes.quantize import QuantConfig, cpu_lacks_vnni, quantize  # noqa: E402
+from hqp_fx.compress import onnx_latency  # noqa: E402
+from hqp_fx.passes.quantize import QuantConfig, cpu_lacks_vnni  # noqa: E402
 from hqp_fx.train import evaluate  # noqa: E402
 from quantize_speed import SHARED, cifar_splits, logger  # noqa: E402
 
@@ -67,10 +67,10 @@ def main() -> None:
     work = Path(args.out).with_suffix("")
     work.mkdir(parents=True, exist_ok=True)
 
+    latency_file = onnx_latency(example, args.threads, quant=quant, calibration=calib).export  # as the loop times
+
     def int8_file(m, name: str) -> Path:
-        path = work / f"{name}.onnx"
-        export_onnx(quantize(m, example, calib, quant).model, (example,), path)
-        return path
+        return latency_file(m, work / f"{name}.onnx")
 
     gm = hqp_fx.trace(model, example)
     ChannelDependencyPass()(gm)

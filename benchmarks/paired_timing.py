@@ -34,24 +34,16 @@ from pathlib import Path
 import torch
 
 from finetune_recipe import remove_blocks  # same folder: the fixed cut, removed as the loop removes a block
-from hqp_fx.lower_onnx import export_onnx
+from hqp_fx.compress import onnx_latency
 from hqp_fx.measure import machine_description, measure_alternating, paired_ratio, versions
 from hqp_fx.models import build_model
-from hqp_fx.passes.quantize import QuantConfig, quantize
+from hqp_fx.passes.quantize import QuantConfig
 
 ESTIMATES = {
     "medians": lambda ref, cand: statistics.median(cand) / statistics.median(ref),
     "paired": lambda ref, cand: paired_ratio(cand, ref),  # the loop's estimate since this script
     "minima": lambda ref, cand: min(cand) / min(ref),
 }
-
-
-def int8_file(model: torch.nn.Module, example: torch.Tensor, calibration: list, path: Path) -> Path:
-    """The model as the loop times it: quantized with the onnxruntime preset, exported at the example's shape."""
-    q = quantize(model, example, calibration, QuantConfig(backend="onnxruntime", calibration="histogram",
-                                                          num_samples=sum(len(b) for b in calibration))).model
-    export_onnx(q, (example,), path)
-    return path
 
 
 def busy(model: torch.nn.Module, seconds: float) -> None:
@@ -95,9 +87,12 @@ def main() -> None:
           f"trials of {args.rounds} alternating rounds for each of runs {args.runs}; {args.busy:g} s of training "
           "before each trial")
     raw: dict[int, list[tuple[list[float], list[float], float]]] = {runs: [] for runs in args.runs}
+    # the files as the loop times them: quantized with the onnxruntime preset, exported at the example's shape
+    quant = QuantConfig(backend="onnxruntime", calibration="histogram", num_samples=sum(len(b) for b in calibration))
+    int8_file = onnx_latency(example, args.threads, quant=quant, calibration=calibration).export
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {"reference": int8_file(dense, example, calibration, Path(tmp) / "dense.onnx"),
-                 "candidate": int8_file(cut, example, calibration, Path(tmp) / "cut.onnx")}
+        paths = {"reference": int8_file(dense, Path(tmp) / "dense.onnx"),
+                 "candidate": int8_file(cut, Path(tmp) / "cut.onnx")}
         for trial in range(args.trials):
             busy(dense, args.busy)
             order = args.runs if trial % 2 == 0 else args.runs[::-1]

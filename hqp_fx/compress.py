@@ -93,7 +93,9 @@ class OnnxLatency:
     quant: QuantConfig | None
     calibration: list | None
 
-    def _export(self, model: nn.Module, path: Path) -> Path:
+    def export(self, model: nn.Module, path: Path) -> Path:
+        """Write the file this callable times: ``model`` quantized by ``quant`` (when set), exported at the
+        example's shape. Benchmarks call it too, so what they time is what the loop times."""
         if self.quant is not None:
             model = quantize(model, self.example, self.calibration, self.quant).model
         export_onnx(model, (self.example,), path)
@@ -101,13 +103,13 @@ class OnnxLatency:
 
     def __call__(self, model: nn.Module) -> float:
         with tempfile.TemporaryDirectory(prefix="hqp_latency_") as tmp:
-            path = self._export(model, Path(tmp) / "model.onnx")
+            path = self.export(model, Path(tmp) / "model.onnx")
             return measure_onnx(path, tuple(self.example.shape), threads=self.threads, runs=self.runs)["median_ms"]
 
     def paired(self, reference: nn.Module, candidate: nn.Module, rounds: int) -> tuple[list[float], list[float]]:
         with tempfile.TemporaryDirectory(prefix="hqp_latency_") as tmp:
-            paths = {"reference": self._export(reference, Path(tmp) / "reference.onnx"),
-                     "candidate": self._export(candidate, Path(tmp) / "candidate.onnx")}
+            paths = {"reference": self.export(reference, Path(tmp) / "reference.onnx"),
+                     "candidate": self.export(candidate, Path(tmp) / "candidate.onnx")}
             stats = measure_alternating(paths, tuple(self.example.shape), threads=self.threads, runs=self.runs,
                                         rounds=rounds)
         return stats["reference"]["rounds_ms"], stats["candidate"]["rounds_ms"]

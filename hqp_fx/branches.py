@@ -17,7 +17,8 @@ The buffer keeps only the dims the value varies along (batch 1): ``[1, C, 1, 1]`
 BatchNorm shift, so the pruned model runs at any input size its layers allow. ONNX Runtime's int8 add, though,
 broadcasts a per-channel operand on a slow path and one that only broadcasts over the batch at full speed
 (profiles in benchmarks/RESULTS.md), so ``constants_in_full`` stores an add's constant at the add's full shape in
-the copy that ``quantize`` and ``export_onnx`` lower: the ONNX files run at the example's size, as exported anyway.
+the copy that ``quantize`` captures: the INT8 files run at the example's size, as exported anyway. Float files keep
+it per channel (``hqp_fx.lower_onnx``).
 A value that varies over space (zero padding inside the branch) is stored whole.
 
 Which ops consume a group's channels and where a branch may meet the live net is each op rule's ``branch`` role

@@ -3,6 +3,11 @@
 ``export_onnx`` runs torch's dynamo exporter, checks the result with ``onnx.checker`` (full check), tidies it with
 onnx-graphsurgeon (constant folding that never touches Q/DQ, dead-node cleanup, topological sort), checks again and
 saves atomically.
+
+A removed residual block's constant (``hqp_fx.branches``) is lowered as the model stores it. In a float file that is
+per channel: ONNX Runtime's float add broadcasts it as fast as a full-shape one and the file stays smaller than the
+dense model's (benchmarks/RESULTS.md, "A removed block's constant in the FP32 files"). The int8 add is slow on such
+an operand, so ``quantize`` stores it at full shape before it captures the model, and the Q/DQ file carries that.
 """
 from __future__ import annotations
 
@@ -17,7 +22,6 @@ from pathlib import Path
 import onnx
 import torch
 
-from .branches import constants_in_full
 from .core import HQPError, atomic_write_bytes
 
 __all__ = ["OnnxExportError", "export_onnx", "QDQ_OPS"]
@@ -51,7 +55,6 @@ def export_onnx(
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     name = type(model).__name__
-    model = constants_in_full(model, example_inputs)  # a copy when it expands anything: ORT's add wants full shapes
     proto = _torch_export(model, example_inputs, dynamic_batch, opset, list(input_names), list(output_names))
     _check(proto, name, "torch.onnx.export")
     proto = _cleanup(proto)

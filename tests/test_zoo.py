@@ -69,9 +69,13 @@ def test_equivalence_property(name, tmp_path):
     assert count_params(pruned) == exp_params < count_params(gm)
     assert layer_macs(pruned, x) == exp_macs < layer_macs(gm, x)
     onnx_out = onnx_roundtrip(pruned, x, tmp_path, every_output=True)
+    # a YOLO's decoded boxes are a softmax over raw logits that a random pruned net makes large (thousands): ORT
+    # and PyTorch round those apart by ~3e-6 of their scale, which the softmax made up to 1.8e-4 of the boxes' on
+    # an AVX-512 VM (benchmarks/RESULTS.md); a wrong channel or output moves them by their whole scale
+    onnx_rtol = 1e-3 if name.startswith("yolo:") else 1e-4
     assert len(onnx_out) == len(out)
     for i, (a, e) in enumerate(zip(onnx_out, out)):
-        assert_close(a, e, 1e-4, f"{name}: ONNX Runtime vs PyTorch, output {i}")
+        assert_close(a, e, onnx_rtol, f"{name}: ONNX Runtime vs PyTorch, output {i}")
 
     # the user's model is untouched
     for k, v in model.state_dict().items():

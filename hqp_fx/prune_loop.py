@@ -405,14 +405,16 @@ def prune_loop(
         accepted = judged <= config.delta_max
         reference_ms, candidate_ms = (paired_latency(latency_fn, dense, candidate, config.latency_rounds)
                                       if measure and accepted else ([], []))
-        if (reference_ms and config.latency_confirm_rounds and config.target_latency is not None
-                and paired_ratio(candidate_ms, reference_ms) <= config.target_latency):
+        paired = paired_ratio(candidate_ms, reference_ms) if reference_ms else None
+        if (paired is not None and config.latency_confirm_rounds and config.target_latency is not None
+                and paired <= config.target_latency):
             # the ratio would stop the loop: one spell that slows the dense model's timings must not do so
             reference_ms, candidate_ms = paired_latency(latency_fn, dense, candidate, config.latency_confirm_rounds)
+            paired = paired_ratio(candidate_ms, reference_ms)
         reference = statistics.median(reference_ms) if reference_ms else None
         record = RoundRecord(rnd, step, accepted, value, drop, count_macs(candidate, example),
                              count_params(candidate), {k: len(v) for k, v in aligned.items()},
-                             reference * paired_ratio(candidate_ms, reference_ms) if reference_ms else None,
+                             reference * paired if paired is not None else None,
                              engine.predict(current, aligned) if engine is not None else None, reference, retries,
                              drops_before, drop_se, candidate_ms, reference_ms)
         history.append(record)

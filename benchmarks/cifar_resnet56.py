@@ -740,7 +740,7 @@ def cmd_deploy(args, train, test, log) -> None:
         shipped, paths[shipped] = hybrid_variant(pruned, x, samples, test, dense_top1, args, folder, results, log)
         timed.append(shipped)
     hqp_top1 = results["accuracy"][f"{shipped}-ort"]["top1"]
-    # each speed-up is the median of its per-round ratios (paired_ratio, as compress's report): a spell of this
+    # each speed-up is the median of its per-round ratios (round_paired, as compress's report): a spell of this
     # shared VM that slows every file of a round cancels, where it can move a ratio of the files' medians by 10%
     against = {"speedup_vs_dense_fp32": "dense/fp32", "speedup_vs_ort_quantize_static_rr": "dense/ort-qdq-rr",
                "speedup_vs_ort_quantize_static": "dense/ort-qdq"}
@@ -751,8 +751,7 @@ def cmd_deploy(args, train, test, log) -> None:
         lat = measure_variants({k: paths[k] for k in timed}, (batch, 3, 32, 32), args, log)
         results["latency"][str(batch)] = lat
         for key, reference in against.items():
-            results[key][str(batch)] = {k: paired_ratio(lat[reference]["round_medians_ms"], v["round_medians_ms"])
-                                        for k, v in lat.items()}
+            results[key][str(batch)] = {k: round_paired(lat[reference], v) for k, v in lat.items()}
     results["hqp"] = {"shipped": shipped, "macs_reduction": results["dense_macs"] / results["pruned_macs"],
                       "params_reduction": results["dense_params"] / results["pruned_params"],
                       "int8_top1_ort": hqp_top1, "drop": dense_top1 - hqp_top1, "delta_max": args.delta_max,

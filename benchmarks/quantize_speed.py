@@ -192,6 +192,7 @@ def measure_variants(paths: dict[str, Path], shape: tuple[int, ...], args, log) 
         stats = {"median_ms": statistics.median(s["median_ms"] for s in rounds[name]),
                  "p90_ms": statistics.median(s["p90_ms"] for s in rounds[name]),
                  "round_medians_ms": [round(s["median_ms"], 3) for s in rounds[name]],
+                 "rounds_ms": [s["median_ms"] for s in rounds[name]],  # unrounded, for paired ratios
                  "size_mb": first["size_mb"], "threads": args.threads, "warmup": 10, "runs": args.runs,
                  "rounds": args.rounds, "peak_rss_mb": first["peak_rss_mb"], "session_rss_mb": first["session_rss_mb"]}
         stats["ort_optimized_ops"] = optimized_op_counts(paths[name], args.threads)

@@ -1,17 +1,20 @@
-"""Is a timing's state per process? Two ways to time a pair of ONNX files against each other.
+"""Is a timing's state per process? Three ways to time a pair of ONNX files against each other.
 
     python benchmarks/process_states.py REFERENCE.onnx CANDIDATE.onnx [--trials 10] [--blocks 5] [--runs 100]
 
-The loop times a candidate against the dense model as ``measure_alternating`` does: each block of ``runs`` runs
-in a fresh ONNX Runtime process, the files alternating, the ratio read as the median of the per-block ratios
-(``paired_ratio``). On one VM a file's time jumped between two levels about 1.8x apart, and a block's ratio with
+The report times its files as ``measure_alternating`` does, and the loop timed a candidate against the dense model
+that way too: each block of ``runs`` runs in a fresh ONNX Runtime process, the files alternating, the ratio read as
+the median of the per-block ratios (``paired_ratio``). On one VM a file's time jumped between two levels about 1.8x apart, and a block's ratio with
 it, even when the blocks of one round ran seconds apart. If the level is drawn per process (where the scheduler
 places its threads, say), pairing two processes cannot cancel it; two sessions in one process would share it.
 
-``processes`` is the loop's way. ``one-process`` loads both files in one fresh process per trial and alternates
-blocks of ``runs`` between the two sessions, pausing ``--pause`` s between blocks so the last session's spinning
-threads go idle first (ONNX Runtime's threads spin after a run; run-by-run interleaving makes each session pay
-for the other). For each way it prints every block time, the per-trial paired ratios and their spread.
+``processes`` was the loop's way and is the report's. ``one-process`` loads both files in one fresh process per
+trial and alternates blocks of ``runs`` between the two sessions, pausing ``--pause`` s between blocks so the last
+session's spinning threads go idle first (ONNX Runtime's threads spin after a run; run-by-run interleaving of two
+sessions with their own threads makes each pay for the other). ``interleaved`` is the loop's way now
+(``measure_interleaved``): each block is a fresh process that runs the two sessions in turn, run by run, on one
+global thread pool that both share, and takes each file's median. For each way it prints every block time, the
+per-trial paired ratios and their spread, and the seconds the trials took.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import time
 
 import numpy as np
 
-from hqp_fx.measure import machine_description, measure_alternating, paired_ratio, versions
+from hqp_fx.measure import machine_description, measure_alternating, measure_interleaved, paired_ratio, versions
 
 
 def child(paths: list[str], shape: list[int], threads: int, blocks: int, runs: int, pause: float) -> None:
@@ -80,22 +83,34 @@ def main() -> None:
         return
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, {machine_description()}, {versions()}")
     print(f"{args.trials} trials of {args.blocks} blocks of {args.runs} runs per file, batch shape {args.shape}, "
-          f"{args.threads} threads; the two ways alternate trial by trial")
-    ways: dict[str, tuple[list, list]] = {"processes": ([], []), "one-process": ([], [])}
+          f"{args.threads} threads; the three ways alternate trial by trial")
+    ways: dict[str, tuple[list, list]] = {"processes": ([], []), "one-process": ([], []), "interleaved": ([], [])}
+    seconds = dict.fromkeys(ways, 0.0)
+    pair = {"reference": args.reference, "candidate": args.candidate}
     for _ in range(args.trials):
-        stats = measure_alternating({"reference": args.reference, "candidate": args.candidate}, tuple(args.shape),
-                                    threads=args.threads, runs=args.runs, rounds=args.blocks)
+        start = time.perf_counter()
+        stats = measure_alternating(pair, tuple(args.shape), threads=args.threads, runs=args.runs, rounds=args.blocks)
+        seconds["processes"] += time.perf_counter() - start
         ways["processes"][0].append(stats["reference"]["rounds_ms"])
         ways["processes"][1].append(stats["candidate"]["rounds_ms"])
+        start = time.perf_counter()
+        rounds_ms = measure_interleaved(pair, tuple(args.shape), threads=args.threads, runs=args.runs,
+                                        rounds=args.blocks)
+        seconds["interleaved"] += time.perf_counter() - start
+        ways["interleaved"][0].append(rounds_ms["reference"])
+        ways["interleaved"][1].append(rounds_ms["candidate"])
+        start = time.perf_counter()
         spec = json.dumps([[args.reference, args.candidate], args.shape, args.threads, args.blocks, args.runs,
                            args.pause])
         out = subprocess.run([sys.executable, __file__, args.reference, args.candidate, "--child", spec],
                              capture_output=True, text=True, check=True)
+        seconds["one-process"] += time.perf_counter() - start
         ref, cand = json.loads(out.stdout.strip().splitlines()[-1])
         ways["one-process"][0].append(ref)
         ways["one-process"][1].append(cand)
     for label, (ref, cand) in ways.items():
         summary(label, ref, cand)
+        print(f"  {seconds[label]:.1f} s for the {args.trials} trials")
 
 
 if __name__ == "__main__":

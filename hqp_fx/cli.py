@@ -342,8 +342,9 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
                    "of the dense model's in the same form: with --backend onnxruntime both are INT8 files, so the "
                    "reference is the quantize-only model; with other backends (whose engines ORT does not run) both "
                    f"are FP32. Every accepted round is timed with the dense model in {LOOP_DEFAULTS.latency_rounds} "
-                   "alternating rounds and judged on the median of their per-round ratios; a ratio that reaches the "
-                   f"target is timed again in {LOOP_DEFAULTS.latency_confirm_rounds} rounds before the run stops")
+                   "rounds, the two files run by run in each, and judged on the median of their per-round ratios; a "
+                   f"ratio that reaches the target is timed again in {LOOP_DEFAULTS.latency_confirm_rounds} rounds "
+                   "before the run stops")
     c.add_argument("--ignore", action="append", help="module never pruned (repeatable)")
     c.add_argument("--keep-stem", action=argparse.BooleanOptionalAction, default=not demo, help="never prune the "
                    "first conv/linear layer's output channels (in a ResNet, the stream every block adds to)")

@@ -25,7 +25,7 @@ from .count import count_macs, count_params
 from .data import BatchLoader, ImageSet
 from .artifacts import ship_quantized, write_json
 from .engines.ort import OrtModel, onnxruntime_top1
-from .measure import measure_alternating, measure_onnx, paired_ratio, versions
+from .measure import measure_alternating, measure_interleaved, measure_onnx, paired_ratio, versions
 from .prune_loop import HITS, RETRY_SEED, PruneLoopConfig, PruneResult, RoundRecord, prune_loop
 from .latency import LatencyModel
 from .lower_onnx import export_onnx
@@ -85,7 +85,8 @@ def onnx_latency(example: torch.Tensor, threads: int = 2, runs: int = 100, *, qu
 
 @dataclass
 class OnnxLatency:
-    """``onnx_latency``'s callable; ``paired`` times two models in alternating rounds, each exported once."""
+    """``onnx_latency``'s callable; ``paired`` times two models against each other run by run in each of its rounds
+    (``measure_interleaved``), each exported once."""
 
     example: torch.Tensor
     threads: int
@@ -110,9 +111,9 @@ class OnnxLatency:
         with tempfile.TemporaryDirectory(prefix="hqp_latency_") as tmp:
             paths = {"reference": self.export(reference, Path(tmp) / "reference.onnx"),
                      "candidate": self.export(candidate, Path(tmp) / "candidate.onnx")}
-            stats = measure_alternating(paths, tuple(self.example.shape), threads=self.threads, runs=self.runs,
-                                        rounds=rounds)
-        return stats["reference"]["rounds_ms"], stats["candidate"]["rounds_ms"]
+            rounds_ms = measure_interleaved(paths, tuple(self.example.shape), threads=self.threads, runs=self.runs,
+                                            rounds=rounds)
+        return rounds_ms["reference"], rounds_ms["candidate"]
 
 
 def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: ImageSet, config: CompressConfig,
@@ -275,8 +276,9 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
         "rounds": [asdict(r) for r in pruned.history],
         "round_latency": (f"{'INT8 (' + config.quant.backend + ' preset)' if latency_quant else 'FP32'} model in ONNX "
                           "Runtime CPU, ms; measured on accepted rounds when a latency target is set or the selection "
-                          "is by latency, alternating with the dense model (reference_latency: its median round; "
-                          "latency: that times the median per-round ratio; the raw rounds beside them)"),
+                          "is by latency, with the dense model: in each round one process runs the two files in turn, "
+                          "run by run, on one thread pool, and takes each file's median (reference_latency: its median "
+                          "round; latency: that times the median per-round ratio; the raw rounds beside them)"),
         "latency_model": _prediction_error(pruned.history, pruned.baseline_latency),
         "stop_reason": pruned.stop_reason,
         "recovery": pruned.recovery and {**pruned.recovery, "epochs": config.recover_epochs},

@@ -14,7 +14,8 @@ import torch
 
 from .core import HQPError
 
-__all__ = ["measure_onnx", "measure_alternating", "paired_ratio", "machine_description", "versions"]
+__all__ = ["measure_onnx", "measure_alternating", "measure_interleaved", "paired_ratio", "machine_description",
+           "versions"]
 
 _CHILD = Path(__file__).with_name("ort_timing_child.py")
 
@@ -26,13 +27,17 @@ def measure_onnx(path: str | os.PathLike, input_shape: tuple[int, ...], *, threa
     Runs in a fresh process so the peak resident memory (Linux VmHWM) is this model's alone: ``session_rss_mb`` is
     the growth from loading and running the session, ``peak_rss_mb`` includes Python and ONNX Runtime themselves.
     """
-    args = json.dumps([str(path), list(input_shape), threads, warmup, runs])
+    stats = _run_child(str(path), input_shape, threads, warmup, runs)
+    stats.update(size_mb=Path(path).stat().st_size / 2**20, threads=threads, runs=runs, warmup=warmup)
+    return stats
+
+
+def _run_child(path: str | list[str], input_shape: tuple[int, ...], threads: int, warmup: int, runs: int) -> dict:
+    args = json.dumps([path, list(input_shape), threads, warmup, runs])
     proc = subprocess.run([sys.executable, str(_CHILD), args], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise HQPError(f"measuring {path} in ONNX Runtime failed: {proc.stderr.strip().splitlines()[-1:]}")
-    stats = json.loads(proc.stdout.strip().splitlines()[-1])
-    stats.update(size_mb=Path(path).stat().st_size / 2**20, threads=threads, runs=runs, warmup=warmup)
-    return stats
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def measure_alternating(paths: dict[str, Path], input_shape: tuple[int, ...], *, threads: int = 2, runs: int = 100,
@@ -48,6 +53,25 @@ def measure_alternating(paths: dict[str, Path], input_shape: tuple[int, ...], *,
     for name, stats in results.items():
         middle = sorted(stats, key=lambda st: st["median_ms"])[len(stats) // 2]
         out[name] = {**middle, "rounds_ms": [st["median_ms"] for st in stats]}
+    return out
+
+
+def measure_interleaved(paths: dict[str, Path], input_shape: tuple[int, ...], *, threads: int = 2, warmup: int = 10,
+                        runs: int = 100, rounds: int = 3) -> dict[str, list[float]]:
+    """Each file's median ms in each of ``rounds`` rounds; a round is one fresh process that runs the files' sessions
+    in turn, run by run, on one shared thread pool (``ort_timing_child.interleaved``).
+
+    For judging a ratio, not for reporting a file's own time: the sessions share caches and threads. Blocks of runs
+    in separate processes, as ``measure_alternating`` times them, sit seconds apart, and a shared VM can change
+    speed in between; timed run by run, a pair's ratio spread about half as widely from one measurement to the
+    next, in half the time (benchmarks/process_states.py; benchmarks/RESULTS.md, "The loop's pair timed run by
+    run")."""
+    names = list(paths)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        stats = _run_child([str(paths[name]) for name in names], input_shape, threads, warmup, runs)
+        for name, ms in zip(names, stats["median_ms"]):
+            out[name].append(ms)
     return out
 
 

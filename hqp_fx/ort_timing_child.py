@@ -1,8 +1,9 @@
-"""The timing program ``hqp_fx.measure.measure_onnx`` runs as a script in a fresh process.
+"""The timing program ``hqp_fx.measure`` runs as a script in a fresh process.
 
 It imports only numpy and onnxruntime (not hqp_fx or torch), so the peak resident memory it reports is the
 session's and ONNX Runtime's alone. Argument: a JSON list [path, input shape, threads, warmup, runs]; output: one
-JSON line.
+JSON line. With a list of paths in place of one path, it times the files against each other run by run (see
+``interleaved``) and reports each file's median.
 """
 import json
 import sys
@@ -19,8 +20,17 @@ def status(key):  # kB from /proc/self/status (Linux)
                 return int(line.split()[1])
 
 
-def main() -> None:
-    path, shape, threads, warmup, runs = json.loads(sys.argv[1])
+def feed_for(session, shape):
+    return {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+
+
+def timed_run(session, feed):
+    t = time.perf_counter()
+    session.run(None, feed)
+    return 1e3 * (time.perf_counter() - t)
+
+
+def alone(path, shape, threads, warmup, runs):
     # the peak RSS counter survives fork+exec from the (large) parent; reset it to this process's own pages first
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -29,17 +39,43 @@ def main() -> None:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    feed = feed_for(session, shape)
     for _ in range(warmup):
         session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - t)
+    times = [timed_run(session, feed) for _ in range(runs)]
     peak = status("VmHWM:")
-    print(json.dumps({"median_ms": 1e3 * float(np.median(times)), "p90_ms": 1e3 * float(np.percentile(times, 90)),
-                      "peak_rss_mb": peak / 1024, "session_rss_mb": (peak - before) / 1024}))
+    return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)),
+            "peak_rss_mb": peak / 1024, "session_rss_mb": (peak - before) / 1024}
+
+
+def interleaved(paths, shape, threads, warmup, runs):
+    """Every file's session runs once per step, the order reversed every other step, all on one global thread pool.
+
+    Runs a millisecond apart share the machine's state, which on a shared VM jumps between levels within seconds.
+    Separate per-session pools would make each session pay for the other's threads, which spin after a run; one
+    pool that every session uses is what a single deployed session has.
+    """
+    ort.capi._pybind_state.set_global_thread_pool_sizes(threads, 1)
+    options = ort.SessionOptions()
+    options.use_per_session_threads = False
+    sessions = [ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]) for path in paths]
+    feeds = [feed_for(session, shape) for session in sessions]
+    order = list(range(len(sessions)))
+    for _ in range(warmup):
+        for i in order:
+            sessions[i].run(None, feeds[i])
+    times = [[] for _ in sessions]
+    for _ in range(runs):
+        for i in order:
+            times[i].append(timed_run(sessions[i], feeds[i]))
+        order.reverse()
+    return {"median_ms": [float(np.median(t)) for t in times]}
+
+
+def main() -> None:
+    path, shape, threads, warmup, runs = json.loads(sys.argv[1])
+    stats = (interleaved if isinstance(path, list) else alone)(path, shape, threads, warmup, runs)
+    print(json.dumps(stats))
 
 
 if __name__ == "__main__":

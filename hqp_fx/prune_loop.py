@@ -81,8 +81,8 @@ class PruneLoopConfig:
     target_macs: float | None = None  # stop once MACs <= this fraction of the baseline
     target_params: float | None = None
     target_latency: float | None = None  # stop once latency_fn(model) <= this fraction of the dense model's
-    # an accepted round is timed with the dense model in this many alternating rounds, judged on the median of
-    # their per-round ratios: after a minute of training one round in five was 18-29% off (benchmarks/RESULTS.md,
+    # an accepted round is timed with the dense model in this many rounds (``paired_latency``), judged on the median
+    # of their per-round ratios: after a minute of training one round in five was 18-29% off (benchmarks/RESULTS.md,
     # "The loop's latency ratio"), and the median of five outlasts two such rounds
     latency_rounds: int = 5
     # a round whose ratio reaches target_latency is timed again in this many rounds, and judged on that, before the
@@ -141,7 +141,7 @@ class RoundRecord:
     # paired over the rounds (``paired_ratio``); latency / reference_latency is that ratio
     latency: float | None = None
     predicted_latency: float | None = None  # the latency model's prediction for the candidate (select="latency")
-    reference_latency: float | None = None  # the dense model's median round, timed alternating with the candidate
+    reference_latency: float | None = None  # the dense model's median round, timed with the candidate
     retries: int = 0  # extra fine-tunes the candidate had (config.patience) before this verdict
     drops_before: list[float] = field(default_factory=list)  # the drop after each earlier fine-tune, one per retry
     drop_se: float | None = None  # the drop's standard error, paired over the images (when the evaluation has hits)
@@ -223,7 +223,7 @@ def prune_loop(
     ``latency_fn(model)`` measures what ``config.target_latency`` is a fraction of (any unit, ideally on the
     deployment engine; e.g. ``hqp_fx.compress.onnx_latency``, ms in ONNX Runtime); it is called on the dense model
     and on every accepted candidate, that one together with the dense model again in ``config.latency_rounds``
-    alternating rounds (``paired_latency``), and the target is judged on their ratio: timing on a shared machine
+    rounds (``paired_latency``), and the target is judged on their ratio: timing on a shared machine
     drifts by tens of percent over minutes, so a dense time taken once at the start is no reference an hour later.
     A ratio at or under the target is timed again in ``config.latency_confirm_rounds`` rounds and judged on that.
     ``guard_fn(model)``, when given, judges each candidate and the recovered model instead of ``evaluate_fn``, against
@@ -338,8 +338,7 @@ def prune_loop(
             break
         if config.target_latency is not None and ratio <= config.target_latency:
             stop = (f"latency target reached ({ratio:.3f} of dense <= {config.target_latency}, timed in "
-                    f"{config.latency_confirm_rounds or config.latency_rounds} round(s) alternating with the dense "
-                    "model)")
+                    f"{config.latency_confirm_rounds or config.latency_rounds} round(s) with the dense model)")
             break
         elapsed = _clock() - started
         expected = statistics.fmean(round_seconds) if round_seconds else 0.0
@@ -466,11 +465,12 @@ def prune_loop(
 
 def paired_latency(latency_fn: Callable[[nn.Module], float], reference: nn.Module, candidate: nn.Module,
                    rounds: int) -> tuple[list[float], list[float]]:
-    """Both models timed in ``rounds`` alternating rounds: (the reference's ms per round, the candidate's). A slow
+    """Both models timed in each of ``rounds`` rounds: (the reference's ms per round, the candidate's). A slow
     spell of the machine then falls on both rather than on one (a dense ResNet-56 timed once at a run's start was
     20% slower than in the report an hour later, and the loop stopped at a ratio it had not reached); judge them
     with ``paired_ratio``. ``latency_fn.paired(reference, candidate, rounds)``, when it has one, returns the same
-    without preparing each model once per round."""
+    without preparing each model once per round (``onnx_latency``'s times the two run by run in each round);
+    otherwise the rounds alternate between the two."""
     if hasattr(latency_fn, "paired"):
         return latency_fn.paired(reference, candidate, rounds)
     times = [(latency_fn(reference), latency_fn(candidate)) for _ in range(rounds)]

@@ -359,6 +359,59 @@ def test_variants_are_timed_in_alternating_rounds_and_the_median_round_is_kept(m
     assert out["b"]["median_ms"] == 4.0
 
 
+def test_the_loops_pair_runs_by_turns_on_one_shared_thread_pool(monkeypatch):
+    """The timing child behind ``measure_interleaved``: every session runs once per step, the order reversed each
+    step, all sessions on one global pool; each file's median comes from its own runs' clock readings."""
+    from hqp_fx import ort_timing_child as child
+
+    clock, calls, pools, options_seen = [0.0], [], [], []
+    costs = {"a.onnx": [2.0, 2.0, 2.0, 2.0, 2.0, 2.0], "b.onnx": [9.0, 9.0, 1.0, 5.0, 3.0, 4.0]}  # seconds
+
+    class Session:
+        def __init__(self, path, options, providers):
+            self.path = path
+            options_seen.append(options.use_per_session_threads)
+
+        def get_inputs(self):
+            return [type("Input", (), {"name": "x"})]
+
+        def run(self, outputs, feed):
+            assert feed["x"].shape == (1, 3, 8, 8)
+            calls.append(self.path)
+            clock[0] += costs[self.path].pop(0)
+
+    class Options:
+        use_per_session_threads = True
+
+    fake_ort = type("ort", (), {"InferenceSession": Session, "SessionOptions": Options})
+    fake_ort.capi = type("capi", (), {"_pybind_state": type("C", (), {
+        "set_global_thread_pool_sizes": staticmethod(lambda intra, inter: pools.append((intra, inter)))})})
+    monkeypatch.setattr(child, "ort", fake_ort)
+    monkeypatch.setattr(child.time, "perf_counter", lambda: clock[0])
+    out = child.interleaved(["a.onnx", "b.onnx"], [1, 3, 8, 8], 2, 1, 5)
+    assert pools == [(2, 1)] and options_seen == [False, False]  # one pool, shared, not one per session
+    assert calls == ["a.onnx", "b.onnx"] + ["a.onnx", "b.onnx", "b.onnx", "a.onnx"] * 2 + ["a.onnx", "b.onnx"]
+    assert out == {"median_ms": [2000.0, 4000.0]}  # b's timed runs: 9, 1, 5, 3, 4 s (the warm-up's 9 s left out)
+
+
+def test_onnx_latency_pairs_two_models_in_onnx_runtime(tmp_path):
+    """``OnnxLatency.paired`` exports both models and times them in real ONNX Runtime processes, a time per round
+    for each; a file ORT cannot load is named in the error."""
+    from hqp_fx.core import HQPError
+    from hqp_fx.measure import measure_interleaved
+
+    small = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    large = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(64, 4, 3, padding=1)).eval()
+    reference_ms, candidate_ms = onnx_latency(torch.randn(1, 3, 16, 16), runs=5).paired(large, small, 2)
+    assert len(reference_ms) == len(candidate_ms) == 2
+    assert all(np.isfinite(t) and t > 0 for t in reference_ms + candidate_ms)
+    (tmp_path / "broken.onnx").write_bytes(b"not onnx")
+    with pytest.raises(HQPError, match="broken.onnx"):
+        measure_interleaved({"a": tmp_path / "broken.onnx", "b": tmp_path / "broken.onnx"}, (1, 3, 8, 8), runs=2,
+                            rounds=1)
+
+
 class _Lookup(torch.nn.Module):
     """Predicts, for each image, the class stored for it: images carry their index in two pixels (high, low byte),
     read back from the loader's normalised batch."""

@@ -62,7 +62,8 @@ def render_report(r: dict) -> str:
         + (", ".join(f"`{k}` ({v})" for k, v in r["quantization"]["float_layers"].items()) or "none"),
         f"- Verification: {r['verification']['fp32']['summary']}; {r['verification']['int8']['summary']}",
         f"- {r['tensorrt']['reason'] or 'TensorRT: INT8 engine built and verified'}",
-        *(["- HQP INT8 against quantize-only INT8 (the same engine, the median of round-paired ratios): "
+        *(["- HQP INT8 against quantize-only INT8 (the same engine; the two files run by run in each round, the median "
+            "of the per-round ratios): "
            + (f"**{q:.2f}× faster**" if (q := r["hqp_vs_quantize_only"]) >= 1 else f"**{1 / q:.2f}× slower**")]
           if r.get("hqp_vs_quantize_only") else []),
         "", f"Latency: {r['latency_engine']} on {r['machine']}; speed-ups are medians of round-paired ratios.", "",

@@ -48,7 +48,10 @@ def test_demo_writes_every_output_and_a_valid_sidecar(demo_run):
     assert "seen_check" not in report["splits"]  # its validation images were held out before the model trained
     assert set(report["variants"]) == {"dense_fp32", "prune_only_fp32", "hqp_int8", "quantize_only_int8"}
     var = report["variants"]  # speed-ups: the median of round-paired ratios over the alternating timing rounds
-    paired = sorted(q / h for q, h in zip(var["quantize_only_int8"]["rounds_ms"], var["hqp_int8"]["rounds_ms"]))
+    paired = sorted(base / v for base, v in zip(var["dense_fp32"]["rounds_ms"], var["hqp_int8"]["rounds_ms"]))
+    assert len(paired) == 3 and var["hqp_int8"]["speedup"] == paired[1]
+    head_to_head = report["hqp_vs_quantize_only_rounds_ms"]  # the headline: the two INT8 files timed run by run
+    paired = sorted(q / h for q, h in zip(head_to_head["quantize_only_int8"], head_to_head["hqp_int8"]))
     assert len(paired) == 3 and report["hqp_vs_quantize_only"] == paired[1]
     assert "HQP INT8 against quantize-only INT8" in (demo_run / "report.md").read_text()
     assert report["compression"]["macs"][1] < report["compression"]["macs"][0]

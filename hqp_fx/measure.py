@@ -63,9 +63,9 @@ def measure_interleaved(paths: dict[str, Path], input_shape: tuple[int, ...], *,
 
     For judging a ratio, not for reporting a file's own time: the sessions share caches and threads. Blocks of runs
     in separate processes, as ``measure_alternating`` times them, sit seconds apart, and a shared VM can change
-    speed in between; timed run by run, a pair's ratio spread about half as widely from one measurement to the
-    next, in half the time (benchmarks/process_states.py; benchmarks/RESULTS.md, "The loop's pair timed run by
-    run")."""
+    speed in between; timed run by run, a pair's ratio varied about a tenth as much from one measurement to the
+    next, and took less time (benchmarks/process_states.py; benchmarks/RESULTS.md, "The loop's pair timed run by
+    run on one thread pool")."""
     names = list(paths)
     out: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):

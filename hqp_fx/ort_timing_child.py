@@ -49,13 +49,13 @@ def alone(path, shape, threads, warmup, runs):
 
 
 def interleaved(paths, shape, threads, warmup, runs):
-    """Every file's session runs once per step, the order reversed every other step, all on one global thread pool.
+    """Every file's session runs once per step, the order reversed after each step, all on one global thread pool.
 
     Runs a millisecond apart share the machine's state, which on a shared VM jumps between levels within seconds.
     Separate per-session pools would make each session pay for the other's threads, which spin after a run; one
     pool that every session uses is what a single deployed session has.
     """
-    ort.capi._pybind_state.set_global_thread_pool_sizes(threads, 1)
+    ort.set_global_thread_pool_sizes(threads, 1)  # before the first session creates the environment
     options = ort.SessionOptions()
     options.use_per_session_threads = False
     sessions = [ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]) for path in paths]

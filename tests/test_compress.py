@@ -386,9 +386,8 @@ def test_the_loops_pair_runs_by_turns_on_one_shared_thread_pool(monkeypatch):
     class Options:
         use_per_session_threads = True
 
-    fake_ort = type("ort", (), {"InferenceSession": Session, "SessionOptions": Options})
-    fake_ort.capi = type("capi", (), {"_pybind_state": type("C", (), {
-        "set_global_thread_pool_sizes": staticmethod(lambda intra, inter: pools.append((intra, inter)))})})
+    fake_ort = type("ort", (), {"InferenceSession": Session, "SessionOptions": Options, "set_global_thread_pool_sizes":
+                                staticmethod(lambda intra, inter: pools.append((intra, inter)))})
     monkeypatch.setattr(child, "ort", fake_ort)
     monkeypatch.setattr(child.time, "perf_counter", lambda: clock[0])
     out = child.interleaved(["a.onnx", "b.onnx"], [1, 3, 8, 8], 2, 1, 5)

@@ -43,8 +43,8 @@ prune-only FP32 and HQP INT8, every file with a dynamic batch dimension. ONNX Ru
 ``--batch-sizes`` (default 1 and 32; ``measure_onnx``: fresh process, 2 threads, 10 warm-ups, median of 100,
 3 interleaved rounds; each speed-up the median of the per-round ratios), size and top-1 (in ONNX Runtime) on the
 10,000 test images, all in one run. The shipped file is also timed against both ``quantize_static`` files run by
-run in each round (``measure_interleaved``, as ``hqp compress`` times its ratios). When the HQP INT8 model breaks ``--delta-max``, the hybrid fallback (what
-``hqp compress`` ships then) is built and timed too.
+run in each round (``measure_interleaved``, as ``hqp compress`` times its ratios). When the HQP INT8 model breaks
+``--delta-max``, the hybrid fallback (what ``hqp compress`` ships then) is built and timed too.
 
 ``latency-compare``: Torch-Pruning at equal measured INT8 latency, on the same budget, against the model of a
 finished ``hqp compress`` run. Each TP pruner's global ratio is searched until its INT8 model is as fast as HQP's

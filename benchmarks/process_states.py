@@ -5,8 +5,9 @@
 The report times its files as ``measure_alternating`` does, and the loop timed a candidate against the dense model
 that way too: each block of ``runs`` runs in a fresh ONNX Runtime process, the files alternating, the ratio read as
 the median of the per-block ratios (``paired_ratio``). On one VM a file's time jumped between two levels about 1.8x
-apart, and a block's ratio with it, even when the blocks of one round ran seconds apart. If the level is drawn per process (where the scheduler
-places its threads, say), pairing two processes cannot cancel it; two sessions in one process would share it.
+apart, and a block's ratio with it, even when the blocks of one round ran seconds apart. If the level is drawn per
+process (where the scheduler places its threads, say), pairing two processes cannot cancel it; two sessions in one
+process would share it.
 
 ``processes`` was the loop's way and is the report's. ``one-process`` loads both files in one fresh process per
 trial and alternates blocks of ``runs`` between the two sessions, pausing ``--pause`` s between blocks so the last

@@ -35,22 +35,19 @@ def child(paths: list[str], shape: list[int], threads: int, blocks: int, runs: i
     """Both sessions in this process; blocks alternate between them; prints the per-block medians as JSON."""
     import onnxruntime as ort
 
+    from hqp_fx.ort_timing_child import feed_for, timed_run  # the loop's timing program: the same feed and clock
+
     sessions = []
     for path in paths:
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         sessions.append(ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
-    feed = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    feeds = [{s.get_inputs()[0].name: feed} for s in sessions]
+    feeds = [feed_for(s, shape) for s in sessions]
     times: list[list[float]] = [[] for _ in sessions]
     for block in range(blocks + 1):  # block 0 warms both up and is dropped
         for i, (session, f) in enumerate(zip(sessions, feeds)):
             time.sleep(pause)
-            runs_ms = []
-            for _ in range(runs if block else 10):
-                t = time.perf_counter()
-                session.run(None, f)
-                runs_ms.append(1e3 * (time.perf_counter() - t))
+            runs_ms = [timed_run(session, f) for _ in range(runs if block else 10)]
             if block:
                 times[i].append(float(np.median(runs_ms)))
     print(json.dumps(times))

@@ -34,9 +34,10 @@ from hqp_fx.passes import ChannelDependencyPass, PruneChannelsPass
 from hqp_fx.train import evaluate, finetune, paired_drop
 
 
-def remove_blocks(dense: torch.nn.Module, example: torch.Tensor, blocks: list[str]) -> torch.nn.Module:
+def remove_blocks(dense: torch.nn.Module, example: torch.Tensor, blocks: list[str], *,
+                  drop_bias: bool = True) -> torch.nn.Module:
     """A copy of ``dense`` with each named residual block removed whole (its conv1 group emptied), as the loop
-    removes one."""
+    removes one (``drop_bias``: the loop's default, the block becomes the identity)."""
     gm = ChannelDependencyPass()(hqp_fx.trace(copy.deepcopy(dense), example)).graph_module
     sizes = {g.id: g.size for g in meta.channel_groups(gm)}
     plan = {}
@@ -45,7 +46,7 @@ def remove_blocks(dense: torch.nn.Module, example: torch.Tensor, blocks: list[st
         if group not in sizes:
             raise SystemExit(f"{block} is not a residual block (no group {group})")
         plan[group] = list(range(sizes[group]))
-    return PruneChannelsPass(plan)(gm).graph_module
+    return PruneChannelsPass(plan, drop_branch_bias=drop_bias)(gm).graph_module
 
 
 def main() -> None:

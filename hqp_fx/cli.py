@@ -164,7 +164,8 @@ def compress_config(args: argparse.Namespace, *, lr: float, augment: bool):
         prune=PruneLoopConfig(delta_max=args.delta_max, steps=step_schedule(args.step), criterion=args.criterion,
                               flops_normalize=args.flops_normalize, align=align, target_macs=args.target_macs,
                               target_latency=args.target_latency, ignore=tuple(args.ignore or ()),
-                              keep_stem=args.keep_stem, remove_branches=args.remove_branches, seed=args.seed,
+                              keep_stem=args.keep_stem, remove_branches=args.remove_branches,
+                              drop_branch_bias=args.drop_branch_bias, seed=args.seed,
                               max_rounds=args.max_rounds, patience=args.patience, margin=args.margin,
                               time_budget=None if args.time_budget is None else 60 * args.time_budget,
                               select=args.select or ("latency" if args.backend == "onnxruntime" else "channels")),
@@ -358,6 +359,10 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--remove-branches", action=argparse.BooleanOptionalAction, default=not demo, help="depth "
                    "pruning: all inner channels of a residual block (or an SE gate) may go, and the block with them; "
                    "ranked with the channel blocks")
+    c.add_argument("--drop-branch-bias", action=argparse.BooleanOptionalAction, default=True, help="a block "
+                   "removed whole leaves the identity, not the add of its last BatchNorm's shift, which costs engine "
+                   "time; the fine-tune absorbs the shift. --no-drop-branch-bias keeps the add: the removal is then "
+                   "exact (the pruned model equals the original with those channels masked)")
     c.add_argument("--max-rounds", type=_COUNT, default=12 if demo else 100, help="pruning rounds at most")
     c.add_argument("--time-budget", type=_number(float, 0, open_low=True), default=None, metavar="MINUTES",
                    help="start no pruning round that would end past this many minutes (judged by the mean round so "

@@ -73,6 +73,9 @@ class PruneLoopConfig:
     align: int = 8
     min_keep: int | None = None  # per group; defaults to ``align``
     remove_branches: bool = False  # a removable group (a residual block's inner channels) may go whole: depth pruning
+    # a block removed whole leaves the identity, not x + its last BatchNorm's shift: the add it would leave costs
+    # engine time, the fine-tune absorbs the shift (``hqp_fx.branches.droppable``)
+    drop_branch_bias: bool = True
     select: str = "channels"  # "channels": the step is a share of channels; "latency": a share of predicted latency
     max_rounds: int = 100
     time_budget: float | None = None  # seconds: no round starts that would end past it (at the mean round's length)
@@ -385,8 +388,8 @@ def prune_loop(
                     "the same plan; rolled back")
             break
         # the aligned plan is pruned and the result analysed at once: fine-tuning changes weights, not structure
-        candidate = Pipeline([PruneChannelsPass(), ChannelDependencyPass()], available=tuple(current.meta))(
-            current).graph_module
+        candidate = Pipeline([PruneChannelsPass(drop_branch_bias=config.drop_branch_bias), ChannelDependencyPass()],
+                             available=tuple(current.meta))(current).graph_module
         drops_before: list[float] = []
         for retries in range(config.patience + 1):
             torch.manual_seed(config.seed * 1000 + rnd + RETRY_SEED * retries)

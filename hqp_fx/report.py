@@ -50,6 +50,8 @@ def render_report(r: dict) -> str:
         f"- Pruning: {len(r['rounds'])} rounds ({sum(x['accepted'] for x in r['rounds'])} accepted), criterion "
         f"`{r['criterion']}`, kept channels multiples of {r['config']['prune']['align']}"
         + (f", layers removed with their branches: {sum(kept == 0 for _, kept in r['channels'].values())}"
+           + (" (a removed block leaves the identity: its last BatchNorm's shift dropped, then fine-tuned)"
+              if r["config"]["prune"].get("drop_branch_bias") else "")
            if r["config"]["prune"]["remove_branches"] else "") + f"; stopped: {r['stop_reason']}",
         *([f"- Recovery fine-tune ({rec['epochs']:g} epoch(s)): top-1 {rec['top1_before']:.2f}% → "
            f"{rec['top1_after']:.2f}%, " + ("kept" if rec["kept"] else "discarded (it lowered top-1)")]

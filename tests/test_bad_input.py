@@ -410,7 +410,9 @@ def test_compress_defaults_are_the_benchmarked_recipe(monkeypatch):
     p = config.prune
     assert (p.select, p.criterion, p.remove_branches, p.keep_stem, p.steps, p.align, p.patience, p.time_budget,
             p.margin) == ("latency", "taylor", True, True, (0.1, 0.02, 0.01), 16, 1, None, 0.0)
-    assert config.guard == "int8"
+    assert config.guard == "int8" and p.drop_branch_bias
+    assert not compress_config(build_parser().parse_args(base + ["--no-drop-branch-bias"]), lr=0.01,
+                               augment=True).prune.drop_branch_bias
     assert (config.finetune.epochs, config.finetune.distill, config.recover_epochs, config.ablation) == (1.0, 0.9, 1.0, True)
     assert config.quant.backend == "onnxruntime"
     expert = compress_config(build_parser().parse_args(base + ["--no-remove-branches", "--no-keep-stem", "--select",

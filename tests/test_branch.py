@@ -1,10 +1,13 @@
 """Whole-group removal (depth pruning): a group whose every channel goes takes its residual or gating branch."""
 from __future__ import annotations
 
+import operator
+
 import onnx
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import hqp_fx
 from hqp_fx import meta
@@ -51,6 +54,58 @@ def test_removing_whole_groups_equals_the_masked_original(name, removable):
     for gid in whole:  # the producing layer is gone, not narrowed to nothing
         assert gid not in modules and not any(n.target == gid for n in pruned.graph.nodes)
     assert layer_macs(pruned, x) < layer_macs(PruneChannelsPass(partial)(gm).graph_module, x)
+
+
+def _branch_output_zeroed(gm, plan, whole):
+    """The original with ``plan``'s channels masked and, at each add or sub where a whole group's branch meets
+    the net, the branch's whole output set to zero: its BatchNorm shift included."""
+    analysis = meta.channel_analysis(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    zeroed = {const for gid in whole for const, user in analysis.branches[gid].meeting
+              if nodes[user].target in (operator.add, torch.add, "add", operator.sub, torch.sub, "sub")}
+
+    class Zeroed(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            return torch.zeros_like(out) if n.name in zeroed else out
+
+    masked = masked_copy(gm, plan)
+    return lambda x: Zeroed(masked).run(x)
+
+
+@pytest.mark.parametrize("name", ["cifar:resnet20", "resnet18", "mobilenet_v3_small"])
+def test_dropping_a_removed_branchs_bias_equals_the_original_with_the_branch_zeroed(name):
+    """``drop_branch_bias``: a removed block becomes the identity, its add and the ReLU then applied twice gone;
+    an SE gate's multiply keeps its constant."""
+    gm, x = _analysed(name)
+    groups = meta.channel_groups(gm)
+    found = [g.id for g in groups if g.removable]
+    whole = {gid: list(range(next(g.size for g in groups if g.id == gid))) for gid in found[::2]}
+    partial = random_plan(groups, 0.3, seed=0, include=lambda g: g.id not in whole and not g.cross_channel)
+    plan = {**partial, **whole}
+    kept = PruneChannelsPass(plan)(gm).graph_module
+    dropped = PruneChannelsPass(plan, drop_branch_bias=True)(gm).graph_module
+    dropped.graph.lint()
+    with torch.no_grad():
+        assert_close(dropped(x), _branch_output_zeroed(gm, plan, whole)(x), 1e-4, f"{name}: dropped vs zeroed")
+        assert (dropped(x) - kept(x)).abs().max() > 1e-3  # the bias did something: the two models differ
+
+    def count(m, pred):
+        return sum(1 for n in m.graph.nodes if pred(n))
+
+    def is_add(n):
+        return n.target in (operator.add, torch.add, "add", operator.iadd)
+
+    def is_relu(n):
+        return (n.op == "call_module" and "relu" in str(n.target)) or n.target in (torch.relu, F.relu, "relu")
+
+    constants = [n for n in kept.graph.nodes if n.op == "get_attr"]
+    gates = [n for n in constants if any(u.target in (operator.mul, torch.mul, "mul") for u in n.users)]
+    assert [n.target for n in dropped.graph.nodes if n.op == "get_attr"] == [n.target for n in gates]
+    removed_adds = len(constants) - len(gates)
+    assert removed_adds > 0 and count(dropped, is_add) == count(kept, is_add) - removed_adds
+    if name == "cifar:resnet20":  # relu(shortcut + branch), the shortcut non-negative: one relu fewer per block
+        assert count(dropped, is_relu) == count(kept, is_relu) - removed_adds
 
 
 def test_removed_branch_saves_exports_and_quantizes(tmp_path):

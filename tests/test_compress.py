@@ -3,6 +3,7 @@ re-measure the same, and refusals that leave nothing behind."""
 from __future__ import annotations
 
 import json
+import operator
 import re
 import subprocess
 import sys
@@ -103,8 +104,13 @@ def test_demo_with_depth_pruning_ships_a_model_without_the_removed_blocks(tmp_pa
     removed = sorted(n for n, (_, kept) in report["channels"].items() if kept == 0)
     assert removed, report["channels"]
     assert f"layers removed with their branches: {len(removed)}" in (out / "report.md").read_text()
+    assert "a removed block leaves the identity" in (out / "report.md").read_text()
     pruned = hqp_fx.load(out / "model_pruned.hqp")
     assert not any(n in dict(pruned.named_modules()) for n in removed)
+    # the default drop_branch_bias: a removed block's add goes with it, and no constant is stored in its place
+    blocks = {n.split(".")[0] for n in removed}
+    assert sum(n.target is operator.add for n in pruned.graph.nodes) == 2 - len(blocks)
+    assert not any(n.op == "get_attr" and n.target.endswith("_constant") for n in pruned.graph.nodes)
     _, test = digits(size=8)
     loader = list(BatchLoader(test, 500))
     int8 = evaluate(OrtModel(out / "model_int8.onnx"), loader)["top1"]

@@ -6,7 +6,9 @@ attributes, which data-movement ops become an explicit ``index_select``), then o
 copy, then a read-only verification (lint, shape propagation). It works from the element labels the dependency
 pass stored: a parameter dimension keeps the entries whose element survives, and a constant that counts
 channels is recomputed from how many labelled positions survive along the dim it acts on. A plan that takes
-every channel of a removable group removes the branch it feeds (``hqp_fx.branches``).
+every channel of a removable group removes the branch it feeds (``hqp_fx.branches``); with ``drop_branch_bias``
+an added constant it leaves goes too, so a removed residual block becomes the identity (not exact: see
+``hqp_fx.branches.droppable``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .. import meta, ops
-from ..branches import StoredConstant, branch_constants, remove_branches
+from ..branches import StoredConstant, branch_constants, drop_branch_bias, remove_branches
 from ..core import GraphPass, PassError, PassResult
 from ..groups import ChannelAnalysis, SliceRecord
 from ..trace import propagate_shapes
@@ -214,15 +216,19 @@ class PruneChannelsPass(GraphPass):
     """Remove the channels ``plan`` names ({group id: channel indices}) and rewrite all shapes.
 
     Returns a new GraphModule; the input module is never changed. With ``plan=None`` the
-    plan written by AlignChannelsPass (``gm.meta["hqp.align"]["plan"]``) is used.
+    plan written by AlignChannelsPass (``gm.meta["hqp.align"]["plan"]``) is used. A group emptied whole removes
+    its branch, leaving the branch's constant where it met the net: the result equals the original with those
+    channels masked. ``drop_branch_bias=True`` drops a constant that is only added as well (the pruning loop's
+    default: the block then costs nothing in the engine, and fine-tuning follows).
     """
 
     provided_meta = (meta.PRUNE_PLAN,)
     # the returned module is a new graph: run ChannelDependencyPass on it again before further channel passes
     invalidated_meta = (meta.CHANNEL_GROUPS, meta.CHANNEL_ANALYSIS, meta.ALIGN, meta.SENSITIVITY)
 
-    def __init__(self, plan: Mapping[str, Sequence[int]] | None = None):
+    def __init__(self, plan: Mapping[str, Sequence[int]] | None = None, *, drop_branch_bias: bool = False):
         self.plan = None if plan is None else {k: list(v) for k, v in plan.items()}
+        self.drop_branch_bias = drop_branch_bias
         self.required_meta = (meta.CHANNEL_GROUPS, meta.CHANNEL_ANALYSIS) + ((meta.ALIGN,) if plan is None else ())
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
@@ -234,7 +240,7 @@ class PruneChannelsPass(GraphPass):
             return PassResult(graph_module, False)
         new = _copy_module(graph_module)
         changes = _plan_changes(new, analysis, plan)
-        _apply_changes(new, changes)
+        _apply_changes(new, changes, self.drop_branch_bias)
         new.graph.lint()
         propagate_shapes(new, meta.example_inputs(new),
                          hint="The pruned graph is inconsistent: this is a bug in hqp_fx, please report it with the model.")
@@ -446,7 +452,7 @@ def _flat(*objs):
 
 # ----- 2. the one mutation loop, on the private copy ----------------------------------------------------------
 
-def _apply_changes(new: fx.GraphModule, changes: _Changes) -> None:
+def _apply_changes(new: fx.GraphModule, changes: _Changes, drop_bias: bool) -> None:
     if changes.constants:
         remove_branches(new, changes.constants, changes.tensors)
     for name, _ in list(new.named_parameters(remove_duplicate=False)) + list(new.named_buffers(remove_duplicate=False)):
@@ -472,6 +478,8 @@ def _apply_changes(new: fx.GraphModule, changes: _Changes) -> None:
         g.end.replace_all_uses_with(gathered)
         gathered.meta = dict(g.end.meta)
         replaced[g.end] = gathered
+    if drop_bias and changes.constants:
+        drop_branch_bias(new, changes.constants)
     new.graph.eliminate_dead_code()
     _delete_unused_submodules(new)
     new.recompile()

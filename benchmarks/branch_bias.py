@@ -24,12 +24,11 @@ from pathlib import Path
 
 import torch
 
-from finetune_recipe import remove_blocks  # same folder: the fixed cut, removed as the loop removes a block
+from finetune_recipe import clean_data_and_dense, remove_blocks  # same folder: the fixed cut and its data
 from hqp_fx.cli import build_parser, compress_config
-from hqp_fx.data import BatchLoader, find_splits, load_split
+from hqp_fx.data import BatchLoader
 from hqp_fx.lower_onnx import export_onnx
 from hqp_fx.measure import machine_description, measure_interleaved, paired_ratio
-from hqp_fx.models import build_model
 from hqp_fx.passes.quantize import QuantConfig, quantize
 from hqp_fx.train import evaluate, finetune, paired_drop
 
@@ -55,14 +54,8 @@ def main() -> None:
     ap.add_argument("--no-finetune", action="store_true", help="time only")
     args = ap.parse_args()
 
-    folders = find_splits(args.data)
-    if folders.validation is None:
-        raise SystemExit(f"{args.data} has no val/: make one of images the checkpoint never trained on with "
-                         "benchmarks/clean_val_folder.py")
-    train = load_split(folders.train, size=32)
-    val = load_split(folders.validation, classes=train.classes, size=32)
+    train, val, dense = clean_data_and_dense(args.data, args.model)
     spec, _, weights = args.model.partition("=")
-    dense = build_model(spec, weights or None).model.eval().requires_grad_(False)
     example = torch.randn(1, 3, 32, 32)
     cuts = {"kept": remove_blocks(dense, example, args.remove, drop_bias=False),
             "dropped": remove_blocks(dense, example, args.remove, drop_bias=True)}

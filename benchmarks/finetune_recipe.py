@@ -49,6 +49,19 @@ def remove_blocks(dense: torch.nn.Module, example: torch.Tensor, blocks: list[st
     return PruneChannelsPass(plan, drop_branch_bias=drop_bias)(gm).graph_module
 
 
+def clean_data_and_dense(data: str, model: str):
+    """(train, val, dense model) for a fixed-cut experiment: ``data`` must have a ``val/`` no checkpoint trained on;
+    ``model`` is SPEC=WEIGHTS."""
+    folders = find_splits(data)
+    if folders.validation is None:
+        raise SystemExit(f"{data} has no val/: make one of images the checkpoint never trained on with "
+                         "benchmarks/clean_val_folder.py")
+    train = load_split(folders.train, size=32)
+    val = load_split(folders.validation, classes=train.classes, size=32)
+    spec, _, weights = model.partition("=")
+    return train, val, build_model(spec, weights or None).model.eval().requires_grad_(False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (val/: never trained on)")
@@ -60,14 +73,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="the fine-tune's data order, the same for every config")
     args = ap.parse_args()
 
-    folders = find_splits(args.data)
-    if folders.validation is None:
-        raise SystemExit(f"{args.data} has no val/: make one of images the checkpoint never trained on with "
-                         "benchmarks/clean_val_folder.py")
-    train = load_split(folders.train, size=32)
-    val = load_split(folders.validation, classes=train.classes, size=32)
+    train, val, dense = clean_data_and_dense(args.data, args.model)
     spec, _, weights = args.model.partition("=")
-    dense = build_model(spec, weights or None).model.eval().requires_grad_(False)
     example = torch.randn(1, 3, 32, 32)
     cut = remove_blocks(dense, example, args.remove)
 

@@ -291,9 +291,9 @@ def droppable(user: fx.Node, constant: fx.Node) -> bool:
     but the original with the branch's whole output zeroed, its last BatchNorm's shift included.
 
     Why drop what is exact to keep: ONNX Runtime's int8 add over a whole feature map is not free. On ResNet-56
-    with seven blocks removed, the adds they left were 5% of the INT8 model's time at batch 1 and 6% at batch 32,
-    and dropping them cost no accuracy after one fine-tune epoch on either CIFAR ResNet (benchmarks/RESULTS.md,
-    "A removed block's bias dropped")."""
+    with seven blocks removed, the adds they left were 5-7% of the INT8 model's time, and dropping them cost no
+    measurable accuracy after one fine-tune epoch on either CIFAR ResNet (benchmarks/RESULTS.md, "A removed
+    block's bias dropped")."""
     second = len(user.args) > 1 and user.args[1] is constant
     if user.target in (operator.add, torch.add, "add"):
         return second or user.kwargs.get("alpha", 1) == 1  # c + alpha * x is not x

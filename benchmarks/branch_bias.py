@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -68,8 +69,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for batch in (1, 32):
             t = timings({"dense": dense, **cuts}, calibration, batch, args.rounds, Path(tmp))
-            dense_ms = sorted(t["dense"])[len(t["dense"]) // 2]
-            print(f"| {batch} | {dense_ms:.3f} | {paired_ratio(t['kept'], t['dense']):.3f} | "
+            print(f"| {batch} | {statistics.median(t['dense']):.3f} | {paired_ratio(t['kept'], t['dense']):.3f} | "
                   f"{paired_ratio(t['dropped'], t['dense']):.3f} | {paired_ratio(t['dropped'], t['kept']):.3f} |",
                   flush=True)
     if args.no_finetune:

@@ -43,7 +43,9 @@ from .groups import ChannelAnalysis, SliceRecord, labels_along, labels_vary
 __all__ = ["Branch", "StoredConstant", "find_branches", "branch_constants", "remove_branches", "drop_branch_bias",
            "droppable", "constants_in_full"]
 
-_ADD_SUB = frozenset({operator.add, operator.sub, torch.add, torch.sub, "add", "sub"})
+_ADD = frozenset({operator.add, torch.add, "add"})
+_SUB = frozenset({operator.sub, torch.sub, "sub"})
+_ADD_SUB = _ADD | _SUB
 
 
 @dataclass(frozen=True)
@@ -295,9 +297,9 @@ def droppable(user: fx.Node, constant: fx.Node) -> bool:
     measurable accuracy after one fine-tune epoch on either CIFAR ResNet (benchmarks/RESULTS.md, "A removed
     block's bias dropped")."""
     second = len(user.args) > 1 and user.args[1] is constant
-    if user.target in (operator.add, torch.add, "add"):
+    if user.target in _ADD:
         return second or user.kwargs.get("alpha", 1) == 1  # c + alpha * x is not x
-    return user.target in (operator.sub, torch.sub, "sub") and second
+    return user.target in _SUB and second
 
 
 def _nonnegative(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

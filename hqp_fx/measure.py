@@ -77,8 +77,9 @@ def measure_interleaved(paths: dict[str, Path], input_shape: tuple[int, ...], *,
 
 def paired_ratio(numerator_ms: list[float], denominator_ms: list[float]) -> float:
     """One file's time over another's, timed in the same rounds (``measure_alternating``'s or
-    ``measure_interleaved``'s): the median over the rounds of their ratio in the same round. A slow spell that hits both files of a round cancels out; the ratio of the two medians does not pair
-    them, and after a minute of training it read one ResNet-56 cut 24.5% off where this stayed within 2.3%
+    ``measure_interleaved``'s): the median over the rounds of their ratio in the same round. A slow spell that hits
+    both files of a round cancels out; the ratio of the two medians does not pair them, and after a minute of
+    training it read one ResNet-56 cut 24.5% off where this stayed within 2.3%
     (benchmarks/paired_timing.py; benchmarks/RESULTS.md, "The loop's latency ratio")."""
     if not numerator_ms or len(numerator_ms) != len(denominator_ms):
         raise ValueError(f"paired_ratio needs one time per round for both files, got {len(numerator_ms)} and "

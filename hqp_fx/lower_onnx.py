@@ -4,6 +4,13 @@
 onnx-graphsurgeon (constant folding that never touches Q/DQ, dead-node cleanup, topological sort), checks again and
 saves atomically.
 
+Two rewrites in that tidy-up let ONNX Runtime keep more of an int8 graph in int8; both compute exactly what the
+exported graph computes. A mean over every spatial axis becomes ``GlobalAveragePool``, which ORT fuses with its
+Q/DQ into ``QLinearGlobalAveragePool`` (``ReduceMean``, the exporter's form of ``adaptive_avg_pool2d(1)``, it runs
+in float). A ``Pad`` between a DequantizeLinear and a QuantizeLinear of the same scale and zero point (the
+``onnxruntime`` preset shares them through a zero-padding shortcut) pads the int8 tensor itself: ORT drops the
+Q/DQ around slices and reshapes but not around Pad (benchmarks/RESULTS.md, "Pooling and padding in int8").
+
 A removed residual block's constant (``hqp_fx.branches``) is lowered as the model stores it. In a float file that is
 per channel: ONNX Runtime's float add broadcasts it as fast as a full-shape one and the file stays smaller than the
 dense model's (benchmarks/RESULTS.md, "A removed block's constant in the FP32 files"). The int8 add is slow on such
@@ -164,14 +171,78 @@ def _keep_qdq(node) -> bool:
 
 
 def _cleanup(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """fold_constants (Q/DQ excluded) -> cleanup -> toposort."""
+    """fold_constants (Q/DQ excluded) -> global pooling and int8 padding rewrites -> cleanup -> toposort."""
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(proto)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph.fold_constants(should_exclude_node=_keep_qdq).cleanup().toposort()
+        graph.fold_constants(should_exclude_node=_keep_qdq).cleanup()
+        for node in list(graph.nodes):
+            if node.op == "ReduceMean":
+                _global_pool(node)
+            elif node.op == "Pad":
+                _int8_pad(graph, node)
+        graph.cleanup().toposort()
     return gs.export_onnx(graph, do_type_check=True)  # keeps ir_version, opset imports and producer
+
+
+def _const(tensor):
+    """The numpy value of a graphsurgeon constant input, or None."""
+    import onnx_graphsurgeon as gs
+
+    return tensor.values if isinstance(tensor, gs.Constant) else None
+
+
+def _global_pool(node) -> None:
+    """ReduceMean over every axis after N and C, dims kept -> GlobalAveragePool (the same mean, one op ORT and
+    TensorRT both run on int8 between Q/DQ)."""
+    x = node.inputs[0]
+    rank = len(x.shape) if x.shape is not None else 0
+    axes = _const(node.inputs[1]) if len(node.inputs) > 1 else node.attrs.get("axes")
+    if rank < 3 or axes is None or not node.attrs.get("keepdims", 1):
+        return
+    if sorted(int(a) % rank for a in list(axes)) != list(range(2, rank)):
+        return
+    node.op, node.attrs = "GlobalAveragePool", {}
+    while len(node.inputs) > 1:  # graphsurgeon's input list takes no slice deletion
+        node.inputs.pop()
+
+
+def _int8_pad(graph, node) -> None:
+    """DequantizeLinear -> Pad -> QuantizeLinear with one scale and zero point -> Pad of the quantized tensor, padded
+    with the pad value as the QuantizeLinear would store it. Exact: quantizing a dequantized value with the same
+    parameters returns it."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    x, y = node.inputs[0], node.outputs[0]
+    dq = x.inputs[0] if len(x.inputs) == 1 else None
+    q = y.outputs[0] if len(y.outputs) == 1 else None
+    if dq is None or q is None or dq.op != "DequantizeLinear" or q.op != "QuantizeLinear" or len(dq.inputs) < 3 \
+            or len(q.inputs) < 3 or q.outputs[0] in graph.outputs:
+        return
+    scale, zero = _const(dq.inputs[1]), _const(dq.inputs[2])
+    if scale is None or zero is None or scale.size != 1 or dq.attrs.get("axis", 1) != q.attrs.get("axis", 1) \
+            or not np.array_equal(scale, _const(q.inputs[1])) or not np.array_equal(zero, _const(q.inputs[2])) \
+            or zero.dtype != _const(q.inputs[2]).dtype:
+        return
+    inputs = [dq.inputs[0], node.inputs[1]]
+    if node.attrs.get("mode", "constant") == "constant":
+        value = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else np.float32(0)
+        if value is None:
+            return
+        info = np.iinfo(zero.dtype)
+        stored = np.clip(np.rint(np.float32(value) / scale.astype(np.float32)) + zero.astype(np.int64), info.min,
+                         info.max)
+        inputs.append(gs.Constant(f"{node.name}_int8_value", np.asarray(stored, zero.dtype).reshape(())))
+    if len(node.inputs) > 3:
+        inputs += [gs.Variable.empty()] * (3 - len(inputs)) + [node.inputs[3]]
+    out = q.outputs[0]
+    q.outputs.clear()
+    node.outputs.clear()
+    graph.nodes.append(gs.Node("Pad", name=f"{node.name}_int8", attrs=dict(node.attrs), inputs=inputs,
+                               outputs=[out]))
 
 
 def _dim0_is_symbolic(value: onnx.ValueInfoProto) -> bool:

@@ -30,9 +30,11 @@ WEIGHTED = {aten.conv1d.default: 0, aten.conv2d.default: 0, aten.conv3d.default:
              aten.conv_transpose1d.default: 1, aten.conv_transpose2d.input: 1, aten.conv_transpose3d.input: 1}
 _ACTIVATIONS = {aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default}
 _ADDS = {aten.add.Tensor, aten.add_.Tensor}
-# ops whose int8 output can reuse the input's scale (ORT runs them on int8 directly)
+# ops whose int8 output can reuse the input's scale (ORT runs them on int8 directly; a Pad once lower_onnx has
+# taken its Q/DQ off, which ORT's own QDQ fusions do not)
 _PASS_THROUGH = {aten.max_pool2d.default, aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default,
-                 aten.flatten.using_ints, aten.view.default, aten.reshape.default}
+                 aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten.slice.Tensor,
+                 aten.pad.default, aten.constant_pad_nd.default}
 
 
 class _RangeSearchObserver(HistogramObserver):

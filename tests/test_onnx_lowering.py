@@ -227,6 +227,85 @@ def test_cleanup_folds_constants_but_not_weight_dequantize():
     np.testing.assert_allclose(_ort(clean, x, optimize=False), _ort(proto, x, optimize=False), rtol=1e-6)
 
 
+def _pad_graph(*, mode: str = "constant", value: float | None = 0.37, q_scale: float = 0.05,
+               scale=np.float32(0.05)) -> onnx.ModelProto:
+    """x -> Q -> DQ -> Pad -> Q -> DQ -> y, int8 with a zero point of -3: the pattern a shared-scale zero-padding
+    shortcut exports."""
+    inits = [numpy_helper.from_array(np.asarray(scale, np.float32), "s"),
+             numpy_helper.from_array(np.asarray(np.full(np.shape(scale), -3), np.int8), "zp"),
+             numpy_helper.from_array(np.float32(q_scale), "s_out"),
+             numpy_helper.from_array(np.int8(-3), "zp_out"),
+             numpy_helper.from_array(np.array([0, 2, 1, 1, 0, 1, 2, 0], np.int64), "pads")]
+    pad_inputs = ["xd", "pads"]
+    if value is not None:
+        inits.append(numpy_helper.from_array(np.float32(value), "value"))
+        pad_inputs.append("value")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], axis=1),
+             helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"], axis=1),
+             helper.make_node("Pad", pad_inputs, ["p"], name="pad", mode=mode),
+             helper.make_node("QuantizeLinear", ["p", "s_out", "zp_out"], ["pq"]),
+             helper.make_node("DequantizeLinear", ["pq", "s_out", "zp_out"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 7, 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("knobs, int8", [
+    ({}, True),
+    ({"value": None}, True),  # the value input left out: zero
+    ({"value": 100.0}, True),  # beyond the range: saturates, as the QuantizeLinear would
+    ({"mode": "reflect", "value": None}, True),
+    ({"q_scale": 0.06}, False),  # another scale after the Pad: it must stay in float
+    ({"scale": np.full(3, 0.05, np.float32)}, False),  # per-channel
+])
+def test_pad_between_equal_qdq_runs_on_int8_with_the_same_output(knobs, int8):
+    proto = _pad_graph(**knobs)
+    clean = _cleanup(proto)
+    onnx.checker.check_model(clean, full_check=True)
+    pad = next(n for n in clean.graph.node if n.op_type == "Pad")
+    producer = {o: n.op_type for n in clean.graph.node for o in n.output}
+    assert producer[pad.input[0]] == ("QuantizeLinear" if int8 else "DequantizeLinear")
+    assert [n.op_type for n in clean.graph.node].count("QuantizeLinear") == (1 if int8 else 2)
+    x = torch.randn(2, 3, 4, 4) * 3
+    for optimize in (False, True):
+        np.testing.assert_array_equal(_ort(clean, x, optimize=optimize), _ort(proto, x, optimize=optimize))
+
+
+def test_global_mean_pools_and_shortcut_pads_run_on_int8_in_onnx_runtime(tmp_path):
+    """The CIFAR ResNet's zero-padding shortcuts and its global mean, quantized by the onnxruntime preset: the file
+    computes what the pt2e model computes, and ORT runs both on int8 (one Q for the input, one DQ for the logits)."""
+    from hqp_fx.models import build_model
+    from hqp_fx.passes.quantize import QuantConfig, quantize
+
+    torch.manual_seed(0)
+    model = build_model("cifar:resnet20").model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    calib = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    q = quantize(model, (x,), calib, QuantConfig(backend="onnxruntime", calibration="minmax")).model
+    path = tmp_path / "q.onnx"
+    proto = export_onnx(q, (x,), path, dynamic_batch=True)
+    ops = [n.op_type for n in proto.graph.node]
+    assert "ReduceMean" not in ops and ops.count("GlobalAveragePool") == 1 and ops.count("Pad") == 2
+    raw = _torch_export(q, (x,), True, 18, ["input"], ["output"])
+    assert [n.op_type for n in raw.graph.node].count("ReduceMean") == 1
+    xb = torch.randn(3, 3, 32, 32)
+    got = _ort(path, xb, optimize=False)
+    np.testing.assert_array_equal(got, _ort(raw, xb, optimize=False))  # the rewrites are exact
+    with torch.no_grad():
+        want = q(xb).numpy()
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    step = float(inits[next(n for n in proto.graph.node if n.output[0] == "output").input[1]])
+    assert np.abs(got - want).max() <= step * 1.001  # float sums in another order: at most one output step
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert fused.count("QLinearGlobalAveragePool") == 1 and fused.count("Pad") == 2
+    assert fused.count("QuantizeLinear") == 1 and fused.count("DequantizeLinear") == 1, fused
+
+
 def test_quantize_pass_output_exports_and_meets_tensorrt_rules(tmp_path):
     quantize = pytest.importorskip("hqp_fx.passes.quantize")
     model, x = _model(), torch.randn(2, 3, 32, 32)

@@ -206,7 +206,8 @@ class TensorRTQuantizer(_PresetQuantizer):
 class OnnxRuntimeQuantizer(_PresetQuantizer):
     """Q/DQ laid out as ONNX Runtime fuses it into QLinearConv/QGemm/QLinearAdd on CPU: inputs, weights and the
     output of each weighted op (after its ReLU/ReLU6, which ORT folds into the output range), both inputs and
-    the output of residual adds, and shared scales through pooling and flatten so they run on int8 too."""
+    the output of residual adds, and shared scales through pooling, flatten, slicing and padding so they run on
+    int8 too."""
 
     def annotate(self, model: fx.GraphModule) -> fx.GraphModule:
         for node in self.weighted_nodes(model):

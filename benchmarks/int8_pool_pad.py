@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -117,7 +118,7 @@ def main() -> None:
                     stem = label[:-len(" after")]
                     against = " / ".join(f"{paired_ratio(ms[f'dense quantize_static{rr} after'], ms[label]):.3f}x"
                                          for rr in (" rr", ""))
-                    print(f"| {batch} | {stem} | {sorted(ms[label])[len(ms[label]) // 2]:.3f} | "
+                    print(f"| {batch} | {stem} | {statistics.median(ms[label]):.3f} | "
                           f"{paired_ratio(ms[label], ms[stem + ' before']):.3f} | {against} |", flush=True)
 
 

@@ -223,7 +223,7 @@ def _int8_pad(graph, node) -> None:
             or len(q.inputs) < 3 or q.outputs[0] in graph.outputs:
         return
     scale, zero = _const(dq.inputs[1]), _const(dq.inputs[2])
-    if scale is None or zero is None or scale.size != 1 or dq.attrs.get("axis", 1) != q.attrs.get("axis", 1) \
+    if scale is None or zero is None or scale.size != 1 \
             or not np.array_equal(scale, _const(q.inputs[1])) or not np.array_equal(zero, _const(q.inputs[2])) \
             or zero.dtype != _const(q.inputs[2]).dtype:
         return

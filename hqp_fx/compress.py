@@ -201,7 +201,7 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
                                      latency_fn=onnx_latency(example, config.threads, config.latency_runs,
                                                              quant=latency_quant, calibration=calibration),
                                      latency_model=engine_model if config.prune.select == "latency" else None,
-                                     guard_fn=guard_int8 if config.guard == "int8" else None)
+                                     guard_fn=guard_int8 if config.guard == "int8" else None, progress=progress)
     save(pruned.model, stage / "model_pruned.hqp")
     progress("exporting the dense FP32 baseline")
     dense_onnx = stage / "model_dense_fp32.onnx"

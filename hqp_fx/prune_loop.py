@@ -215,6 +215,7 @@ def prune_loop(
     latency_model: Callable[[fx.GraphModule], LatencyModel] | None = None,
     loss_fn: Callable = F.cross_entropy,
     guard_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    progress: Callable[[str], None] = lambda msg: None,
 ) -> PruneResult:
     """Run the HQP pruning loop on a copy of ``model``.
 
@@ -240,7 +241,8 @@ def prune_loop(
     the images, and ``config.margin`` > 0 accepts a round only when its drop plus that many standard errors is within
     delta_max: a loop that keeps the rounds whose measured drop came out low otherwise spends the budget on noise.
     ``recover_fn(model)`` fine-tunes the final model in place once the rounds stop (not when none was accepted); the
-    result replaces it only when its metric is at least the last accepted round's.
+    result replaces it only when its metric is at least the last accepted round's. ``progress(message)`` hears of
+    a round number spent without a record (the one that closes depth pruning, below), so a log has every round.
     ``leaf_modules`` are kept opaque while tracing (``hqp_fx.trace``). With ``config.time_budget`` (seconds, counted
     from this call: an interrupted run resumed has the budget afresh) no round starts when the rounds so far say it
     would end past the budget; the recovery and whatever the caller does afterwards come on top.
@@ -378,6 +380,9 @@ def prune_loop(
             depth_closed = True
             rejected = None
             step_index = config.steps.index(history[-1].step) if history[-1].step in config.steps else step_index
+            progress(f"round {rnd}: proposed the whole block(s) round {history[-1].round} rolled back again "
+                     f"({', '.join(whole)}); they stay, no further block is removed whole, and step "
+                     f"{config.steps[step_index]:g} is tried again with channels only")
             continue
         if not aligned or _same_plan(aligned, rejected):  # alignment can round a smaller step to the same plan
             if step_index + 1 < len(config.steps):

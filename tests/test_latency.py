@@ -201,7 +201,7 @@ def _engine(model):
     return lambda m: measured.predict(analysed(m)) + 0.05
 
 
-def _loop(tmp_path, stubs=None, resume=False, latency_fn=None, **cfg):
+def _loop(tmp_path, stubs=None, resume=False, latency_fn=None, progress=lambda msg: None, **cfg):
     torch.manual_seed(0)
     model = realistic_random(CifarResNet(20), X)
     calib = [(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 10)]
@@ -210,7 +210,8 @@ def _loop(tmp_path, stubs=None, resume=False, latency_fn=None, **cfg):
                           **cfg})
     return prune_loop(model, X, calibration=calib, finetune_fn=stubs.finetune, evaluate_fn=stubs.evaluate,
                       config=config, checkpoint_dir=tmp_path, resume=resume,
-                      latency_fn=latency_fn or _engine(model), latency_model=lambda gm: step_table(gm))
+                      latency_fn=latency_fn or _engine(model), latency_model=lambda gm: step_table(gm),
+                      progress=progress)
 
 
 def test_the_loop_predicts_and_measures_every_accepted_round_and_resumes_exactly(tmp_path):
@@ -279,8 +280,9 @@ def test_a_whole_block_that_breaks_delta_max_is_kept_and_the_step_retried_with_c
     """The knapsack picks its cheapest item whatever the step, so a rejected whole block comes back at every
     smaller step, which used to stop the loop. Now the block is kept and the step retried with channel blocks
     only: trying the next block, and the next, cost a round each and broke delta_max on both CIFAR ResNets."""
+    said: list[str] = []
     res = _loop(tmp_path, VetoAnyBlock(), remove_branches=True, ignore=("conv1", "layer1", "layer3"), delta_max=1.0,
-                max_rounds=8, steps=(0.1, 0.02, 0.01))
+                max_rounds=8, steps=(0.1, 0.02, 0.01), progress=said.append)
     names = dict(res.model.named_modules())
     assert all(f"layer2.{b}.conv1" in names for b in range(3)), res.history  # no block went
     assert any(r.accepted for r in res.history) and \
@@ -288,6 +290,11 @@ def test_a_whole_block_that_breaks_delta_max_is_kept_and_the_step_retried_with_c
     state = json.loads((tmp_path / "hqp_state.json").read_text())
     # the first block that broke delta_max at every step closed depth pruning: the other two were not tried
     assert len(state["kept_whole"]) == 1 and state["depth_closed"] is True, (state["kept_whole"], res.history)
+    # the round spent closing it has no record, so the loop says so: a log accounts for every round number
+    closing = [m for m in said if "no further block is removed whole" in m]
+    assert len(closing) == 1 and state["kept_whole"][0] in closing[0], said
+    spent = int(closing[0].split(":")[0].removeprefix("round "))
+    assert sorted([r.round for r in res.history] + [spent]) == list(range(len(res.history) + 1)), (said, res.history)
     assert "nothing left to prune" in res.stop_reason, res.stop_reason
     with pytest.raises(ValueError, match="select='latency' needs latency_model"):
         prune_loop(CifarResNet(20), X, calibration=[], finetune_fn=lambda m, r: None, evaluate_fn=lambda m: {},

@@ -171,7 +171,7 @@ def _keep_qdq(node) -> bool:
 
 
 def _cleanup(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """fold_constants (Q/DQ excluded) -> global pooling, int8 padding and slice rewrites -> cleanup -> toposort."""
+    """fold_constants (Q/DQ excluded) -> global pooling and int8 padding rewrites -> cleanup -> toposort."""
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(proto)
@@ -183,8 +183,6 @@ def _cleanup(proto: onnx.ModelProto) -> onnx.ModelProto:
                 _global_pool(node)
             elif node.op == "Pad":
                 _int8_pad(graph, node)
-            elif node.op == "Slice":
-                _merge_slices(graph, node)
         graph.cleanup().toposort()
     return gs.export_onnx(graph, do_type_check=True)  # keeps ir_version, opset imports and producer
 
@@ -245,56 +243,6 @@ def _int8_pad(graph, node) -> None:
     node.outputs.clear()
     graph.nodes.append(gs.Node("Pad", name=f"{node.name}_int8", attrs=dict(node.attrs), inputs=inputs,
                                outputs=[out]))
-
-
-def _merge_slices(graph, node) -> None:
-    """Slice on some axes -> (QuantizeLinear -> DequantizeLinear) -> Slice on other axes: one Slice on all of them,
-    from the first one's input. ``x[:, :, ::2, ::2]`` exports as two Slices, each a separate op in ONNX Runtime.
-    Exact: slices on disjoint axes compose, and a Q/DQ between them is dropped only when the first Slice reads a
-    DequantizeLinear of the same scale and zero point, so its values are already on that grid."""
-    import numpy as np
-
-    between, x = [], node.inputs[0]
-    while len(x.inputs) == 1 and x.inputs[0].op in QDQ_OPS and len(between) < 2:
-        between.append(x.inputs[0])
-        x = x.inputs[0].inputs[0]
-    first = x.inputs[0] if len(x.inputs) == 1 else None
-    if first is None or first.op != "Slice" or len(between) not in (0, 2):
-        return
-    if between:
-        feed = first.inputs[0].inputs[0] if len(first.inputs[0].inputs) == 1 else None
-        if feed is None or [op.op for op in (feed, *reversed(between))] != \
-                ["DequantizeLinear", "QuantizeLinear", "DequantizeLinear"]:
-            return
-        params = [[_const(t) for t in op.inputs[1:3]] for op in (feed, *between) if len(op.inputs) >= 3]
-        if len(params) != 3 or any(p is None or p.size != 1 for pair in params for p in pair) \
-                or any(not np.array_equal(a, b) or a.dtype != b.dtype for pair in params for a, b in
-                       zip(pair, params[0])):
-            return
-    chain = [first, *reversed(between)]  # each output of the chain feeds only the next op
-    if any(len(op.outputs[0].outputs) != 1 or op.outputs[0] in graph.outputs for op in chain):
-        return
-    shape = first.inputs[0].shape
-    rank = len(shape) if shape is not None else None  # slicing keeps the rank
-    specs = []
-    for op in (first, node):
-        values = [_const(op.inputs[i]) if len(op.inputs) > i and op.inputs[i].name else None for i in range(1, 5)]
-        starts, ends, axes, steps = values
-        if starts is None or ends is None or axes is None or (rank is None and (axes < 0).any()):
-            return
-        axes = axes % rank if rank is not None else axes
-        steps = steps if steps is not None else np.ones_like(starts)
-        specs.append([np.asarray(v, np.int64).reshape(-1) for v in (starts, ends, axes, steps)])
-    if len(set(specs[0][2].tolist()) | set(specs[1][2].tolist())) != len(specs[0][2]) + len(specs[1][2]):
-        return
-    import onnx_graphsurgeon as gs
-
-    merged = [gs.Constant(f"{node.name}_merged_{what}", np.concatenate([specs[0][i], specs[1][i]]))
-              for i, what in enumerate(("starts", "ends", "axes", "steps"))]
-    source = first.inputs[0]
-    node.inputs.clear()
-    for tensor in (source, *merged):
-        node.inputs.append(tensor)
 
 
 def _dim0_is_symbolic(value: onnx.ValueInfoProto) -> bool:

@@ -1,19 +1,17 @@
-"""The int8 lowering rewrites: ONNX Runtime time and accuracy before and after one of them.
+"""Global pooling and zero-padding shortcuts in int8: ONNX Runtime time and accuracy before and after the change.
 
-    python benchmarks/lowering_rewrites.py --data /tmp/cifar_full --change pool-pad \
+    python benchmarks/int8_pool_pad.py --data /tmp/cifar_full \
         --model cifar:resnet20=../shared/models/cifar-resnet/resnet20_cifar10jpeg.pt \
         --model cifar:resnet56=../shared/models/cifar-resnet/resnet56_cifar10jpeg.pt [--remove layer1.0 layer1.1]
 
-``--change pool-pad``: the dynamo exporter writes ``adaptive_avg_pool2d(1)`` as a float ``ReduceMean`` and a
-zero-padding shortcut as a float ``Pad`` between its Q/DQ; ``lower_onnx`` writes a ``GlobalAveragePool`` (ORT
-fuses it to ``QLinearGlobalAveragePool``) and pads the int8 tensor when the ``onnxruntime`` preset shares the
-scale through the shortcut. "before" is the same code with both rewrites and the sharing through slice and pad
-switched off. ``--change slices``: a shortcut's ``x[:, :, ::2, ::2]`` exports as two Slices; ``lower_onnx``
-merges them into one. "before" is the same code with only that merge switched off.
+The dynamo exporter writes ``adaptive_avg_pool2d(1)`` as a float ``ReduceMean`` and a zero-padding shortcut as a
+float ``Pad`` between its Q/DQ; ``lower_onnx`` now writes a ``GlobalAveragePool`` (ORT fuses it to
+``QLinearGlobalAveragePool``) and pads the int8 tensor when the ``onnxruntime`` preset shares the scale through
+the shortcut. "before" is the same code with both rewrites and the sharing through slice and pad switched off.
 
 Per model (and, with ``--remove``, a cut of it with those residual blocks removed, as the loop removes them):
 - the ``onnxruntime`` preset's file before and after, and ORT ``quantize_static`` (U8/S8 QDQ per-channel, MinMax;
-  with and without reduce_range) on the FP32 file before and after (the FP32 file takes the rewrites too,
+  with and without reduce_range) on the FP32 file before and after (the FP32 file takes the pooling rewrite too,
   so the baseline gains what it can);
 - all timed in ONNX Runtime run by run on one thread pool (``measure_interleaved``), batch 1 and 32, ratios paired
   by round;
@@ -46,32 +44,25 @@ aten = torch.ops.aten
 _SHARED_SINCE = {aten.slice.Tensor, aten.pad.default, aten.constant_pad_nd.default}
 
 
-CHANGES = {"pool-pad": ("_global_pool", "_int8_pad"), "slices": ("_merge_slices",)}  # the rewrites each switches
-
-
 @contextlib.contextmanager
-def before_the_change(change: str):
-    """The lowering without ``change``'s rewrites (and, for pool-pad, no scale shared through slice and pad)."""
-    saved = {name: getattr(lower_onnx, name) for name in CHANGES[change]}
-    shared = _SHARED_SINCE if change == "pool-pad" else set()
-    quantizers._PASS_THROUGH.difference_update(shared)
-    for name in saved:
-        setattr(lower_onnx, name, lambda *args: None)
+def before_the_change():
+    """The preset and the lowering as they were: no scale shared through slice and pad, no rewrites."""
+    pool, pad = lower_onnx._global_pool, lower_onnx._int8_pad
+    quantizers._PASS_THROUGH.difference_update(_SHARED_SINCE)
+    lower_onnx._global_pool = lower_onnx._int8_pad = lambda *args: None
     try:
         yield
     finally:
-        quantizers._PASS_THROUGH.update(shared)
-        for name, rewrite in saved.items():
-            setattr(lower_onnx, name, rewrite)
+        quantizers._PASS_THROUGH.update(_SHARED_SINCE)
+        lower_onnx._global_pool, lower_onnx._int8_pad = pool, pad
 
 
-def files(name: str, model: torch.nn.Module, samples: list[torch.Tensor], folder: Path, baseline: bool,
-          change: str) -> dict:
+def files(name: str, model: torch.nn.Module, samples: list[torch.Tensor], folder: Path, baseline: bool) -> dict:
     """{label: path} of the preset's INT8 file before and after, and (``baseline``) quantize_static's."""
     example = samples[0][:1]
     out = {}
     for when in ("before", "after"):
-        with before_the_change(change) if when == "before" else contextlib.nullcontext():
+        with before_the_change() if when == "before" else contextlib.nullcontext():
             q = quantize(model, (example,), samples, QuantConfig(backend="onnxruntime", calibration="histogram",
                                                                   num_samples=sum(len(s) for s in samples)))
             out[f"{name} hqp {when}"] = folder / f"{name}-hqp-{when}.onnx"
@@ -90,21 +81,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="/tmp/cifar_full", help="CIFAR-10 with train/ and test/")
     ap.add_argument("--model", action="append", required=True, help="SPEC=WEIGHTS; repeat for more models")
-    ap.add_argument("--change", choices=sorted(CHANGES), default="pool-pad", help="the rewrite(s) to compare")
     ap.add_argument("--remove", nargs="*", default=[], help="also a cut without these residual blocks")
     ap.add_argument("--rounds", type=int, default=5, help="timing rounds (fresh processes) per batch size")
     args = ap.parse_args()
     train, test = cifar_splits(Path(args.data))
     samples = take_samples(BatchLoader(train, 64, shuffle=True, seed=0), 512)
-    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {machine_description()}, {versions()}; change: {args.change}")
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {machine_description()}, {versions()}")
     with tempfile.TemporaryDirectory() as tmp:
         for arg in args.model:
             spec, _, weights = arg.partition("=")
             dense = build_model(spec, weights or None).model.eval()
-            paths = files("dense", dense, samples, Path(tmp), baseline=True, change=args.change)
+            paths = files("dense", dense, samples, Path(tmp), baseline=True)
             if args.remove:
                 cut = remove_blocks(dense, samples[0][:1], args.remove, drop_bias=True)
-                paths.update(files("cut", cut, samples, Path(tmp), baseline=False, change=args.change))
+                paths.update(files("cut", cut, samples, Path(tmp), baseline=False))
             print(f"\n{spec} {Path(weights).name}" + (f"; the cut removes {' '.join(args.remove)}" if args.remove
                                                       else ""))
             loader = BatchLoader(test, 500)

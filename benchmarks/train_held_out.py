@@ -6,7 +6,8 @@ The shared JPEG checkpoints trained on all of ``train/``, so the validation spli
 one they memorised, and the loop's decisions there overstate the test drop (RESULTS.md, "Does a control model track
 the test drop on a memorised split?"). This script makes the checkpoint the issue's data assumes: the split is
 carved by the same call ``compress`` makes (``ImageSet.hold_out`` with ``CompressConfig``'s defaults: 10% of each
-class, at most 5,000 images, seed 0) and never trained on, so the issue's command runs unchanged on the issue's data folder.
+class, at most 5,000 images, seed 0) and never trained on, so the issue's command runs unchanged on the issue's
+data folder.
 It reuses ``hqp_fx.train.finetune`` (SGD, Nesterov, cosine over all steps) with crop-and-flip augmentation, and
 saves the shared checkpoints' format. Test accuracy is printed, never used.
 """

@@ -217,7 +217,15 @@ def _summarise(report: dict, out: str) -> None:
     print(f"wrote {out} (report.md, hqp.json, ONNX models, plots)")
 
 
+def _check_recovery_budget(args: argparse.Namespace) -> None:
+    """``--recover-epochs auto`` fills what ``--time-budget`` leaves: refused before any data is read without one."""
+    if args.recover_epochs == "auto" and args.time_budget is None:
+        raise HQPError("--recover-epochs auto fills what --time-budget leaves after the rounds: give --time-budget "
+                       "MINUTES, or --recover-epochs a number of epochs")
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
+    _check_recovery_budget(args)
     checkpoints = _checkpoint_folder(args)
     spec, size, example, train, validation, test = _model_and_data(args)
     report = _run_compress(args, spec.model, example, train, validation, test, augment=True, lr=args.lr,
@@ -230,6 +238,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import digits, train_demo_model
 
+    _check_recovery_budget(args)
     checkpoints = _checkpoint_folder(args)
     train, test = digits(size=args.size)
     train, validation = train.hold_out(args.val_fraction, args.val_max, seed=args.seed)  # before training: unseen
@@ -266,6 +275,16 @@ def _number(kind: type, low: float | None = None, high: float | None = None, *, 
 
 _COUNT = _number(int, 1)  # threads, batch size, samples, rounds, pixels
 _NON_NEGATIVE = _number(float, 0)
+
+
+def _epochs_or_auto(text: str):
+    """``--recover-epochs``: ``auto`` or an epoch count >= 0."""
+    if text == "auto":
+        return text
+    try:
+        return _NON_NEGATIVE(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a finite number >= 0, got {text!r}") from None
 _FRACTION = _number(float, 0, 1, open_low=True, open_high=True)
 
 
@@ -314,16 +333,20 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
 def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     """``hqp compress``'s defaults are the recipe that measured best on two CIFAR ResNet checkpoints (taylor,
     selection by measured engine latency with depth pruning, the stem whole, distillation, one epoch per round,
-    one more for a round just over delta_max, one of recovery, rounds judged on the INT8 model; benchmarks/RESULTS.md,
-    "The default recipe"). The demo keeps its own, smaller job."""
+    one more for a round just over delta_max, rounds judged on the INT8 model; benchmarks/RESULTS.md, "The default
+    recipe"), then a recovery fine-tune in what an hour leaves after the rounds ("The recovery fills the time
+    budget"). The demo keeps its own, smaller job."""
     c.add_argument("--out", required=not demo, default="hqp_demo" if demo else None,
                    help="output folder (must not exist or be empty)")
     c.add_argument("--delta-max", type=_NON_NEGATIVE, default=1.0, help="largest allowed top-1 drop in points")
     c.add_argument("--step", type=_FRACTION, default=0.05 if demo else 0.1, help="share removed per round (then 2%%, "
                    "1%%): of the predicted latency with --select latency, of the channels with --select channels")
     c.add_argument("--finetune-epochs", type=_NON_NEGATIVE, default=1.0, help="fine-tuning after each round")
-    c.add_argument("--recover-epochs", type=_NON_NEGATIVE, default=0.0 if demo else 1.0, help="after the last round, "
-                   "fine-tune the pruned model this many epochs more (kept only if top-1 does not fall); 0: none")
+    c.add_argument("--recover-epochs", type=_epochs_or_auto, default=0.0 if demo else "auto", help="after the last "
+                   "round, fine-tune the pruned model this many epochs more (kept only if top-1 does not fall); 0: "
+                   "none; auto" + ("" if demo else " (default)") + ": the whole epochs that fit in what --time-budget "
+                   "leaves, judged by the rounds' epochs, keeping 5%% of it for quantization and the report; at least "
+                   "1, at most 10 (the longest measured to help)")
     c.add_argument("--lr", type=_number(float, 0, open_low=True), default=0.01 if demo else 0.02,
                    help="fine-tune learning rate: the peak of each round's cosine schedule "
                         "(chosen with benchmarks/finetune_recipe.py)")
@@ -364,9 +387,10 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
                    "time; the fine-tune absorbs the shift. --no-drop-branch-bias keeps the add: the removal is then "
                    "exact (the pruned model equals the original with those channels masked)")
     c.add_argument("--max-rounds", type=_COUNT, default=12 if demo else 100, help="pruning rounds at most")
-    c.add_argument("--time-budget", type=_number(float, 0, open_low=True), default=None, metavar="MINUTES",
-                   help="start no pruning round that would end past this many minutes (judged by the mean round so "
-                        "far); the recovery fine-tune, quantization and the report come on top. Default: no limit")
+    c.add_argument("--time-budget", type=_number(float, 0, open_low=True), default=None if demo else 60.0,
+                   metavar="MINUTES", help="start no pruning round that would end past this many minutes (judged by "
+                   "the mean round so far); --recover-epochs auto fills what it leaves, and quantization and the "
+                   "report come last. Default: " + ("no limit" if demo else "60"))
     c.add_argument("--backend", type=_backend, default="onnxruntime" if demo else "auto", help=_BACKEND_HELP)
     c.add_argument("--calibration", default="histogram", choices=CALIBRATIONS)
     c.add_argument("--samples", type=_COUNT, default=256 if demo else 512, help="calibration images")

@@ -9,7 +9,9 @@ import copy
 import json
 import math
 import shutil
+import statistics
 import tempfile
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
@@ -34,17 +36,22 @@ from .report import plot_report, render_report
 from .serialize import save
 from .train import FinetuneConfig, evaluate, finetune, paired_drop
 
-__all__ = ["CompressConfig", "compress", "onnx_latency", "seen_check", "HQP_JSON_SCHEMA"]
+__all__ = ["CompressConfig", "compress", "onnx_latency", "recovery_epochs", "seen_check", "HQP_JSON_SCHEMA"]
 
 HQP_JSON_SCHEMA = json.loads(resources.files("hqp_fx").joinpath("hqp.schema.json").read_text())
 SEEN_WITHIN_SE = 2.0  # seen_check: held-out images scoring within this many standard errors of training images
+RECOVER_AUTO_MAX_EPOCHS = 10  # an "auto" recovery trains at most this long: the longest one measured to help
+RECOVER_RESERVE = 0.05  # the share of the time budget an "auto" recovery leaves for quantization, export and report
+_clock = time.monotonic  # the job's clock for an "auto" recovery (a test replaces it)
 
 
 @dataclass(frozen=True)
 class CompressConfig:
     prune: PruneLoopConfig = field(default_factory=PruneLoopConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    recover_epochs: float = 0.0  # a final, longer fine-tune of the pruned model (same optimizer settings); 0: none
+    # a final, longer fine-tune of the pruned model (same optimizer settings); 0: none; "auto": what the time budget
+    # (prune.time_budget, counted from the start of the job) leaves after the rounds (``recovery_epochs``)
+    recover_epochs: float | str = 0.0
     quant: QuantConfig = field(default_factory=QuantConfig)
     batch_size: int = 128
     augment: bool = True  # random crop + flip while fine-tuning
@@ -64,10 +71,27 @@ class CompressConfig:
                              f"{self.val_max_images}")
         if self.latency_rounds < 1:
             raise ValueError(f"latency_rounds must be >= 1, got {self.latency_rounds}")
-        if self.recover_epochs < 0:
-            raise ValueError(f"recover_epochs must be >= 0 (0: no recovery fine-tune), got {self.recover_epochs}")
+        if self.recover_epochs == "auto":
+            if self.prune.time_budget is None:
+                raise ValueError('recover_epochs="auto" fills what the time budget leaves after the rounds: set '
+                                 "prune.time_budget (seconds), or give recover_epochs a number")
+        elif isinstance(self.recover_epochs, str) or not self.recover_epochs >= 0:
+            raise ValueError(f'recover_epochs must be >= 0 (0: no recovery fine-tune) or "auto", got '
+                             f"{self.recover_epochs!r}")
         if self.guard not in ("fp32", "int8"):
             raise ValueError(f"guard must be 'fp32' or 'int8', got {self.guard!r}")
+
+
+def recovery_epochs(budget_s: float, elapsed_s: float, epoch_s: float | None) -> int:
+    """How many epochs an "auto" recovery trains: the whole epochs that fit in what ``budget_s`` leaves after
+    ``elapsed_s``, less ``RECOVER_RESERVE`` of it for what follows, between 1 and ``RECOVER_AUTO_MAX_EPOCHS``; 1
+    when no epoch was timed. The rounds decide on a small validation split and keep cuts measured just under
+    delta_max; a longer fine-tune of the final cut wins back more than the rounds' one-epoch fine-tunes could
+    (benchmarks/RESULTS.md, "The recovery fills the time budget"), and on a short run the hour is otherwise idle."""
+    if epoch_s is None or not epoch_s > 0:
+        return 1
+    left = budget_s * (1 - RECOVER_RESERVE) - elapsed_s
+    return int(min(RECOVER_AUTO_MAX_EPOCHS, max(1, left // epoch_s)))
 
 
 def onnx_latency(example: torch.Tensor, threads: int = 2, runs: int = 100, *, quant: QuantConfig | None = None,
@@ -132,6 +156,7 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
     plus the caller's ``fingerprint`` entries (e.g. the model spec). ``validation_source`` says, for the report,
     where a given ``validation`` came from.
     """
+    started = _clock()
     source, seen = validation_source, None
     dense = copy.deepcopy(model).eval().requires_grad_(False)
     if validation is None:
@@ -148,15 +173,19 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
                                    seed=config.prune.seed))
 
     calls: Counter[int] = Counter()  # a round's retried fine-tune (config.prune.patience) sees a new data order
+    epoch_seconds: list[float] = []  # each round's fine-tune per epoch, for an "auto" recovery
 
     def finetune_fn(m: nn.Module, rnd: int) -> None:
         retry = calls[rnd]
         calls[rnd] += 1
         progress(f"round {rnd}: fine-tuning {config.finetune.epochs:g} epoch(s)"
                  + (f" more: over delta_max, retry {retry} of {config.prune.patience}" if retry else ""))
+        start = _clock()
         finetune(m, BatchLoader(train, config.batch_size, shuffle=True, augment=config.augment,
                                 seed=config.prune.seed * 1000 + rnd + RETRY_SEED * retry), config.finetune,
                  teacher=teacher)
+        if config.finetune.epochs > 0:
+            epoch_seconds.append((_clock() - start) / config.finetune.epochs)
 
     def evaluate_fn(m: nn.Module) -> dict:  # with per-image hits: each round's drop gets its standard error
         hits: list[torch.Tensor] = []
@@ -170,11 +199,20 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
         hits: list[torch.Tensor] = []
         return {"top1": int8_top1(quantize(m, example, calibration, config.quant).model, hits=hits), HITS: hits}
 
-    def recover_fn(m: nn.Module) -> None:
-        progress(f"recovery: fine-tuning the pruned model {config.recover_epochs:g} epoch(s)")
+    def recover_fn(m: nn.Module) -> dict:
+        epochs, why = config.recover_epochs, ""
+        if epochs == "auto":
+            epoch_s = statistics.median(epoch_seconds) if epoch_seconds else None
+            elapsed = _clock() - started
+            epochs = recovery_epochs(config.prune.time_budget, elapsed, epoch_s)
+            why = (f" (auto: {elapsed / 60:.1f} of {config.prune.time_budget / 60:g} min used, "
+                   + (f"an epoch about {epoch_s / 60:.1f} min" if epoch_s else "no epoch timed in this call")
+                   + f", at most {RECOVER_AUTO_MAX_EPOCHS})")
+        progress(f"recovery: fine-tuning the pruned model {epochs:g} epoch(s){why}")
         loader = BatchLoader(train, config.batch_size, shuffle=True, augment=config.augment,
                              seed=config.prune.seed * 1000 + config.prune.max_rounds)  # a seed no round uses
-        finetune(m, loader, replace(config.finetune, epochs=config.recover_epochs), teacher=teacher)
+        finetune(m, loader, replace(config.finetune, epochs=epochs), teacher=teacher)
+        return {"epochs": epochs}
 
     # a latency target is judged on the INT8 file when ORT is the deployment engine; the other backends' engines
     # (TensorRT, inductor) are not what ORT measures, so their rounds are timed as FP32 in ORT, a proxy
@@ -197,7 +235,7 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
                                      evaluate_fn=evaluate_fn, config=config.prune, checkpoint_dir=checkpoint_dir,
                                      resume=resume, on_round=on_round, leaf_modules=leaf_modules,
                                      fingerprint=identity if checkpoint_dir is not None else None,
-                                     recover_fn=recover_fn if config.recover_epochs > 0 else None,
+                                     recover_fn=recover_fn if config.recover_epochs != 0 else None,
                                      latency_fn=onnx_latency(example, config.threads, config.latency_runs,
                                                              quant=latency_quant, calibration=calibration),
                                      latency_model=engine_model if config.prune.select == "latency" else None,
@@ -290,7 +328,7 @@ def compress(model: nn.Module, example: torch.Tensor, train: ImageSet, test: Ima
                           "round; latency: that times the median per-round ratio; the raw rounds beside them)"),
         "latency_model": _prediction_error(pruned.history, pruned.baseline_latency),
         "stop_reason": pruned.stop_reason,
-        "recovery": pruned.recovery and {**pruned.recovery, "epochs": config.recover_epochs},
+        "recovery": pruned.recovery and {"epochs": config.recover_epochs, **pruned.recovery},
         "channels": _channels_per_layer(model, pruned.model),
         "quantization": ship["quantization"],
         "verification": ship["verification"],

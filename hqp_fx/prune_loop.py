@@ -241,7 +241,8 @@ def prune_loop(
     the images, and ``config.margin`` > 0 accepts a round only when its drop plus that many standard errors is within
     delta_max: a loop that keeps the rounds whose measured drop came out low otherwise spends the budget on noise.
     ``recover_fn(model)`` fine-tunes the final model in place once the rounds stop (not when none was accepted); the
-    result replaces it only when its metric is at least the last accepted round's. ``progress(message)`` hears of
+    result replaces it only when its metric is at least the last accepted round's; a dict it returns joins the
+    result's ``recovery`` record (and the checkpoint's). ``progress(message)`` hears of
     a round number spent without a record (the one that closes depth pruning, below), so a log has every round.
     ``leaf_modules`` are kept opaque while tracing (``hqp_fx.trace``). With ``config.time_budget`` (seconds, counted
     from this call: an interrupted run resumed has the budget afresh) no round starts when the rounds so far say it
@@ -456,9 +457,10 @@ def prune_loop(
     elif recover_fn is not None and recovery is None and any(r.accepted for r in history):
         candidate = copy.deepcopy(current)
         torch.manual_seed(config.seed * 1000 + history[-1].round + 1)  # the seed of the round it stands in for
-        recover_fn(candidate)
+        told = recover_fn(candidate)
         top1 = _evaluate(guard_fn or evaluate_fn, candidate, config.metric, config.margin)[0][config.metric]
-        recovery = {"top1_before": accepted_top1, "top1_after": top1, "kept": top1 >= accepted_top1}
+        recovery = {"top1_before": accepted_top1, "top1_after": top1, "kept": top1 >= accepted_top1,
+                    **(told if isinstance(told, dict) else {})}  # e.g. the epochs it chose: kept for a resume
         if recovery["kept"]:
             current, accepted_top1 = _analysed(candidate), top1
     if ckpt is not None:  # the finished state: a later resume returns this result without training again

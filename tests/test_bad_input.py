@@ -50,7 +50,8 @@ def cache(tmp_path, monkeypatch):
     ("compress", ["--delta-max", "nan"], "argument --delta-max: expected a finite number >= 0, got 'nan'"),
     ("compress", ["--delta-max", "-1"], "argument --delta-max: expected a finite number >= 0, got '-1'"),
     ("compress", ["--finetune-epochs", "nan"], "argument --finetune-epochs: expected a finite number >= 0"),
-    ("compress", ["--recover-epochs", "-1"], "argument --recover-epochs: expected a finite number >= 0"),
+    ("compress", ["--recover-epochs", "-1"], "argument --recover-epochs: expected 'auto' or a finite number >= 0"),
+    ("compress", ["--recover-epochs", "soon"], "argument --recover-epochs: expected 'auto' or a finite number >= 0"),
     ("compress", ["--threads", "0"], "argument --threads: expected a finite number >= 1, got '0'"),
     ("compress", ["--threads", "-3"], "argument --threads: expected a finite number >= 1, got '-3'"),
     ("compress", ["--batch-size", "0"], "argument --batch-size: expected a finite number >= 1"),
@@ -82,6 +83,15 @@ def test_demo_refuses_bad_arguments_too(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--out", str(tmp_path / "out"), "--delta-max", "nan"])
     assert "expected a finite number >= 0, got 'nan'" in capsys.readouterr().err
+
+
+def test_an_automatic_recovery_without_a_time_budget_is_refused_before_any_work(tmp_path, capsys):
+    """``hqp demo`` has no time budget by default, so ``--recover-epochs auto`` has nothing to fill: refused
+    before the demo model is trained (``compress`` has a budget by default: its defaults test)."""
+    assert main(["demo", "--out", str(tmp_path / "out"), "--recover-epochs", "auto"]) != 0
+    out, err = capsys.readouterr()
+    assert "--recover-epochs auto fills what --time-budget leaves after the rounds: give --time-budget" in err
+    assert "Traceback" not in err and "training a small CNN" not in out and not list(tmp_path.iterdir())
 
 
 def test_summary_says_slower_when_it_is():
@@ -401,7 +411,7 @@ def test_compress_defaults_are_the_benchmarked_recipe(monkeypatch):
     """The command without flags runs the recipe of benchmarks/RESULTS.md's "The default recipe": selection by
     measured ONNX Runtime latency (the engine its table times; channels for the other backends), depth pruning,
     taylor, the stem whole, distillation, one epoch per round (one more for a round just over delta_max) and one of
-    recovery, rounds judged on the INT8 model, quantize-only measured beside."""
+    recovery filling what an hour leaves, rounds judged on the INT8 model, quantize-only measured beside."""
     from hqp_fx.cli import build_parser, compress_config
 
     base = ["compress", "cifar:resnet20", "--data", "d", "--out", "o"]
@@ -409,11 +419,12 @@ def test_compress_defaults_are_the_benchmarked_recipe(monkeypatch):
     config = compress_config(build_parser().parse_args(base), lr=0.01, augment=True)
     p = config.prune
     assert (p.select, p.criterion, p.remove_branches, p.keep_stem, p.steps, p.align, p.patience, p.time_budget,
-            p.margin) == ("latency", "taylor", True, True, (0.1, 0.02, 0.01), 16, 1, None, 0.0)
+            p.margin) == ("latency", "taylor", True, True, (0.1, 0.02, 0.01), 16, 1, 3600.0, 0.0)
     assert config.guard == "int8" and p.drop_branch_bias
     assert not compress_config(build_parser().parse_args(base + ["--no-drop-branch-bias"]), lr=0.01,
                                augment=True).prune.drop_branch_bias
-    assert (config.finetune.epochs, config.finetune.distill, config.recover_epochs, config.ablation) == (1.0, 0.9, 1.0, True)
+    assert (config.finetune.epochs, config.finetune.distill, config.recover_epochs, config.ablation) == (
+        1.0, 0.9, "auto", True)
     assert config.quant.backend == "onnxruntime"
     expert = compress_config(build_parser().parse_args(base + ["--no-remove-branches", "--no-keep-stem", "--select",
                                                                "channels", "--no-ablation", "--guard", "fp32",

@@ -17,7 +17,7 @@ from PIL import Image
 
 import hqp_fx
 from hqp_fx.cli import main
-from hqp_fx.compress import HQP_JSON_SCHEMA, onnx_latency
+from hqp_fx.compress import HQP_JSON_SCHEMA, RECOVER_AUTO_MAX_EPOCHS, CompressConfig, onnx_latency, recovery_epochs
 from hqp_fx.data import BatchLoader
 from hqp_fx.demo import digits
 from hqp_fx.engines.ort import OrtModel
@@ -82,25 +82,42 @@ def test_demo_reported_accuracies_remeasure_the_same(demo_run):
     assert pruned.get_submodule("stem.0").out_channels == widths["stem.0"][1]
 
 
+def test_an_automatic_recovery_trains_the_whole_epochs_the_budget_leaves():
+    """An hour, 20 minutes gone, 4-minute epochs: 3 minutes (5%) kept for the report, so 9 epochs fit; never more
+    than the cap or fewer than one, and one when no epoch was timed."""
+    assert recovery_epochs(3600, 1200, 240) == 9
+    assert recovery_epochs(3600, 1200, 60) == RECOVER_AUTO_MAX_EPOCHS == 10
+    assert recovery_epochs(3600, 3500, 240) == recovery_epochs(3600, 1200, None) == recovery_epochs(3600, 0, 0) == 1
+    with pytest.raises(ValueError, match="set prune.time_budget"):
+        CompressConfig(recover_epochs="auto")
+    with pytest.raises(ValueError, match='or "auto", got \'soon\''):
+        CompressConfig(recover_epochs="soon")
+
+
 @pytest.mark.slow  # a whole compress job
-def test_demo_with_depth_pruning_ships_a_model_without_the_removed_blocks(tmp_path):
+def test_demo_with_depth_pruning_ships_a_model_without_the_removed_blocks(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
+    # the job's clock reads a minute later at every look: started, the one round's fine-tune (0.2 epochs) from 1 to
+    # 2 min (an epoch: 5 min), the recovery at 3 min; 20 minutes, less 5% for the report, leave 16 min: 3 epochs
+    monkeypatch.setattr("hqp_fx.compress._clock", lambda t=iter(range(0, 6000, 60)): next(t))
     # a 90% step accepted whatever it costs: the other groups stop at 16 channels, so the demo net's two residual
     # blocks (inner widths 64 and 128) must go whole
     assert main(["demo", "--out", str(out), "--size", "8", "--max-rounds", "1", "--step", "0.9", "--delta-max", "100",
-                 "--finetune-epochs", "0.2", "--recover-epochs", "0.3",
+                 "--finetune-epochs", "0.2", "--recover-epochs", "auto", "--time-budget", "20",
                  "--samples", "64", "--threads", "1", "--remove-branches"]) == 0
+    assert ("recovery: fine-tuning the pruned model 3 epoch(s) (auto: 3.0 of 20 min used, an epoch about 5.0 min, "
+            "at most 10)") in capsys.readouterr().err
     report = json.loads((out / "hqp.json").read_text())
     jsonschema.validate(report, HQP_JSON_SCHEMA)
-    assert report["config"]["prune"]["remove_branches"] is True
+    assert report["config"]["prune"]["remove_branches"] is True and report["config"]["recover_epochs"] == "auto"
     # the recovery fine-tune ran once on the pruned model, and the shipped model is the better of the two
     rec = report["recovery"]
-    assert rec["epochs"] == 0.3 and rec["top1_before"] == report["rounds"][-1]["top1"]
+    assert rec["epochs"] == 3 and rec["top1_before"] == report["rounds"][-1]["top1"]
     # (the recovery is judged on the validation split, like the rounds)
     assert report["accuracy"]["validation"]["pruned_fp32"]["top1"] == pytest.approx(
         max(rec["top1_before"], rec["top1_after"]))
     assert rec["kept"] == (rec["top1_after"] >= rec["top1_before"])
-    assert "Recovery fine-tune (0.3 epoch(s))" in (out / "report.md").read_text()
+    assert "Recovery fine-tune (3 epoch(s))" in (out / "report.md").read_text()
     removed = sorted(n for n, (_, kept) in report["channels"].items() if kept == 0)
     assert removed, report["channels"]
     assert f"layers removed with their branches: {len(removed)}" in (out / "report.md").read_text()

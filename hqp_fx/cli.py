@@ -275,6 +275,7 @@ def _number(kind: type, low: float | None = None, high: float | None = None, *, 
 
 _COUNT = _number(int, 1)  # threads, batch size, samples, rounds, pixels
 _NON_NEGATIVE = _number(float, 0)
+_FRACTION = _number(float, 0, 1, open_low=True, open_high=True)
 
 
 def _epochs_or_auto(text: str):
@@ -285,7 +286,6 @@ def _epochs_or_auto(text: str):
         return _NON_NEGATIVE(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a finite number >= 0, got {text!r}") from None
-_FRACTION = _number(float, 0, 1, open_low=True, open_high=True)
 
 
 def _align_arg(text: str) -> int | str:

@@ -55,6 +55,9 @@ RETRY_SEED = 100003  # a retried fine-tune's seed offset, past any round number
 # a round over delta_max by at most this share of it gets the retries of config.patience: one measured retry in
 # ten won back more than half a point (benchmarks/RESULTS.md, "Figures behind constants")
 RETRY_WITHIN = 0.5
+# rounds whose whole blocks broke delta_max before no further block is removed whole: a second block may pass where
+# the first failed (benchmarks/RESULTS.md, "The recovery fills the time budget"), and each try costs a round
+DEPTH_TRIES = 2
 HITS = "hits"  # the key under which evaluate_fn / guard_fn may return per-image hits, for the drop's error
 _clock = time.monotonic  # the time budget's clock (a test replaces it)
 
@@ -243,7 +246,7 @@ def prune_loop(
     ``recover_fn(model)`` fine-tunes the final model in place once the rounds stop (not when none was accepted); the
     result replaces it only when its metric is at least the last accepted round's; a dict it returns joins the
     result's ``recovery`` record (and the checkpoint's). ``progress(message)`` hears of
-    a round number spent without a record (the one that closes depth pruning, below), so a log has every round.
+    the whole blocks a rolled-back round removed, which stay from then on (below).
     ``leaf_modules`` are kept opaque while tracing (``hqp_fx.trace``). With ``config.time_budget`` (seconds, counted
     from this call: an interrupted run resumed has the budget afresh) no round starts when the rounds so far say it
     would end past the budget; the recovery and whatever the caller does afterwards come on top.
@@ -254,10 +257,10 @@ def prune_loop(
     holds the prediction and the measurement. The model is calibrated on the last measurement (the dense model at
     first, then each accepted round's ratio to the dense model timed alongside, on the dense model's first timing's
     scale), so a prediction is that measurement minus what the table says this round's cut saves. With
-    ``remove_branches`` whole blocks are items of that knapsack; when a smaller step (or the smallest one again)
-    proposes the same whole blocks a rejected round removed, they are kept from then on (they may still be
-    thinned), no further block is removed whole, and the rejected round's step is tried again with channel blocks
-    only, instead of the loop stopping there.
+    ``remove_branches`` whole blocks are items of that knapsack; the blocks a rolled-back round removed whole are
+    kept from then on (they may still be thinned) and its step is tried again without them; after ``DEPTH_TRIES``
+    such rounds no further block is removed whole. The knapsack takes its cheapest item first whatever the step, so
+    a rejected block would otherwise come back at every smaller step.
 
     With ``checkpoint_dir`` the run records a fingerprint of what decides it: the model's weights, the example
     input's shape, ``config`` (all but ``max_rounds`` and ``time_budget``) and ``fingerprint``, the caller's own
@@ -303,7 +306,7 @@ def prune_loop(
         history: list[RoundRecord] = []
         step_index, next_round, rejected = 0, 0, None
         kept_whole: list[str] = []
-        depth_closed = False
+        depth_failures = 0
     else:
         current = _analysed(load(_checkpoint_file(ckpt, state["model"]), leaf_modules=dict(model.named_modules())))
         dense = trace(model, example_inputs, leaf_modules=leaf_modules)
@@ -313,7 +316,7 @@ def prune_loop(
         history = state["history"]
         step_index, next_round, rejected = state["step_index"], state["next_round"], state.get("rejected_plan")
         kept_whole = list(state.get("kept_whole", []))
-        depth_closed = bool(state.get("depth_closed", False))
+        depth_failures = int(state.get("depth_failures", 0))
         # the dense model's hits are not checkpointed: its evaluation is deterministic, so it is run again
         base_hits = _evaluate(evaluate_fn, dense, config.metric, config.margin)[1]
         if "stop_reason" in state:  # the rounds had finished: resuming returns that result
@@ -362,7 +365,8 @@ def prune_loop(
         scores = current.meta[meta.SENSITIVITY]["scores"]
         if by_latency:
             plan = select_for_latency(current, scores, engine, step, align=config.align, min_keep=min_keep,
-                                      ignore=ignore, remove_branches=config.remove_branches and not depth_closed,
+                                      ignore=ignore,
+                                      remove_branches=config.remove_branches and depth_failures < DEPTH_TRIES,
                                       keep_whole=frozenset(kept_whole))
         else:
             plan = select_channels(meta.channel_groups(current), scores, step, min_keep=min_keep, unit=config.align,
@@ -371,20 +375,6 @@ def prune_loop(
         aligned = current.meta[meta.ALIGN]["plan"]
         sizes = {g.id: g.size for g in meta.channel_groups(current)} if by_latency else {}
         whole = [k for k, v in aligned.items() if by_latency and len(v) == sizes[k]]  # depth items of the knapsack
-        if whole and _same_plan(aligned, rejected):
-            # the knapsack takes its cheapest item first whatever the step, so whole blocks that broke delta_max
-            # come back at every smaller step: they were the reason, so they stay from now on (they may be
-            # thinned) and the rejected round's step is tried again without any whole block: the next block ranks
-            # below the rejected one per millisecond and costs about as much, and on both CIFAR ResNets each such
-            # try broke delta_max and cost a round (benchmarks/RESULTS.md, "The default recipe")
-            kept_whole += whole
-            depth_closed = True
-            rejected = None
-            step_index = config.steps.index(history[-1].step) if history[-1].step in config.steps else step_index
-            progress(f"round {rnd}: proposed the whole block(s) round {history[-1].round} rolled back again "
-                     f"({', '.join(whole)}); they stay, no further block is removed whole, and step "
-                     f"{config.steps[step_index]:g} is tried again with channels only")
-            continue
         if not aligned or _same_plan(aligned, rejected):  # alignment can round a smaller step to the same plan
             if step_index + 1 < len(config.steps):
                 step_index += 1
@@ -427,7 +417,7 @@ def prune_loop(
                              drops_before, drop_se, candidate_ms, reference_ms)
         history.append(record)
         round_seconds.append(_clock() - round_start)
-        rejected = None if accepted else {k: sorted(v) for k, v in aligned.items()}
+        rejected = None if accepted or whole else {k: sorted(v) for k, v in aligned.items()}
         if accepted:
             current = candidate
             current_macs, current_params, accepted_top1 = record.macs, record.params, record.top1
@@ -437,13 +427,19 @@ def prune_loop(
                 # each prediction starts from the last measurement (NetAdapt's measure-and-correct): the table then
                 # only has to get one round's cut right, and on the dense start's scale the VM's drift cancels
                 engine.calibrate(current, ratio * base_latency)
+        elif whole:  # the blocks were the cut's largest items: its step is tried again without them
+            kept_whole += whole
+            depth_failures += 1
+            progress(f"round {rnd}: the block(s) it removed whole ({', '.join(whole)}) stay from now on; step "
+                     f"{step:g} is tried again without them" + (", and no further block is removed whole"
+                                                              if depth_failures >= DEPTH_TRIES else ""))
         elif step_index + 1 < len(config.steps):
             step_index += 1
-        elif not whole:  # whole blocks are retried without them at this step (above)
+        else:
             stop = f"round {rnd} broke delta_max ({drop:.2f} > {config.delta_max}) at the smallest step; rolled back"
         if ckpt is not None:
             _write_state(ckpt, identity, current, baseline, base_macs, base_params, base_latency, history, step_index,
-                         rnd + 1, rejected_plan=rejected, kept_whole=kept_whole, depth_closed=depth_closed,
+                         rnd + 1, rejected_plan=rejected, kept_whole=kept_whole, depth_failures=depth_failures,
                          **({"stop_reason": stop} if stop else {}))  # a stop here is not re-derived on resume
         if on_round is not None:
             on_round(record)
@@ -466,8 +462,7 @@ def prune_loop(
     if ckpt is not None:  # the finished state: a later resume returns this result without training again
         _write_state(ckpt, identity, current, baseline, base_macs, base_params, base_latency, history, step_index,
                      history[-1].round + 1 if history else 0, rejected_plan=rejected, kept_whole=kept_whole,
-                     depth_closed=depth_closed,
-                     stop_reason=stop, recovery=recovery)
+                     depth_failures=depth_failures, stop_reason=stop, recovery=recovery)
     final = {config.metric: accepted_top1}
     return PruneResult(current, baseline, final, base_macs, base_params, history, stop, base_latency, recovery,
                        base_hits)

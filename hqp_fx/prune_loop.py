@@ -430,9 +430,6 @@ def prune_loop(
         elif whole:  # the blocks were the cut's largest items: its step is tried again without them
             kept_whole += whole
             depth_failures += 1
-            progress(f"round {rnd}: the block(s) it removed whole ({', '.join(whole)}) stay from now on; step "
-                     f"{step:g} is tried again without them" + (", and no further block is removed whole"
-                                                              if depth_failures >= DEPTH_TRIES else ""))
         elif step_index + 1 < len(config.steps):
             step_index += 1
         else:
@@ -443,6 +440,10 @@ def prune_loop(
                          **({"stop_reason": stop} if stop else {}))  # a stop here is not re-derived on resume
         if on_round is not None:
             on_round(record)
+        if whole and not accepted:  # after the round's own line
+            progress(f"round {rnd}: the block(s) it removed whole ({', '.join(whole)}) stay from now on; step "
+                     f"{step:g} is tried again without them" + (", and no further block is removed whole"
+                                                              if depth_failures >= DEPTH_TRIES else ""))
         if stop:
             break
     else:

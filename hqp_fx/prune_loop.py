@@ -245,8 +245,8 @@ def prune_loop(
     delta_max: a loop that keeps the rounds whose measured drop came out low otherwise spends the budget on noise.
     ``recover_fn(model)`` fine-tunes the final model in place once the rounds stop (not when none was accepted); the
     result replaces it only when its metric is at least the last accepted round's; a dict it returns joins the
-    result's ``recovery`` record (and the checkpoint's). ``progress(message)`` hears of
-    the whole blocks a rolled-back round removed, which stay from then on (below).
+    result's ``recovery`` record (and the checkpoint's). ``progress(message)`` hears which whole blocks a
+    rolled-back round removed: they stay from then on (below).
     ``leaf_modules`` are kept opaque while tracing (``hqp_fx.trace``). With ``config.time_budget`` (seconds, counted
     from this call: an interrupted run resumed has the budget afresh) no round starts when the rounds so far say it
     would end past the budget; the recovery and whatever the caller does afterwards come on top.

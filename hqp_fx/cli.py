@@ -390,7 +390,7 @@ def _add_compress_options(c: argparse.ArgumentParser, *, demo: bool) -> None:
     c.add_argument("--time-budget", type=_number(float, 0, open_low=True), default=None if demo else 60.0,
                    metavar="MINUTES", help="start no pruning round that would end past this many minutes (judged by "
                    "the mean round so far); --recover-epochs auto fills what it leaves, and quantization and the "
-                   "report come last. Default: " + ("no limit" if demo else "60"))
+                   "report come last; default: " + ("no limit" if demo else "60"))
     c.add_argument("--backend", type=_backend, default="onnxruntime" if demo else "auto", help=_BACKEND_HELP)
     c.add_argument("--calibration", default="histogram", choices=CALIBRATIONS)
     c.add_argument("--samples", type=_COUNT, default=256 if demo else 512, help="calibration images")
